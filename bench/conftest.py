@@ -1,0 +1,47 @@
+"""Benchmark reporting: every claim is a ratio against a floor measured in the same run.
+
+A benchmark declares its group and, for each comparison, ``benchmark.extra_info["baseline"] = name`` of the
+benchmark it is measured against (same group). The terminal summary prints median(this) / median(baseline).
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import platform  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    import numpy as np
+
+    machine_info["flatfast_numpy"] = np.__version__
+    machine_info["flatfast_cpus"] = os.cpu_count()
+    machine_info["flatfast_platform"] = platform.platform()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    session = getattr(config, "_benchmarksession", None)
+    if session is None or not session.benchmarks:
+        return
+    medians = {}
+    for bench in session.benchmarks:
+        if bench.stats is None or not getattr(bench.stats, "rounds", 0):
+            continue
+        medians[bench.name] = bench.stats.median
+    lines = []
+    for bench in session.benchmarks:
+        base = bench.extra_info.get("baseline")
+        if bench.name not in medians:
+            continue
+        for name in ([base] if isinstance(base, str) else list(base or [])):
+            if name in medians:
+                lines.append(f"{bench.name:<55} {medians[bench.name] / medians[name]:8.3f} x  {name}")
+        for key, value in sorted(bench.extra_info.items()):
+            if key != "baseline":
+                lines.append(f"{bench.name:<55} {key} = {value}")
+    if lines:
+        terminalreporter.write_sep("=", "flatfast ratios (median / median of the named baseline, same run)")
+        for line in lines:
+            terminalreporter.write_line(line)

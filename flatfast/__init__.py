@@ -1,0 +1,22 @@
+"""flatfast: what predicts generalization in deep nets.
+
+Local flatness of the loss (Hessian trace, eigenvalues, spectral density, sharpness) against the Bayesian
+prior of the function, log P(f), under the NNGP of an infinitely wide ReLU network.
+
+Importing flatfast never needs torch, Triton, CUDA or the compiled extension; :func:`backends` reports what
+can run here and why not.
+"""
+from flatfast._dispatch import backends
+from flatfast.errors import BackendFallbackWarning, BackendUnavailableError, ConvergenceWarning, NotPSDError
+from flatfast.nngp import nngp_kernel
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendFallbackWarning",
+    "BackendUnavailableError",
+    "ConvergenceWarning",
+    "NotPSDError",
+    "backends",
+    "nngp_kernel",
+]

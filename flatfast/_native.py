@@ -1,0 +1,82 @@
+"""Lazy loaders for the optional native pieces. Each returns (module or None, reason it is unavailable).
+
+Nothing here is imported at ``import flatfast`` time: torch alone costs ~1.7 s to import, and a missing
+extension, Triton or GPU must never stop flatfast from importing.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import os
+
+
+@functools.lru_cache(maxsize=None)
+def load_cpp():
+    """flatfast._C, the C++/OpenMP CPU kernels."""
+    try:
+        # The C++ kernels borrow scipy's BLAS; import it first so that thread limits below see it.
+        importlib.import_module("scipy.linalg.cython_blas")
+        return importlib.import_module("flatfast._C"), None
+    except ImportError as exc:
+        return None, f"the C++ extension flatfast._C is not built ({exc}); reinstall with `pip install -e .`"
+
+
+def torch_cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def load_triton():
+    """The Triton kernels (flatfast.kernels); they run on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return None, f"triton is not installed ({exc}); `pip install triton`"
+    try:
+        return importlib.import_module("flatfast.kernels"), None
+    except ImportError as exc:  # pragma: no cover - a broken install
+        return None, f"flatfast.kernels failed to import ({exc})"
+
+
+@functools.lru_cache(maxsize=None)
+def load_cuda():
+    """flatfast._C_cuda, the CUDA C++ kernels (built only with FLATFAST_CUDA=1)."""
+    try:
+        mod = importlib.import_module("flatfast._C_cuda")
+    except ImportError as exc:
+        return None, f"the CUDA extension flatfast._C_cuda is not built ({exc}); build with FLATFAST_CUDA=1"
+    if not torch_cuda_available():
+        return None, "no CUDA device is visible to torch"
+    return mod, None
+
+
+@functools.lru_cache(maxsize=None)
+def _blas_controller():
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    return ThreadpoolController()
+
+
+@contextlib.contextmanager
+def single_threaded_blas():
+    """Limit every loaded BLAS to one thread while native code calls BLAS from its own OpenMP threads.
+
+    Without it, OpenBLAS's idle threads spin on the same cores as the OpenMP workers and halve throughput.
+    """
+    controller = _blas_controller()
+    if controller is None:
+        yield
+        return
+    with controller.limit(limits=1, user_api="blas"):
+        yield

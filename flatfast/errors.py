@@ -1,0 +1,17 @@
+"""Exceptions and warnings raised by flatfast."""
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run here; the message says why."""
+
+
+class BackendFallbackWarning(UserWarning):
+    """``backend="auto"`` fell back to the slower reference implementation (issued once per reason)."""
+
+
+class NotPSDError(ValueError):
+    """A kernel matrix is not symmetric positive (semi-)definite."""
+
+
+class ConvergenceWarning(UserWarning):
+    """An iterative method stopped at its iteration limit before meeting its tolerance."""

@@ -1,0 +1,25 @@
+import os
+
+# The Triton kernels run on CPU tensors under the interpreter; it must be set before flatfast.kernels is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(12345)
+
+
+def nngp_backends_here():
+    """Every nngp backend that can run on CPU data in this process, as pytest params (skips name the reason)."""
+    import flatfast.nngp  # noqa: F401  (registers the backends)
+    from flatfast._dispatch import _REGISTRY
+
+    params = []
+    for impl in _REGISTRY["nngp"]:
+        reason = impl.unavailable_reason("cpu")
+        marks = [pytest.mark.skip(reason=reason)] if reason else []
+        params.append(pytest.param(impl.name, marks=marks, id=impl.name))
+    return params
