@@ -9,6 +9,8 @@ can run here and why not.
 from flatfast._dispatch import backends
 from flatfast.errors import BackendFallbackWarning, BackendUnavailableError, ConvergenceWarning, NotPSDError
 from flatfast.nngp import nngp_kernel
+from flatfast.prior import ep_log_evidence, log_prior
+from flatfast.results import EPResult
 
 __version__ = "0.1.0"
 
@@ -16,7 +18,10 @@ __all__ = [
     "BackendFallbackWarning",
     "BackendUnavailableError",
     "ConvergenceWarning",
+    "EPResult",
     "NotPSDError",
     "backends",
+    "ep_log_evidence",
+    "log_prior",
     "nngp_kernel",
 ]

@@ -1,0 +1,39 @@
+"""Result records. Each carries its uncertainty or convergence information beside the value."""
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Optional
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class EPResult:
+    """Outcome of one EP run (see :func:`flatfast.ep_log_evidence`).
+
+    log_z: the EP estimate of log P(f) (nats); for method="ep-is", the importance-sampling estimate.
+    stderr: standard error of log_z (0 for plain EP, which is deterministic but biased; see ep_log_z vs log_z).
+    sweeps, converged, damping (the final damping factor, 1 = undamped), max_site_change (the last proposed,
+    undamped relative change of the site parameters), log_z_history (log Z_EP after each
+    sweep), seconds, likelihood, method, ep_log_z (plain EP's value), ess (importance sampling's effective
+    sample size), n_samples.
+    """
+
+    log_z: float
+    sweeps: int
+    converged: bool
+    damping: float
+    max_site_change: float
+    log_z_history: List[float]
+    seconds: float
+    likelihood: str
+    method: str = "ep"
+    stderr: float = 0.0
+    ep_log_z: Optional[float] = None
+    ess: Optional[float] = None
+    n_samples: int = 0
+    site_precision: Optional[np.ndarray] = dataclasses.field(default=None, repr=False)
+    site_natural_mean: Optional[np.ndarray] = dataclasses.field(default=None, repr=False)
+
+    def __float__(self):
+        return float(self.log_z)

@@ -1,0 +1,214 @@
+"""log P(f) by EP: against an independent sequential-EP oracle, against exact orthant probabilities,
+against random finite-width networks; invariances; bad input."""
+import warnings
+
+import numpy as np
+import pytest
+from scipy.stats import multivariate_normal
+
+import flatfast
+from flatfast.prior import ep_log_evidence, log_prior
+
+from ep_oracle import sequential_ep_log_z
+
+
+def _problem(n, d, rng, labels="random"):
+    X = rng.random((n, d))
+    K = flatfast.nngp_kernel(X, depth=2)
+    if labels == "random":
+        y = np.where(rng.random(n) < 0.5, -1.0, 1.0)
+    else:  # a linear rule: the kind of function a trained network expresses
+        y = np.where(X[:, : d // 2].sum(1) > X[:, d // 2:].sum(1) - 0.0, 1.0, -1.0)
+    return X, K, y
+
+
+@pytest.mark.parametrize("n", [50, 200, 500])
+@pytest.mark.parametrize("labels", ["random", "structured"])
+def test_fast_solver_matches_sequential_oracle(n, labels):
+    rng = np.random.default_rng(n)
+    X, K, y = _problem(n, 20, rng, labels)
+    oracle = sequential_ep_log_z(K, y)
+    res = ep_log_evidence(K, y, tol=1e-9, return_info=True)
+    assert res.converged
+    assert abs(res.log_z - oracle) <= 1e-8 * abs(oracle), (res.log_z, oracle)
+
+
+def _exact_log_orthant(K, y):
+    """log P(y g > 0), g ~ N(0, K), by Genz's quasi-Monte Carlo algorithm (scipy), relative error ~1e-6."""
+    C = K * np.outer(y, y)
+    p = multivariate_normal.cdf(np.zeros(len(y)), mean=np.zeros(len(y)), cov=C, allow_singular=True,
+                                abseps=1e-10, releps=1e-6, maxpts=10**7, rng=np.random.default_rng(0))
+    return np.log(p)
+
+
+def _random_problems():
+    rng = np.random.default_rng(2024)
+    for case in range(12):
+        n = int(rng.integers(4, 13))
+        d = int(rng.integers(2, 8))
+        X = rng.standard_normal((n, d))
+        y = np.where(rng.random(n) < 0.5, -1.0, 1.0)
+        yield pytest.param(X, y, id=f"n{n}-d{d}-{case}")
+
+
+@pytest.mark.parametrize("X,y", list(_random_problems()))
+def test_ep_and_ep_is_against_exact_orthant_probability(X, y):
+    K = flatfast.nngp_kernel(X, depth=2)
+    exact = _exact_log_orthant(K, y)
+    ep = ep_log_evidence(K, y, tol=1e-9)
+    # EP is an approximation: the largest gap measured on these 12 problems is 0.105 nats (n = 10, d = 2).
+    assert abs(ep - exact) < 0.15, (ep, exact)
+    res = ep_log_evidence(K, y, method="ep-is", n_samples=40000, seed=1, return_info=True)
+    assert abs(res.log_z - exact) < 4 * res.stderr + 1e-3, (res.log_z, res.stderr, exact)
+    assert res.ep_log_z == pytest.approx(ep, abs=1e-6)
+
+
+def test_one_dimensional_near_singular_kernel():
+    """9 points on a line: K is nearly singular and plain EP is measurably off; EP-IS corrects it."""
+    x = np.linspace(-2, 2, 9)[:, None]
+    y = np.array([1, 1, -1, -1, 1, 1, -1, 1, 1.0])
+    K = flatfast.nngp_kernel(x, depth=2)
+    exact = _exact_log_orthant(K, y)
+    res = ep_log_evidence(K, y, method="ep-is", n_samples=200000, seed=3, return_info=True)
+    assert abs(res.log_z - exact) < 4 * res.stderr + 2e-3, (res.log_z, res.stderr, exact)
+    assert abs(res.ep_log_z - exact) < 1.0  # plain EP: up to ~0.56 nats off on such problems
+
+
+def test_against_plain_monte_carlo_of_gp_draws():
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((6, 3))
+    y = np.array([1, -1, 1, 1, -1, 1.0])
+    K = flatfast.nngp_kernel(X, depth=2)
+    L = np.linalg.cholesky(K + 1e-12 * np.eye(6))
+    draws = 2_000_000
+    hits = 0
+    for _ in range(4):
+        g = rng.standard_normal((draws // 4, 6)) @ L.T
+        hits += int(np.all(g * y > 0, axis=1).sum())
+    p = hits / draws
+    se = np.sqrt(p * (1 - p) / draws) / p
+    res = ep_log_evidence(K, y, method="ep-is", n_samples=50000, seed=0, return_info=True)
+    assert abs(res.log_z - np.log(p)) < 4 * np.hypot(se, res.stderr)
+    assert abs(res.ep_log_z - np.log(p)) < 0.1
+
+
+def _finite_width_log_p(X, y, width, draws, rng, depth=2, sigma_w2=2.0, sigma_b2=1.0):
+    """P(sign f(X) = y) over random ReLU networks of the given width, by simulation.
+
+    The first layer's weights are drawn explicitly; a later layer's units given the previous layer's
+    activations a (N x n) are iid N(0, sigma_w2/N a^T a + sigma_b2), which is the same distribution as drawing
+    its N x N weight matrix, at O(N n^2) per network (see tests/test_nngp.py).
+    """
+    n, d = X.shape
+    hits = 0
+    for start in range(0, draws, 5000):
+        b = min(5000, draws - start)
+        W1 = rng.standard_normal((b, width, d)) * np.sqrt(sigma_w2 / d)
+        h = W1 @ X.T + rng.standard_normal((b, width, 1)) * np.sqrt(sigma_b2)
+        for layer in range(depth):
+            a = np.maximum(h, 0.0)
+            cov = sigma_w2 / width * np.einsum("bkn,bkm->bnm", a, a) + sigma_b2
+            vals, vecs = np.linalg.eigh(cov)
+            root = vecs * np.sqrt(np.clip(vals, 0.0, None))[:, None, :]
+            units = 1 if layer == depth - 1 else width
+            h = rng.standard_normal((b, units, n)) @ np.swapaxes(root, 1, 2)
+        hits += int(np.all(h[:, 0, :] * y > 0, axis=1).sum())
+    p = hits / draws
+    return np.log(p), np.sqrt(p * (1 - p) / draws) / p
+
+
+@pytest.mark.slow
+def test_tiny_inputs_against_random_finite_width_networks():
+    rng = np.random.default_rng(11)
+    X = rng.standard_normal((6, 2))
+    y = np.array([1, 1, -1, 1, -1, -1.0])
+    log_p_nets, se_nets = _finite_width_log_p(X, y, width=1024, draws=100_000, rng=rng)
+    ep = log_prior(X, y)
+    res = log_prior(X, y, method="ep-is", n_samples=50000, seed=2, return_info=True)
+    se = np.hypot(se_nets, res.stderr)
+    assert abs(res.log_z - log_p_nets) < 4 * se, (res.log_z, log_p_nets, se)
+    assert abs(ep - log_p_nets) < 4 * se + 0.05, (ep, log_p_nets, se)
+
+
+def test_heaviside_is_invariant_to_kernel_scale():
+    rng = np.random.default_rng(1)
+    X, K, y = _problem(150, 10, rng, "structured")
+    base = ep_log_evidence(K, y, tol=1e-12)
+    for c in (1e-3, 0.5, 7.0, 1e4):
+        assert ep_log_evidence(c * K, y, tol=1e-12) == pytest.approx(base, rel=1e-10, abs=1e-10)
+
+
+def test_probit_equals_heaviside_on_k_plus_identity():
+    rng = np.random.default_rng(2)
+    X, K, y = _problem(120, 10, rng, "random")
+    probit = ep_log_evidence(K, y, likelihood="probit", tol=1e-12)
+    heaviside = ep_log_evidence(K + np.eye(120), y, tol=1e-12)
+    assert probit == pytest.approx(heaviside, rel=1e-10, abs=1e-10)
+    assert log_prior(X, y, likelihood="probit", tol=1e-12) == pytest.approx(probit, rel=1e-10)
+
+
+def test_independent_signs_closed_form():
+    # K = I: the signs are independent fair coins, P = 2^-n exactly, and EP is exact.
+    for n in (1, 5, 40):
+        assert ep_log_evidence(np.eye(n), np.ones(n)) == pytest.approx(n * np.log(0.5), rel=1e-12)
+
+
+def test_many_labellings_share_one_kernel():
+    rng = np.random.default_rng(3)
+    X = rng.random((80, 12))
+    Y = np.where(rng.random((3, 80)) < 0.5, 0, 1)  # 0/1 labels
+    values = log_prior(X, Y)
+    assert values.shape == (3,)
+    for row, value in zip(Y, values):
+        assert log_prior(X, 2 * row - 1) == pytest.approx(value, rel=1e-12)
+    infos = log_prior(X, Y, return_info=True)
+    assert len(infos) == 3 and all(i.converged for i in infos)
+
+
+def test_result_record():
+    rng = np.random.default_rng(4)
+    X = rng.random((60, 5))
+    res = log_prior(X, np.sign(X[:, 0] - 0.5), return_info=True)
+    assert res.converged and res.sweeps >= 2 and res.damping == 1.0
+    assert res.likelihood == "heaviside" and res.method == "ep"
+    assert len(res.log_z_history) == res.sweeps + 1 and res.log_z == res.log_z_history[-1]
+    assert res.seconds > 0 and res.max_site_change <= 1e-3
+
+
+def test_not_converging_warns_and_says_so():
+    rng = np.random.default_rng(5)
+    X = rng.random((60, 5))
+    with pytest.warns(flatfast.ConvergenceWarning, match="did not converge in 2 sweeps"):
+        res = log_prior(X, np.sign(X[:, 0] - 0.5), max_sweeps=2, return_info=True)
+    assert not res.converged
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda: log_prior(np.ones((3, 2)), [1, 2, 1]), ValueError, r"y: labels must be in"),
+    (lambda: log_prior(np.ones((3, 2)), [1, -1]), ValueError, "y: has 2 labels per labelling but there are 3"),
+    (lambda: log_prior(np.ones((3, 2)), np.ones((2, 2, 3))), ValueError, "y: expected a 1-D labelling"),
+    (lambda: log_prior(np.array([[np.nan, 1.0]]), [1]), ValueError, "X: contains NaN"),
+    (lambda: log_prior(np.ones((0, 2)), []), ValueError, "X: has no rows"),
+    (lambda: log_prior(np.ones((3, 2)), "abc"), TypeError, "y: expected labels"),
+    (lambda: log_prior(np.ones((3, 2)), [1, 1, 1], likelihood="logit"), ValueError, "likelihood: expected one of"),
+    (lambda: log_prior(np.ones((3, 2)), [1, 1, 1], method="mcmc"), ValueError, "method: expected one of"),
+    (lambda: log_prior(np.ones((3, 2)), [1, 1, 1], tol=0), ValueError, "tol: must be > 0"),
+    (lambda: ep_log_evidence(np.array([[1.0, np.inf], [np.inf, 1.0]]), [1, 1]), ValueError, "K: contains NaN"),
+    (lambda: ep_log_evidence(np.ones((2, 3)), [1, 1]), ValueError, "K: expected a square"),
+    (lambda: ep_log_evidence(np.zeros((0, 0)), []), ValueError, r"K: is empty"),
+    (lambda: ep_log_evidence(np.array([[1.0, 0.5], [0.2, 1.0]]), [1, 1]), flatfast.NotPSDError, "K: is not symmetric"),
+    (lambda: ep_log_evidence(np.array([[1.0, 2.0], [2.0, 1.0]]), [1, 1]), flatfast.NotPSDError,
+     "K: is not positive semi-definite"),
+    (lambda: ep_log_evidence(np.eye(2), [1, 0.5]), ValueError, "y: labels must be in"),
+])
+def test_bad_input(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_too_large_fails_early_with_the_size(monkeypatch):
+    import flatfast._validate as v
+
+    monkeypatch.setattr(v, "_available_bytes", lambda: 10 * 2**20)
+    with pytest.raises(MemoryError, match=r"needs .* GiB"):
+        log_prior(np.ones((2000, 2)), np.ones(2000))
