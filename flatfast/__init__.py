@@ -8,6 +8,7 @@ can run here and why not.
 """
 from flatfast._dispatch import backends
 from flatfast.errors import BackendFallbackWarning, BackendUnavailableError, ConvergenceWarning, NotPSDError
+from flatfast.hessian import hessian_eigenvalues, hessian_operator, hessian_spectrum, hessian_trace, hvp
 from flatfast.nngp import nngp_kernel
 from flatfast.prior import ep_log_evidence, log_prior
 from flatfast.results import EPResult
@@ -22,6 +23,11 @@ __all__ = [
     "NotPSDError",
     "backends",
     "ep_log_evidence",
+    "hessian_eigenvalues",
+    "hessian_operator",
+    "hessian_spectrum",
+    "hessian_trace",
+    "hvp",
     "log_prior",
     "nngp_kernel",
 ]

@@ -1,0 +1,268 @@
+"""The Hessian engine against dense Hessians of tiny float64 models."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch.func import functional_call
+
+import flatfast
+from flatfast.hessian import HessianOperator
+
+
+def mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 7), torch.nn.ReLU(), torch.nn.Linear(7, 5),
+                               torch.nn.ReLU(), torch.nn.Linear(5, 3)).double()
+
+
+def cnn():
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.BatchNorm2d(3), torch.nn.ReLU(),
+                                torch.nn.Dropout(0.5), torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3)).double()
+    with torch.no_grad():  # non-trivial running statistics, so eval mode visibly differs from train mode
+        model[1].running_mean.uniform_(-0.5, 0.5)
+        model[1].running_var.uniform_(0.5, 2.0)
+    model.train()
+    return model
+
+
+def data(kind, target="class", n=40, batch=16):
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(n, 6, generator=g, dtype=torch.float64) if kind == "mlp" else \
+        torch.randn(n, 1, 6, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (n,), generator=g) if target == "class" else torch.randn(n, 3, generator=g,
+                                                                                     dtype=torch.float64)
+    return [(X[i:i + batch], y[i:i + batch]) for i in range(0, n, batch)]  # 16, 16, 8: a short last batch
+
+
+def dense_hessian(model, batches, target="class"):
+    """The exact Hessian of the dataset-mean loss, in eval mode, by torch.autograd.functional.hessian."""
+    X = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+    buffers = dict(model.named_buffers())
+    sizes = [p.numel() for _, p in params]
+    was_training = model.training
+    model.eval()
+
+    def loss(flat):
+        d = {n: t.view(p.shape) for (n, p), t in zip(params, flat.split(sizes))}
+        out = functional_call(model, {**d, **frozen, **buffers}, (X,))
+        if target == "class":
+            return torch.nn.functional.cross_entropy(out, y)
+        return torch.nn.functional.mse_loss(out, y)
+
+    theta = torch.cat([p.detach().reshape(-1) for _, p in params])
+    H = torch.autograd.functional.hessian(loss, theta)
+    model.train(was_training)
+    return H
+
+
+CASES = [("mlp", "class", "torch"), ("mlp", "class", "generic"), ("mlp", "regression", "torch"),
+         ("mlp", "regression", "generic"), ("cnn", "class", "auto")]
+
+
+@pytest.mark.parametrize("kind,target,backend", CASES)
+def test_hvp_matches_dense_hessian(kind, target, backend):
+    model = mlp() if kind == "mlp" else cnn()
+    batches = data(kind, target)
+    H = dense_hessian(model, batches, target)
+    V = torch.randn(5, H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    HV = flatfast.hvp(model, batches, V, backend=backend)
+    assert torch.allclose(HV, V @ H, rtol=0, atol=1e-10 * float(H.abs().max()))
+    one = flatfast.hvp(model, batches, V[0], backend=backend)
+    assert one.shape == V[0].shape and torch.allclose(one, HV[0], atol=1e-12)
+    op = HessianOperator(model, batches, backend=backend)
+    assert torch.allclose(op.quadratic(V), (V * (V @ H)).sum(1), rtol=1e-10, atol=1e-12)
+
+
+def test_fast_path_is_chosen_and_agrees_with_generic():
+    model, batches = mlp(), data("mlp")
+    assert HessianOperator(model, batches).backend == "torch"
+    assert HessianOperator(cnn(), data("cnn")).backend == "reference"
+    V = torch.randn(4, sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    fast = flatfast.hvp(model, batches, V)
+    generic = flatfast.hvp(model, batches, V, backend="generic")
+    assert torch.allclose(fast, generic, rtol=0, atol=1e-10 * float(generic.abs().max()))
+
+
+def test_list_of_parameter_shaped_tensors():
+    model, batches = mlp(), data("mlp")
+    H = dense_hessian(model, batches)
+    vs = [torch.randn_like(p) for p in model.parameters()]
+    out = flatfast.hvp(model, batches, vs)
+    assert [o.shape for o in out] == [p.shape for p in model.parameters()]
+    flat = torch.cat([o.reshape(-1) for o in out])
+    assert torch.allclose(flat, H @ torch.cat([v.reshape(-1) for v in vs]), atol=1e-10)
+
+
+def test_frozen_parameters_are_excluded():
+    model, batches = mlp(), data("mlp")
+    model[1].weight.requires_grad_(False)
+    H = dense_hessian(model, batches)
+    op = HessianOperator(model, batches)
+    assert op.dimension == H.shape[0] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    V = torch.randn(2, op.dimension, dtype=torch.float64)
+    assert torch.allclose(op.matmat(V), V @ H, atol=1e-10)
+
+
+def test_partial_last_batch_is_weighted_by_its_size():
+    model = mlp()
+    whole = data("mlp", batch=40)
+    split = data("mlp", batch=16)
+    V = torch.randn(3, sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    assert torch.allclose(flatfast.hvp(model, whole, V), flatfast.hvp(model, split, V), atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++"])
+def test_trace_estimates_cover_the_exact_trace(method):
+    model, batches = cnn(), data("cnn")
+    exact = float(torch.trace(dense_hessian(model, batches)))
+    inside = 0
+    seeds = range(30)
+    for seed in seeds:
+        res = flatfast.hessian_trace(model, batches, probes=30, method=method, seed=seed, block=10)
+        assert res.probes == 30 and res.stderr > 0
+        inside += abs(res.value - exact) <= 2 * res.stderr
+    # Two standard errors cover ~95%; allow for the t-distribution of 10-30 samples and for 30 seeds.
+    assert inside / len(seeds) >= 0.8, inside
+
+
+def test_adaptive_trace_meets_its_tolerance():
+    model, batches = mlp(), data("mlp")
+    exact = float(torch.trace(dense_hessian(model, batches)))
+    for method in ("hutchinson", "hutch++"):
+        res = flatfast.hessian_trace(model, batches, rtol=0.05, method=method, seed=1)
+        assert res.stderr <= 0.05 * abs(res.value)
+        assert abs(res.value - exact) <= 4 * res.stderr
+    with pytest.warns(flatfast.ConvergenceWarning, match="stopped at max_probes=32"):
+        flatfast.hessian_trace(model, batches, rtol=1e-6, method="hutchinson", max_probes=32)
+
+
+def test_top_eigenvalues_match_dense():
+    model, batches = mlp(), data("mlp")
+    H = dense_hessian(model, batches)
+    expected = np.sort(np.linalg.eigvalsh(H.numpy()))[::-1][:3]
+    res = flatfast.hessian_eigenvalues(model, batches, k=3, tol=1e-12, max_iter=H.shape[0], return_vectors=True)
+    np.testing.assert_allclose(res.values, expected, rtol=1e-8, atol=1e-10)
+    assert np.all(res.residuals <= 1e-8 * np.abs(res.values).max())
+    u = res.vectors[0]
+    assert torch.allclose(H @ u, res.values[0] * u, atol=1e-8)
+
+
+def test_spectrum_quadrature_reproduces_probe_moments():
+    model, batches = cnn(), data("cnn")
+    H = dense_hessian(model, batches)
+    spec = flatfast.hessian_spectrum(model, batches, probes=3, iterations=12, seed=5)
+    g = torch.Generator().manual_seed(5)
+    V = torch.randn(3, H.shape[0], generator=g, dtype=torch.float64)
+    V = V / torch.linalg.norm(V, dim=1, keepdim=True)
+    for j in (1, 2, 3, 5):
+        Hj = torch.linalg.matrix_power(H, j)
+        exact = (V * (V @ Hj)).sum(1).numpy()
+        quad = (spec.weights * spec.nodes ** j).sum(1)
+        np.testing.assert_allclose(quad, exact, rtol=1e-8, atol=1e-12)
+    assert np.isclose(np.trapezoid(spec.density, spec.grid), 1.0, atol=1e-3)
+    # the spectrum's moments estimate the exact normalised ones
+    evals = np.linalg.eigvalsh(H.numpy())
+    assert abs(spec.moment(1) - evals.mean()) < 5 * evals.std() / np.sqrt(3) + 1e-12
+
+
+def test_linear_operator_for_scipy():
+    from scipy.sparse.linalg import eigsh
+
+    model, batches = mlp(), data("mlp")
+    H = dense_hessian(model, batches).numpy()
+    op = flatfast.hessian_operator(model, batches)
+    x = np.random.default_rng(0).standard_normal(H.shape[0])
+    np.testing.assert_allclose(op @ x, H @ x, atol=1e-10)
+    M = np.random.default_rng(1).standard_normal((H.shape[0], 3))
+    np.testing.assert_allclose(op.matmat(M), H @ M, atol=1e-10)
+    top = eigsh(op, k=1, which="LA", return_eigenvectors=False)[0]
+    assert top == pytest.approx(np.linalg.eigvalsh(H)[-1], rel=1e-8)
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, [m.training for m in model.modules()]
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda m, b: flatfast.hvp(m, [], torch.zeros(1, 1)), None, None),
+    (lambda m, b: flatfast.hessian_trace(m, [], probes=3), ValueError, "loader: yielded no batches"),
+    (lambda m, b: flatfast.hvp(m, [(b[0][0], b[0][1][:3])], torch.zeros(2, 107, dtype=torch.float64)), ValueError,
+     "loader: integer targets of shape"),
+    (lambda m, b: flatfast.hvp(m, [(b[0][0], torch.randn(16, 2, dtype=torch.float64))],
+                               torch.zeros(1, 107, dtype=torch.float64)), ValueError, "do not match outputs"),
+    (lambda m, b: flatfast.hvp(m, [(b[0][0] * float("nan"), b[0][1])], torch.zeros(1, 107, dtype=torch.float64)),
+     FloatingPointError, "loss: is NaN"),
+    (lambda m, b: flatfast.hvp(m, b, torch.zeros(1, 5)), ValueError, "vectors: expected 107 entries"),
+    (lambda m, b: flatfast.hvp(m, b, [torch.zeros(3)]), ValueError, "vectors: a list must hold one tensor"),
+    (lambda m, b: flatfast.hvp(m, [(1, 2, 3)][0:0] or [42], torch.zeros(1, 107)), TypeError, "loader: each batch"),
+    (lambda m, b: flatfast.hvp("model", b, torch.zeros(1, 107)), TypeError, "model: expected a torch.nn.Module"),
+    (lambda m, b: flatfast.hessian_trace(m, b, method="exact"), ValueError, "method: expected"),
+    (lambda m, b: flatfast.hessian_eigenvalues(m, b, k=0), ValueError, "k: must be >= 1"),
+    (lambda m, b: flatfast.hvp(m, b, torch.zeros(1, 107), backend="torch", loss_fn=torch.nn.MSELoss()), ValueError,
+     "backend: 'torch' is the fast path"),
+])
+def test_bad_input_leaves_the_model_untouched(call, exc, match):
+    model, batches = mlp(), data("mlp")
+    model.train()
+    before, modes = _snapshot(model)
+    if exc is None:  # the empty loader through hvp: also an error
+        with pytest.raises(ValueError, match="loader: yielded no batches"):
+            flatfast.hvp(model, [], torch.zeros(1, 107, dtype=torch.float64))
+    else:
+        with pytest.raises(exc, match=match):
+            call(model, batches)
+    after, modes_after = _snapshot(model)
+    assert modes == modes_after and all(m for m in modes_after)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_no_trainable_parameters():
+    model = mlp()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="model: has no trainable parameters"):
+        flatfast.hvp(model, data("mlp"), torch.zeros(1, 1))
+
+
+def test_modes_restored_after_success():
+    model = cnn()
+    model.train()
+    model[3].eval()  # a mixed state must come back exactly
+    modes = [m.training for m in model.modules()]
+    flatfast.hessian_trace(model, data("cnn"), probes=4, method="hutchinson")
+    assert [m.training for m in model.modules()] == modes
+
+
+def _distributed_worker(rank, world, port, out_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        model, batches = mlp(), data("mlp")
+        shard = batches[rank::world]  # each rank reads its own shard
+        V = torch.randn(3, 107, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+        HV = flatfast.hvp(model, shard, V)
+        if rank == 0:
+            torch.save(HV, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_with_gloo(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "hv.pt")
+    mp.spawn(_distributed_worker, args=(2, port, out), nprocs=2, join=True)
+    V = torch.randn(3, 107, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    expected = flatfast.hvp(mlp(), data("mlp"), V)
+    assert torch.allclose(torch.load(out), expected, atol=1e-12)
