@@ -90,6 +90,20 @@ def test_trace_pyhessian(benchmark, setup):
         assert abs(ours.value - value) < 4 * np.hypot(ours.stderr, stderr)
 
 
+def test_trace_exact(benchmark, setup):
+    """Not a Rademacher estimate: the exact trace of a ReLU MLP (Hessian diagonal = Gauss-Newton diagonal)."""
+    model, loader, _ = setup
+    benchmark.group = "hessian-trace"
+    benchmark.name = "trace-flatfast-exact"
+    benchmark.extra_info["baseline"] = ["trace-pyhessian-100", "trace-flatfast-hutchinson-100"]
+    res = benchmark.pedantic(flatfast.hessian_trace, args=(model, loader), kwargs=dict(method="exact"),
+                             rounds=3, iterations=1)
+    benchmark.extra_info["value"] = round(res.value, 4)
+    ours = setup_results.get("flatfast")
+    if ours is not None:
+        assert abs(ours.value - res.value) < 4 * ours.stderr
+
+
 def test_top_eigenvalue(benchmark, setup):
     model, loader, _ = setup
     benchmark.group = "hessian"

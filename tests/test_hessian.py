@@ -130,6 +130,16 @@ def test_trace_estimates_cover_the_exact_trace(method):
     assert inside / len(seeds) >= 0.8, inside
 
 
+@pytest.mark.parametrize("target", ["class", "regression"])
+def test_exact_trace_of_relu_mlp(target):
+    model, batches = mlp(), data("mlp", target)
+    exact = float(torch.trace(dense_hessian(model, batches, target)))
+    res = flatfast.hessian_trace(model, batches, method="exact")
+    assert res.value == pytest.approx(exact, rel=1e-10) and res.stderr == 0.0
+    with pytest.raises(ValueError, match="method: 'exact' needs"):
+        flatfast.hessian_trace(cnn(), data("cnn"), method="exact")
+
+
 def test_adaptive_trace_meets_its_tolerance():
     model, batches = mlp(), data("mlp")
     exact = float(torch.trace(dense_hessian(model, batches)))
@@ -201,7 +211,7 @@ def _snapshot(model):
     (lambda m, b: flatfast.hvp(m, b, [torch.zeros(3)]), ValueError, "vectors: a list must hold one tensor"),
     (lambda m, b: flatfast.hvp(m, [(1, 2, 3)][0:0] or [42], torch.zeros(1, 107)), TypeError, "loader: each batch"),
     (lambda m, b: flatfast.hvp("model", b, torch.zeros(1, 107)), TypeError, "model: expected a torch.nn.Module"),
-    (lambda m, b: flatfast.hessian_trace(m, b, method="exact"), ValueError, "method: expected"),
+    (lambda m, b: flatfast.hessian_trace(m, b, method="power"), ValueError, "method: expected"),
     (lambda m, b: flatfast.hessian_eigenvalues(m, b, k=0), ValueError, "k: must be >= 1"),
     (lambda m, b: flatfast.hvp(m, b, torch.zeros(1, 107), backend="torch", loss_fn=torch.nn.MSELoss()), ValueError,
      "backend: 'torch' is the fast path"),
