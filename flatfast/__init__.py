@@ -9,20 +9,35 @@ can run here and why not.
 from flatfast._dispatch import backends
 from flatfast.errors import BackendFallbackWarning, BackendUnavailableError, ConvergenceWarning, NotPSDError
 from flatfast.hessian import hessian_eigenvalues, hessian_operator, hessian_spectrum, hessian_trace, hvp
+from flatfast.measures import FlatnessReport, flatness_report, frobenius_norm, function_of, rescale, sharpness
 from flatfast.nngp import nngp_kernel
 from flatfast.prior import ep_log_evidence, log_prior
 from flatfast.results import EPResult
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # EntropySGD subclasses torch.optim.Optimizer; importing it lazily keeps `import flatfast` free of torch.
+    if name == "EntropySGD":
+        from flatfast.optim import EntropySGD
+
+        return EntropySGD
+    raise AttributeError(f"module 'flatfast' has no attribute {name!r}")
+
 __all__ = [
     "BackendFallbackWarning",
     "BackendUnavailableError",
     "ConvergenceWarning",
     "EPResult",
+    "EntropySGD",
+    "FlatnessReport",
     "NotPSDError",
     "backends",
     "ep_log_evidence",
+    "flatness_report",
+    "frobenius_norm",
+    "function_of",
     "hessian_eigenvalues",
     "hessian_operator",
     "hessian_spectrum",
@@ -30,4 +45,6 @@ __all__ = [
     "hvp",
     "log_prior",
     "nngp_kernel",
+    "rescale",
+    "sharpness",
 ]

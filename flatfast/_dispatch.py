@@ -87,7 +87,14 @@ def dispatch(op: str, backend: str, device: str) -> Impl:
 
 
 def backends() -> Dict[str, Dict[str, str]]:
-    """What can run here: ``{op: {backend: "available" | reason it is not}}`` for CPU and, where relevant, CUDA."""
+    """What can run here: ``{op: {backend: "available (devices)" | "unavailable: reason"}}``.
+
+    Examples
+    --------
+    >>> import flatfast
+    >>> flatfast.backends()["nngp"]["reference"]
+    'available (cpu/cuda)'
+    """
     # Importing the public modules registers every primitive.
     import flatfast.hessian  # noqa: F401
     import flatfast.nngp  # noqa: F401

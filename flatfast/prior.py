@@ -98,8 +98,8 @@ def ep_log_evidence(K, y, *, likelihood="heaviside", method="ep", tol=1e-6, max_
     Examples
     --------
     >>> import numpy as np, flatfast
-    >>> flatfast.ep_log_evidence(np.eye(3), [1, -1, 1])   # three independent fair signs: 3 log(1/2)
-    -2.0794415416798357
+    >>> round(flatfast.ep_log_evidence(np.eye(3), [1, -1, 1]), 10)   # three independent fair signs: 3 log(1/2)
+    -2.0794415417
     """
     xp = xp_of(K)
     if not hasattr(K, "shape"):

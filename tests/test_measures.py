@@ -1,0 +1,152 @@
+"""Flatness measures, rescaling invariances, function_of, Entropy-SGD."""
+import numpy as np
+import pytest
+import torch
+
+import flatfast
+from flatfast.optim import EntropySGD
+
+from test_hessian import data, dense_hessian, mlp
+
+
+class Quadratic(torch.nn.Module):
+    """L(w) = 1/2 (w - w*)^T A (w - w*) with A = diag(a) as a 'model' whose output is its loss."""
+
+    def __init__(self, a, w_star, w):
+        super().__init__()
+        self.register_buffer("a", torch.as_tensor(a, dtype=torch.float64))
+        self.register_buffer("w_star", torch.as_tensor(w_star, dtype=torch.float64))
+        self.w = torch.nn.Parameter(torch.as_tensor(w, dtype=torch.float64).clone())
+
+    def forward(self, x):
+        d = self.w - self.w_star
+        return (0.5 * (self.a * d * d).sum()).expand(x.shape[0], 1)
+
+
+def _identity_loss(outputs, targets):
+    return outputs.mean()
+
+
+def test_sharpness_of_a_quadratic_with_known_hessian():
+    a = np.array([4.0, 1.0, 0.25, 9.0])
+    w_star = np.array([0.5, -1.0, 2.0, 0.0])
+    model = Quadratic(a, w_star, w_star)  # at the minimum, L = 0
+    batches = [(torch.zeros(4, 1), torch.zeros(4, 1))]
+    eps = 1e-3
+    # max over the box |z_j| <= eps (|w_j| + 1) of 1/2 z^T A z is attained at a corner.
+    expected = 100 * 0.5 * np.sum(a * (eps * (np.abs(w_star) + 1)) ** 2) / (1 + 0.0)
+    got = flatfast.sharpness(model, batches, eps=eps, loss_fn=_identity_loss, steps=20, seed=0)
+    assert got == pytest.approx(expected, rel=1e-6)
+    assert torch.equal(model.w.detach(), torch.as_tensor(w_star))  # parameters restored
+
+
+def test_frobenius_norm_against_exact():
+    model, batches = mlp(), data("mlp")
+    H = dense_hessian(model, batches)
+    exact = float(torch.linalg.norm(H))
+    res = flatfast.frobenius_norm(model, batches, probes=400, seed=0)
+    assert abs(res.value - exact) <= 4 * res.stderr and res.stderr < 0.1 * exact
+
+
+def _binary_mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.ReLU(), torch.nn.Linear(10, 8), torch.nn.ReLU(),
+                               torch.nn.Linear(8, 1)).double()
+
+
+def test_rescale_keeps_the_function_and_log_prior_but_moves_flatness():
+    model = _binary_mlp()
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(60, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 2, (60,), generator=g).double()[:, None]
+    batches = [(X, y)]
+    bce = torch.nn.BCEWithLogitsLoss()
+    scaled = flatfast.rescale(model, 5.9, layer=0)
+    assert torch.allclose(scaled(X), model(X), rtol=1e-12, atol=1e-12)
+    f, f_scaled = flatfast.function_of(model, X), flatfast.function_of(scaled, X)
+    np.testing.assert_array_equal(f, f_scaled)
+    lp, lp_scaled = flatfast.log_prior(X.numpy(), f), flatfast.log_prior(X.numpy(), f_scaled)
+    assert lp_scaled == pytest.approx(lp, rel=1e-8)
+    # Layer 0's Hessian block scales by 1/alpha^2 and layer 1's by alpha^2: with alpha = 100 the trace and the
+    # top eigenvalue move by orders of magnitude while the function stays put.
+    far = flatfast.rescale(model, 100.0, layer=0)
+    assert torch.allclose(far(X), model(X), rtol=1e-10, atol=1e-12)
+    t = float(torch.trace(_dense(model, X, y, bce)))
+    for other, factor in ((scaled, 3.0), (far, 100.0)):
+        t_other = float(torch.trace(_dense(other, X, y, bce)))
+        assert max(t_other / t, t / t_other) > factor
+        trace_est = flatfast.hessian_trace(other, batches, loss_fn=bce, rtol=0.05, seed=0)
+        assert abs(trace_est.value - t_other) <= 4 * trace_est.stderr
+    e = flatfast.hessian_eigenvalues(model, batches, loss_fn=bce).values[0]
+    e_far = flatfast.hessian_eigenvalues(far, batches, loss_fn=bce).values[0]
+    assert abs(np.log10(e_far / e)) > 2
+    assert model[0].weight.data_ptr() != scaled[0].weight.data_ptr()  # a copy; the original is unchanged
+
+
+def _dense(model, X, y, loss_fn):
+    from torch.func import functional_call
+
+    params = dict(model.named_parameters())
+    sizes = [p.numel() for p in params.values()]
+
+    def loss(flat):
+        d = {n: t.view(p.shape) for (n, p), t in zip(params.items(), flat.split(sizes))}
+        return loss_fn(functional_call(model, d, (X,)), y)
+
+    return torch.autograd.functional.hessian(loss, torch.cat([p.detach().reshape(-1) for p in params.values()]))
+
+
+def test_rescale_rejects_bad_arguments():
+    model = _binary_mlp()
+    with pytest.raises(ValueError, match="alpha: must be > 0"):
+        flatfast.rescale(model, -1.0)
+    with pytest.raises(ValueError, match="layer: must index a Linear layer"):
+        flatfast.rescale(model, 2.0, layer=2)
+    with pytest.raises(TypeError, match="model: rescale needs an nn.Sequential"):
+        flatfast.rescale(torch.nn.Linear(2, 2), 2.0)
+
+
+def test_function_of_two_logit_and_errors():
+    model = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 0, 0], [-1.0, 0, 0]]))
+        model.bias.zero_()
+    np.testing.assert_array_equal(flatfast.function_of(model, torch.tensor([[1.0, 0, 0], [-1.0, 0, 0]])), [-1, 1])
+    with pytest.raises(ValueError, match="binary classifier"):
+        flatfast.function_of(torch.nn.Linear(3, 4), torch.zeros(2, 3))
+
+
+def test_entropy_sgd_minimises_a_convex_problem():
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(20, 5, generator=g, dtype=torch.float64)
+    b = torch.randn(20, generator=g, dtype=torch.float64)
+    w_opt = torch.linalg.lstsq(A, b[:, None]).solution[:, 0]
+    w = torch.nn.Parameter(torch.zeros(5, dtype=torch.float64))
+    opt = EntropySGD([w], lr=1.0, inner_lr=0.02, gamma=0.03, noise=1e-4, seed=0)
+
+    def closure():
+        opt.zero_grad()
+        loss = ((A @ w - b) ** 2).mean()
+        loss.backward()
+        return loss
+
+    start = float(((A @ w - b) ** 2).mean())
+    for _ in range(300):
+        opt.step(closure)
+    final = float(((A @ w.detach() - b) ** 2).mean())
+    best = float(((A @ w_opt - b) ** 2).mean())
+    assert final < best + 1e-2 * (start - best)
+    assert torch.allclose(w.detach(), w_opt, atol=0.05)
+
+
+def test_flatness_report_has_every_measure():
+    model, batches = mlp(), data("mlp")
+    report = flatfast.flatness_report(model, batches, seed=0)
+    H = dense_hessian(model, batches)
+    evals = np.linalg.eigvalsh(H.numpy())
+    assert report.trace.value == pytest.approx(evals.sum(), rel=1e-10)  # exact for a ReLU MLP
+    assert report.top_eigenvalue == pytest.approx(evals[-1], rel=1e-3)
+    assert report.sharpness >= 0 and np.isfinite(report.log_volume)
+    exact_log_volume = -0.5 * np.sum(np.log(np.abs(evals) + 1e-3))
+    assert abs(report.log_volume - exact_log_volume) < 5 * report.log_volume_stderr + 0.05 * abs(exact_log_volume)
+    assert set(report.as_dict()) >= {"trace", "top_eigenvalue", "frobenius", "sharpness", "log_volume"}
