@@ -59,7 +59,25 @@ def main(argv=None) -> int:
     demo = sub.add_parser("demo", help="build a kernel with every available backend and time it")
     demo.add_argument("--n", type=int, default=2000, help="number of points (default 2000)")
     demo.add_argument("--seed", type=int, default=0)
+    rep = sub.add_parser("reproduce", help="the paper's experiment: train, measure, correlate, plot")
+    rep.add_argument("--quick", action="store_true", help="a reduced run (under 10 minutes on 2 cores)")
+    rep.add_argument("--data", choices=["digits", "mnist"], help="built-in scikit-learn digits (default) or MNIST")
+    rep.add_argument("--data-dir", dest="data_dir", help="directory with the MNIST IDX files (--data mnist)")
+    rep.add_argument("--n-train", dest="n_train", type=int, help="|S| (default 500)")
+    rep.add_argument("--n-test", dest="n_test", type=int, help="|E| (default: the rest of digits; 1000 for MNIST)")
+    rep.add_argument("--attack-sizes", dest="attack_sizes", type=int, nargs="+", help="|A| values (default 0..500 by 50)")
+    rep.add_argument("--seeds", type=int, help="runs per attack size (default 5)")
+    rep.add_argument("--optimizers", nargs="+", help="any of sgd adam entropy-sgd (default all)")
+    rep.add_argument("--max-epochs", dest="max_epochs", type=int, help="give up training after this many epochs")
+    rep.add_argument("--likelihood", choices=["heaviside", "probit"],
+                     help="which log P(f) the plots and correlations use (both are always recorded)")
+    rep.add_argument("--out", help="output directory (default ./flatfast-results)")
+    rep.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     args = parser.parse_args(argv)
+    if args.command == "reproduce":
+        from flatfast.experiment import main as reproduce
+
+        return reproduce(args)
     return {"info": _info, "demo": _demo}[args.command](args)
 
 

@@ -65,7 +65,7 @@ def sharpness(model, loader, eps=1e-4, loss_fn=None, *, steps=20, seed=0):
                 with torch.enable_grad():
                     loss = _dataset_loss(model, loader, loss_fn, op)
                     grads = torch.autograd.grad(loss, params)
-                best = max(best, float(loss))
+                best = max(best, float(loss.detach()))
                 with torch.no_grad():
                     z = [torch.maximum(torch.minimum(dz + s * torch.sign(g), b), -b)
                          for dz, s, g, b in zip(z, step, grads, box)]
