@@ -55,7 +55,7 @@ class Config:
 
     @classmethod
     def quick(cls, **overrides):
-        base = dict(attack_sizes=[0, 150, 300, 500], seeds=1, max_epochs=2000)
+        base = dict(attack_sizes=[0, 150, 300, 500], seeds=2, max_epochs=2000)
         base.update(overrides)
         return cls(**base)
 

@@ -16,3 +16,30 @@ def kernel_diagonal(A, depth, sigma_w2=2.0, sigma_b2=1.0):
     for _ in range(depth):
         q = sigma_b2 + sigma_w2 / 2 * q
     return q
+
+
+def sample_relu_network_outputs(X, depth, width, draws, rng, sigma_w2=2.0, sigma_b2=1.0, chunk=5000):
+    """Outputs f(X) of `draws` random ReLU networks of the given width and depth (draws x n), the paper's
+    initialisation (weights N(0, sigma_w2/fan_in), biases N(0, sigma_b2)).
+
+    The first layer's weights are drawn explicitly. For a later layer with N inputs a = relu(h) (N x n per
+    network), each unit is w.a + b with w ~ N(0, sigma_w2/N I), so the rows of W a + b are iid
+    N(0, sigma_w2/N a^T a + sigma_b2 11^T): drawing them from that n-dimensional Gaussian is the same distribution
+    as drawing the N x N matrix W, at O(N n^2) instead of O(N^2 n) per layer.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    n, d = X.shape
+    outputs = []
+    for start in range(0, draws, chunk):
+        b = min(chunk, draws - start)
+        W1 = rng.standard_normal((b, width, d)) * np.sqrt(sigma_w2 / d)
+        h = W1 @ X.T + rng.standard_normal((b, width, 1)) * np.sqrt(sigma_b2)
+        for layer in range(depth):
+            a = np.maximum(h, 0.0)
+            cov = sigma_w2 / width * np.einsum("bkn,bkm->bnm", a, a) + sigma_b2
+            vals, vecs = np.linalg.eigh(cov)
+            root = vecs * np.sqrt(np.clip(vals, 0.0, None))[:, None, :]  # cov = root root^T
+            units = 1 if layer == depth - 1 else width
+            h = rng.standard_normal((b, units, n)) @ np.swapaxes(root, 1, 2)
+        outputs.append(h[:, 0, :])
+    return np.concatenate(outputs)

@@ -6,7 +6,7 @@ import pytest
 
 import flatfast
 from flatfast.reference.nngp import nngp_kernel_reference
-from flatfast.testing import kernel_diagonal, scaled_error
+from flatfast.testing import kernel_diagonal, sample_relu_network_outputs, scaled_error
 
 from conftest import nngp_backends_here
 
@@ -107,32 +107,11 @@ def test_closed_form_depth_one_orthogonal_inputs():
 
 # --- an independent check: random finite-width ReLU networks ----------------------------------------------
 
-def _sample_network_outputs(X, depth, width, draws, sigma_w2, sigma_b2, rng):
-    """Outputs f(X) of `draws` random ReLU networks of the given width (draws x n).
-
-    The first layer's weights are drawn explicitly. For a layer with N inputs a = relu(h) (N x n per network),
-    each output unit is w.a + b with w ~ N(0, sigma_w2/N I): the rows of W a + b are iid
-    N(0, sigma_w2/N a^T a + sigma_b2 11^T). Drawing them from that n-dimensional Gaussian is the same
-    distribution as drawing the N x N matrix W, at O(N n^2) instead of O(N^2 n) per layer.
-    """
-    n, d = X.shape
-    W1 = rng.standard_normal((draws, width, d)) * np.sqrt(sigma_w2 / d)
-    h = W1 @ X.T + rng.standard_normal((draws, width, 1)) * np.sqrt(sigma_b2)
-    for layer in range(depth):
-        a = np.maximum(h, 0.0)
-        cov = sigma_w2 / width * np.einsum("bkn,bkm->bnm", a, a) + sigma_b2
-        vals, vecs = np.linalg.eigh(cov)
-        root = vecs * np.sqrt(np.clip(vals, 0.0, None))[:, None, :]  # cov = root root^T
-        units = 1 if layer == depth - 1 else width
-        h = rng.standard_normal((draws, units, n)) @ np.swapaxes(root, 1, 2)
-    return h[:, 0, :] if depth > 0 else h[:, 0, :]
-
-
 @pytest.mark.parametrize("depth", [1, 2, 3])
 def test_kernel_matches_finite_width_networks(depth):
     rng = np.random.default_rng(depth)
     X = np.array([[1.0, 0.0, 0.5], [0.2, -1.0, 0.3], [0.0, 0.0, 0.0], [1.0, 0.0, 0.5], [-1.0, 0.1, -0.4]])
-    f = _sample_network_outputs(X, depth, width=2048, draws=4000, sigma_w2=2.0, sigma_b2=1.0, rng=rng)
+    f = sample_relu_network_outputs(X, depth, width=2048, draws=4000, rng=rng)
     prods = f[:, :, None] * f[:, None, :]
     mean = prods.mean(axis=0)
     stderr = prods.std(axis=0, ddof=1) / np.sqrt(prods.shape[0])

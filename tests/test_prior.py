@@ -10,6 +10,7 @@ import flatfast
 from flatfast.prior import ep_log_evidence, log_prior
 
 from ep_oracle import sequential_ep_log_z
+from flatfast.testing import sample_relu_network_outputs
 
 
 def _problem(n, d, rng, labels="random"):
@@ -92,28 +93,10 @@ def test_against_plain_monte_carlo_of_gp_draws():
     assert abs(res.ep_log_z - np.log(p)) < 0.1
 
 
-def _finite_width_log_p(X, y, width, draws, rng, depth=2, sigma_w2=2.0, sigma_b2=1.0):
-    """P(sign f(X) = y) over random ReLU networks of the given width, by simulation.
-
-    The first layer's weights are drawn explicitly; a later layer's units given the previous layer's
-    activations a (N x n) are iid N(0, sigma_w2/N a^T a + sigma_b2), which is the same distribution as drawing
-    its N x N weight matrix, at O(N n^2) per network (see tests/test_nngp.py).
-    """
-    n, d = X.shape
-    hits = 0
-    for start in range(0, draws, 5000):
-        b = min(5000, draws - start)
-        W1 = rng.standard_normal((b, width, d)) * np.sqrt(sigma_w2 / d)
-        h = W1 @ X.T + rng.standard_normal((b, width, 1)) * np.sqrt(sigma_b2)
-        for layer in range(depth):
-            a = np.maximum(h, 0.0)
-            cov = sigma_w2 / width * np.einsum("bkn,bkm->bnm", a, a) + sigma_b2
-            vals, vecs = np.linalg.eigh(cov)
-            root = vecs * np.sqrt(np.clip(vals, 0.0, None))[:, None, :]
-            units = 1 if layer == depth - 1 else width
-            h = rng.standard_normal((b, units, n)) @ np.swapaxes(root, 1, 2)
-        hits += int(np.all(h[:, 0, :] * y > 0, axis=1).sum())
-    p = hits / draws
+def _finite_width_log_p(X, y, width, draws, rng):
+    """P(sign f(X) = y) over random depth-2 ReLU networks of the given width, by simulation."""
+    f = sample_relu_network_outputs(X, 2, width, draws, rng)
+    p = float(np.mean(np.all(f * y > 0, axis=1)))
     return np.log(p), np.sqrt(p * (1 - p) / draws) / p
 
 
