@@ -51,6 +51,8 @@ def log_prior(X, y, *, depth=2, sigma_w2=2.0, sigma_b2=1.0, likelihood="heavisid
         ``"ep"``: plain EP (deterministic; typically within 0.03 nats of the exact value, worse for nearly
         singular kernels). ``"ep-is"``: importance sampling with the EP posterior as proposal, an unbiased
         estimate of P(f) with a standard error (``return_info=True``), which also shows how far EP is off.
+        It forms the EP posterior covariance and its eigendecomposition (O(n^3), three n x n arrays) and draws
+        ``n_samples`` Gaussian vectors; its error bars widen as the EP posterior becomes a poorer proposal.
     tol : float
         Stop when log Z changes by at most ``tol`` between sweeps and the sites have settled.
     max_sweeps : int

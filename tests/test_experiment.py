@@ -80,3 +80,40 @@ def test_bad_arguments_say_which():
     out = subprocess.run([sys.executable, "-m", "flatfast", "reproduce", "--data", "mnist"], capture_output=True,
                          text=True)
     assert out.returncode == 2 and "data_dir" in out.stderr
+
+
+def _write_idx(path, array, compress):
+    import gzip
+    import struct
+
+    import numpy as np
+
+    array = np.asarray(array, dtype=np.uint8)
+    payload = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)
+    payload += array.tobytes()
+    opener = gzip.open if compress else open
+    with opener(str(path) + (".gz" if compress else ""), "wb") as fh:
+        fh.write(payload)
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_mnist_idx_files_are_read(tmp_path, compress):
+    import numpy as np
+
+    from flatfast.experiment import load_data
+
+    rng = np.random.default_rng(0)
+    train_images = rng.integers(0, 256, (30, 28, 28))
+    train_labels = rng.integers(0, 10, 30)
+    _write_idx(tmp_path / "train-images-idx3-ubyte", train_images, compress)
+    _write_idx(tmp_path / "train-labels-idx1-ubyte", train_labels, compress)
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte", train_images[:12], compress)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", train_labels[:12], compress)
+    config = Config(data="mnist", data_dir=str(tmp_path), n_train=10, attack_sizes=[0, 5], n_test=12)
+    X_pool, y_pool, X_test, y_test = load_data(config)
+    assert X_pool.shape == (15, 784) and X_test.shape == (12, 784)
+    assert X_pool.min() >= 0 and X_pool.max() <= 1
+    np.testing.assert_array_equal(y_test, (train_labels[:12] >= 5).astype(int))
+    np.testing.assert_allclose(X_test[0], train_images[0].reshape(-1) / 255.0)
+    with pytest.raises(FileNotFoundError, match="data_dir: no"):
+        load_data(Config(data="mnist", data_dir=str(tmp_path / "missing"), attack_sizes=[0]))
