@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import numbers
-from typing import Any, Tuple
+from typing import Any
 
 import numpy as np
 
@@ -128,7 +128,3 @@ def to_numpy(x: Any) -> np.ndarray:
     if is_torch(x):
         return x.detach().cpu().numpy()
     return np.asarray(x)
-
-
-def shape_of(x: Any) -> Tuple[int, ...]:
-    return tuple(x.shape)

@@ -45,10 +45,7 @@ class HessianOperator:
         self.dimension = int(sum(self.sizes))
         self.progress = progress
         self.linears = _plain_mlp_layers(model, self.params) if loss_fn is None else None
-        if backend in ("auto", "generic") or backend is None:
-            want = backend or "auto"
-        else:
-            want = backend
+        want = backend or "auto"
         if want == "generic" or (self.linears is None and want == "auto"):
             want = "reference"
         elif self.linears is None:

@@ -109,10 +109,6 @@ def _probe_triton():
     return None
 
 
-def _triton_devices():
-    return ("cuda", "cpu") if _native.triton_interpreted() else ("cuda",)
-
-
 @register("nngp", "triton", devices=("cuda", "cpu"), priority=20, probe=_probe_triton)
 def _nngp_triton(X, Z, depth, sigma_w2, sigma_b2, dtype):
     import torch

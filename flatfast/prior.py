@@ -222,8 +222,7 @@ def expectation_propagation(K, y, *, tol=1e-6, max_sweeps=200, site_tol=None):
                 raise FloatingPointError("EP: a cavity precision became non-positive and damping cannot fix it")
             tau, nu, post_var, post_mean, half_log_det = saved
             damping *= 0.5
-            saved = None
-            nu_new, tau_new = last_nu_new, last_tau_new  # noqa: F821  (set below before any step)
+            saved = None  # the proposal tau_new, nu_new that led here is retried with half the step
         else:
             nu_cav = post_mean / post_var - nu
             cav_mean, cav_var = nu_cav / tau_cav, 1.0 / tau_cav
@@ -243,7 +242,6 @@ def expectation_propagation(K, y, *, tol=1e-6, max_sweeps=200, site_tol=None):
                     damping = max(damping * 0.5, 1e-3)  # oscillating and not shrinking
             if steps >= max_sweeps:
                 break
-            last_nu_new, last_tau_new = nu_new, tau_new
         saved = (tau, nu, post_var, post_mean, half_log_det)
         tau = (1.0 - damping) * tau + damping * tau_new
         nu = (1.0 - damping) * nu + damping * nu_new

@@ -1,5 +1,4 @@
 """The Hessian engine against dense Hessians of tiny float64 models."""
-import os
 
 import numpy as np
 import pytest

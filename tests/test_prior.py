@@ -1,6 +1,5 @@
 """log P(f) by EP: against an independent sequential-EP oracle, against exact orthant probabilities,
 against random finite-width networks; invariances; bad input."""
-import warnings
 
 import numpy as np
 import pytest
@@ -195,3 +194,25 @@ def test_too_large_fails_early_with_the_size(monkeypatch):
     monkeypatch.setattr(v, "_available_bytes", lambda: 10 * 2**20)
     with pytest.raises(MemoryError, match=r"needs .* GiB"):
         log_prior(np.ones((2000, 2)), np.ones(2000))
+
+
+def test_non_positive_cavity_is_retried_with_damping(monkeypatch):
+    import flatfast.prior as P
+
+    rng = np.random.default_rng(6)
+    X, K, y = _problem(60, 5, rng, "structured")
+    base = ep_log_evidence(K, y, tol=1e-9)
+    real = P._refresh_posterior
+    calls = {"n": 0}
+
+    def corrupt_second_refresh(*args):
+        calls["n"] += 1
+        var, mean, half_log_det = real(*args)
+        if calls["n"] == 2:
+            var = var * 1e6  # cavity precisions 1/var - tau turn negative
+        return var, mean, half_log_det
+
+    monkeypatch.setattr(P, "_refresh_posterior", corrupt_second_refresh)
+    res = ep_log_evidence(K, y, tol=1e-9, return_info=True)
+    assert res.damping == 0.5 and res.converged
+    assert res.log_z == pytest.approx(base, rel=1e-8)
