@@ -34,8 +34,9 @@ def test_log_prior(benchmark, problem):
     benchmark.group = f"log_prior n={n}"
     benchmark.name = f"prior-log_prior-n{n}"
     benchmark.extra_info["baseline"] = [f"prior-cholesky-n{n}"]
-    res = benchmark.pedantic(flatfast.log_prior, args=(X, y), kwargs=dict(return_info=True), rounds=1,
-                             iterations=1)
+    # A warm-up round first: the first call pays one-time costs (imports, first touch of the workspace).
+    res = benchmark.pedantic(flatfast.log_prior, args=(X, y), kwargs=dict(return_info=True),
+                             rounds=3 if n <= 2000 else 2, iterations=1, warmup_rounds=1)
     benchmark.extra_info["sweeps"] = res.sweeps
     benchmark.extra_info["log_z"] = round(res.log_z, 6)
     assert res.converged
