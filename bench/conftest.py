@@ -4,12 +4,9 @@ A benchmark declares its group and, for each comparison, ``benchmark.extra_info[
 benchmark it is measured against (same group). The terminal summary prints median(this) / median(baseline).
 """
 import os
+import platform
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import platform  # noqa: E402
-
-import pytest  # noqa: E402
+import pytest
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

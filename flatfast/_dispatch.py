@@ -28,6 +28,7 @@ class Impl:
     priority: int
     probe: Probe
     reference: bool = False
+    auto_devices: Tuple[str, ...] = ()  # where "auto" may pick it; empty = all of `devices`
 
     def unavailable_reason(self, device: str) -> Optional[str]:
         if device not in self.devices:
@@ -39,13 +40,15 @@ _REGISTRY: Dict[str, List[Impl]] = {}
 _WARNED: set = set()
 
 
-def register(op: str, name: str, *, devices, priority: int, probe: Probe = lambda: None, reference: bool = False):
-    """Decorator: register ``fn`` as backend ``name`` of primitive ``op``."""
+def register(op: str, name: str, *, devices, priority: int, probe: Probe = lambda: None, reference: bool = False,
+             auto_devices=None):
+    """Decorator: register ``fn`` as backend ``name`` of primitive ``op``. ``auto_devices`` limits where
+    ``backend="auto"`` may choose it (Triton runs CPU tensors only under its interpreter, for testing)."""
 
     def wrap(fn):
         impls = _REGISTRY.setdefault(op, [])
         impls[:] = [i for i in impls if i.name != name]
-        impls.append(Impl(op, name, fn, tuple(devices), priority, probe, reference))
+        impls.append(Impl(op, name, fn, tuple(devices), priority, probe, reference, tuple(auto_devices or ())))
         impls.sort(key=lambda i: -i.priority)
         return fn
 
@@ -70,7 +73,7 @@ def dispatch(op: str, backend: str, device: str) -> Impl:
         raise ValueError(f"backend: unknown backend {backend!r} for {op}; choose 'auto' or one of {backend_names(op)}")
     skipped = []
     for impl in impls:
-        if device not in impl.devices:
+        if device not in (impl.auto_devices or impl.devices):
             continue
         reason = impl.probe()
         if reason is None:

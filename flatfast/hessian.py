@@ -270,10 +270,21 @@ def _plain_mlp_layers(model, params) -> Optional[List]:
     return linears
 
 
-def _mlp_rop_torch(op, x, y, V):
+def _torch_masked_matmul(A, B, mask, C=None):
+    """(A @ B + C) * mask with torch ops; A may carry a leading batch dimension, mask broadcasts over it."""
+    import torch
+
+    out = torch.matmul(A, B)
+    if C is not None:
+        out += C
+    return out * mask
+
+
+def _mlp_rop(op, x, y, V, masked_matmul):
     """Pearlmutter's R-operator through Linear/ReLU layers, batched over the k vectors: an R-forward pass, the
     output-loss curvature, an R-backward pass. ReLU's second derivative is 0 almost everywhere, so this is the
-    exact Hessian (as autograd computes it)."""
+    exact Hessian (as autograd computes it). ``masked_matmul(A, B, mask, C)`` = (A @ B + C) * mask is the one
+    fused GEMM-plus-mask primitive the backends (torch, C++, Triton) provide."""
     import torch
 
     layers = op.linears
@@ -284,18 +295,17 @@ def _mlp_rop_torch(op, x, y, V):
     r_a = None
     for i, layer in enumerate(layers):
         z = torch.addmm(layer.bias, a, layer.weight.T)
-        r_z = torch.matmul(a, VW[i].transpose(1, 2)) + Vb[i][:, None, :]
-        if r_a is not None:
-            r_z += torch.matmul(r_a, layer.weight.T)
+        direct = torch.matmul(a, VW[i].transpose(1, 2)) + Vb[i][:, None, :]
         if i < len(layers) - 1:
             mask = z > 0
+            r_a = direct * mask if r_a is None else masked_matmul(r_a, layer.weight.T, mask, direct)
             a = z * mask
-            r_a = r_z * mask
             acts.append(a)
             r_acts.append(r_a)
             masks.append(mask)
         else:
-            out, r_out = z, r_z
+            out = z
+            r_out = direct if r_a is None else direct + torch.matmul(r_a, layer.weight.T)
     loss = op.loss_and_targets(out, y)
     _check_finite(loss)
     if not y.is_floating_point():
@@ -318,12 +328,38 @@ def _mlp_rop_torch(op, x, y, V):
         if i > 0:
             W = layers[i].weight
             mask = masks[i - 1]
-            r_g = (torch.matmul(r_g, W) + torch.matmul(g, VW[i])) * mask
-            g = (g @ W) * mask
+            r_g = masked_matmul(r_g, W, mask, torch.matmul(g, VW[i]))
+            g = masked_matmul(g, W, mask)
     return torch.cat(pieces, dim=1)
 
 
+def _mlp_rop_torch(op, x, y, V):
+    return _mlp_rop(op, x, y, V, _torch_masked_matmul)
+
+
 register("mlp_hvp", "torch", devices=("cpu", "cuda"), priority=10)(_mlp_rop_torch)
+
+
+def _probe_triton():
+    from flatfast.nngp import _probe_triton as probe
+
+    return probe()
+
+
+def _triton_masked_matmul(A, B, mask, C=None):
+    from flatfast import _native
+
+    if A.device.type == "cpu" and not _native.triton_interpreted():
+        raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
+    return _native.load_triton()[0].masked_matmul_triton(A, B, mask, C)
+
+
+def _mlp_rop_triton(op, x, y, V):
+    return _mlp_rop(op, x, y, V, _triton_masked_matmul)
+
+
+register("mlp_hvp", "triton", devices=("cuda", "cpu"), priority=20, probe=_probe_triton,
+          auto_devices=("cuda",))(_mlp_rop_triton)
 
 
 def _split_directions(layers, V):
@@ -339,7 +375,7 @@ def _split_directions(layers, V):
     return VW, Vb
 
 
-def _mlp_vhv_torch(op, x, y, V):
+def _mlp_vhv(op, x, y, V, masked_matmul):
     """v^T H v through Linear/ReLU layers by a second-order forward pass (no backward pass): with R and R^2 the
     first and second directional derivatives along v, R^2 z_l = 2 R(a_{l-1}) V_l^T + R^2(a_{l-1}) W_l^T and
     R^2 a_l = mask R^2 z_l (ReLU is piecewise linear); per example d^2 l = R(z)^T H_out R(z) + g_out^T R^2(z)."""
@@ -351,19 +387,21 @@ def _mlp_vhv_torch(op, x, y, V):
     r_a = r2_a = None
     for i, layer in enumerate(layers):
         z = torch.addmm(layer.bias, a, layer.weight.T)
-        r_z = torch.matmul(a, VW[i].transpose(1, 2)) + Vb[i][:, None, :]
-        r2_z = None
-        if r_a is not None:
-            r_z += torch.matmul(r_a, layer.weight.T)
-            r2_z = 2.0 * torch.matmul(r_a, VW[i].transpose(1, 2))
-            if r2_a is not None:
-                r2_z += torch.matmul(r2_a, layer.weight.T)
+        direct = torch.matmul(a, VW[i].transpose(1, 2)) + Vb[i][:, None, :]
+        second = None if r_a is None else 2.0 * torch.matmul(r_a, VW[i].transpose(1, 2))
         if i < len(layers) - 1:
             mask = z > 0
-            a, r_a = z * mask, r_z * mask
-            r2_a = None if r2_z is None else r2_z * mask
+            new_r_a = direct * mask if r_a is None else masked_matmul(r_a, layer.weight.T, mask, direct)
+            if second is not None:
+                r2_a = second * mask if r2_a is None else masked_matmul(r2_a, layer.weight.T, mask, second)
+            r_a = new_r_a
+            a = z * mask
         else:
-            out, r_out, r2_out = z, r_z, r2_z
+            out = z
+            r_out = direct if r_a is None else direct + torch.matmul(r_a, layer.weight.T)
+            r2_out = second
+            if r2_a is not None:
+                r2_out = r2_out + torch.matmul(r2_a, layer.weight.T)
     loss = op.loss_and_targets(out, y)
     _check_finite(loss)
     if not y.is_floating_point():
@@ -380,7 +418,19 @@ def _mlp_vhv_torch(op, x, y, V):
     return curvature
 
 
+def _mlp_vhv_torch(op, x, y, V):
+    return _mlp_vhv(op, x, y, V, _torch_masked_matmul)
+
+
 register("mlp_vhv", "torch", devices=("cpu", "cuda"), priority=10)(_mlp_vhv_torch)
+
+
+def _mlp_vhv_triton(op, x, y, V):
+    return _mlp_vhv(op, x, y, V, _triton_masked_matmul)
+
+
+register("mlp_vhv", "triton", devices=("cuda", "cpu"), priority=20, probe=_probe_triton,
+          auto_devices=("cuda",))(_mlp_vhv_triton)
 
 
 def _mlp_exact_trace(op) -> float:

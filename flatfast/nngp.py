@@ -109,7 +109,8 @@ def _probe_triton():
     return None
 
 
-@register("nngp", "triton", devices=("cuda", "cpu"), priority=20, probe=_probe_triton)
+@register("nngp", "triton", devices=("cuda", "cpu"), priority=20, probe=_probe_triton,
+          auto_devices=("cuda",))
 def _nngp_triton(X, Z, depth, sigma_w2, sigma_b2, dtype):
     import torch
 

@@ -37,11 +37,23 @@ compiled = triton.compile(ASTSource(fn=_nngp_tile_kernel, signature=signature, c
                           target=GPUTarget("cuda", int(sys.argv[1]), 32))
 assert compiled.asm["cubin"]
 print("cubin bytes", len(compiled.asm["cubin"]))
+
+from flatfast.kernels.mlp_hvp_triton import _masked_matmul_kernel
+
+for dtype in ("fp32", "fp64"):
+    signature = {"A": "*" + dtype, "B": "*" + dtype, "C": "*" + dtype, "MASK": "*u8", "OUT": "*" + dtype,
+                 **{name: "i32" for name in ("M", "N", "K", "mask_rows", "stride_am", "stride_bk", "stride_bn")},
+                 "HAS_C": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+    consts = {"HAS_C": True, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}
+    compiled = triton.compile(ASTSource(fn=_masked_matmul_kernel, signature=signature, constexprs=consts),
+                              target=GPUTarget("cuda", int(sys.argv[1]), 32))
+    assert compiled.asm["cubin"]
+    print("masked matmul", dtype, "cubin bytes", len(compiled.asm["cubin"]))
 """
 
 
 @pytest.mark.parametrize("capability", [80, 90])
-def test_triton_nngp_kernel_compiles_for_gpu(capability):
+def test_triton_kernels_compile_for_gpu(capability):
     """The interpreter accepts code the GPU compiler rejects; compile a real cubin for sm_80 / sm_90. This runs in
     a fresh process without TRITON_INTERPRET, which the test session sets and which turns kernels into
     interpreted functions that cannot be compiled."""
@@ -53,7 +65,7 @@ def test_triton_nngp_kernel_compiles_for_gpu(capability):
     out = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, str(capability)], env=env, capture_output=True,
                          text=True)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "cubin bytes" in out.stdout
+    assert "cubin bytes" in out.stdout and "masked matmul fp64" in out.stdout
 
 
 def test_command_line_info_and_demo():

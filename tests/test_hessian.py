@@ -60,11 +60,14 @@ def dense_hessian(model, batches, target="class"):
 
 
 CASES = [("mlp", "class", "torch"), ("mlp", "class", "generic"), ("mlp", "regression", "torch"),
-         ("mlp", "regression", "generic"), ("cnn", "class", "auto")]
+         ("mlp", "regression", "generic"), ("mlp", "class", "triton"), ("mlp", "regression", "triton"),
+         ("cnn", "class", "auto")]
 
 
 @pytest.mark.parametrize("kind,target,backend", CASES)
 def test_hvp_matches_dense_hessian(kind, target, backend):
+    if backend == "triton":  # the Triton kernels run here under TRITON_INTERPRET=1 (tests/conftest.py)
+        pytest.importorskip("triton")
     model = mlp() if kind == "mlp" else cnn()
     batches = data(kind, target)
     H = dense_hessian(model, batches, target)
@@ -82,9 +85,12 @@ def test_fast_path_is_chosen_and_agrees_with_generic():
     assert HessianOperator(model, batches).backend == "torch"
     assert HessianOperator(cnn(), data("cnn")).backend == "reference"
     V = torch.randn(4, sum(p.numel() for p in model.parameters()), dtype=torch.float64)
-    fast = flatfast.hvp(model, batches, V)
     generic = flatfast.hvp(model, batches, V, backend="generic")
-    assert torch.allclose(fast, generic, rtol=0, atol=1e-10 * float(generic.abs().max()))
+    for backend in ("auto", "torch", "triton"):
+        if backend == "triton" and flatfast.backends()["mlp_hvp"]["triton"].startswith("unavailable"):
+            continue
+        fast = flatfast.hvp(model, batches, V, backend=backend)
+        assert torch.allclose(fast, generic, rtol=0, atol=1e-10 * float(generic.abs().max())), backend
 
 
 def test_list_of_parameter_shaped_tensors():

@@ -1,4 +1,5 @@
 """Every nngp backend against the float64 reference, plus independent checks of the reference itself."""
+import dataclasses
 import warnings
 
 import numpy as np
@@ -185,9 +186,7 @@ def test_auto_falls_back_to_reference_with_one_warning(monkeypatch):
     import flatfast._dispatch as dispatch_mod
 
     impls = dispatch_mod._REGISTRY["nngp"]
-    broken = [dispatch_mod.Impl(i.op, i.name, i.fn, i.devices, i.priority,
-                                (lambda: "pretend it is not built") if not i.reference else i.probe, i.reference)
-              for i in impls]
+    broken = [i if i.reference else dataclasses.replace(i, probe=lambda: "pretend it is not built") for i in impls]
     monkeypatch.setitem(dispatch_mod._REGISTRY, "nngp", broken)
     monkeypatch.setattr(dispatch_mod, "_WARNED", set())
     X = np.random.default_rng(0).random((4, 3))
