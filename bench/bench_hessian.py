@@ -39,7 +39,7 @@ def test_forward_backward_floor(benchmark, setup):
     benchmark(_forward_backward, model, loader)
 
 
-@pytest.mark.parametrize("backend", ["torch", "generic"])
+@pytest.mark.parametrize("backend", ["torch", "cpp", "generic"])
 @pytest.mark.parametrize("k", [1, 16])
 def test_hvp(benchmark, setup, k, backend):
     model, loader, P = setup

@@ -12,6 +12,7 @@
 
 #include "common/check.h"
 #include "cpu/blas.h"
+#include "cpu/mlp_hvp_cpu.h"
 #include "cpu/nngp_cpu.h"
 
 namespace py = pybind11;
@@ -54,6 +55,38 @@ py::array nngp(const py::array& X, const std::optional<py::array>& Z, int depth,
   return std::move(out);
 }
 
+template <typename T>
+py::array masked_matmul(const py::array& A, const py::array& B, bool b_transposed, const py::array& mask,
+                        const std::optional<py::array>& C) {
+  check_matrix<T>(A, "A");
+  check_matrix<T>(B, "B");
+  const int64_t M = A.shape(0), K = A.shape(1);
+  const int64_t N = b_transposed ? B.shape(0) : B.shape(1);
+  FF_CHECK_ARG((b_transposed ? B.shape(1) : B.shape(0)) == K, "B", "inner dimension does not match A");
+  FF_CHECK_ARG(mask.ndim() == 2 && py::isinstance<carray<uint8_t>>(mask), "mask",
+               "must be a C-contiguous 2-D uint8 array");
+  FF_CHECK_ARG(mask.shape(1) == N && mask.shape(0) > 0 && M % mask.shape(0) == 0, "mask",
+               "must be (R, N) with R dividing A's rows");
+  if (C) {
+    check_matrix<T>(*C, "C");
+    FF_CHECK_ARG(C->shape(0) == M && C->shape(1) == N, "C", "must have the product's shape");
+  }
+  get_dgemm();
+  get_sgemm();
+  carray<T> out({M, N});
+  const T* a = static_cast<const T*>(A.data());
+  const T* b = static_cast<const T*>(B.data());
+  const uint8_t* keep = static_cast<const uint8_t*>(mask.data());
+  const T* c = C ? static_cast<const T*>(C->data()) : nullptr;
+  T* o = out.mutable_data();
+  const int64_t rows = mask.shape(0);
+  if (M > 0 && N > 0) {
+    py::gil_scoped_release release;
+    masked_matmul_cpu<T>(a, M, K, b, N, b_transposed, keep, rows, c, o);
+  }
+  return std::move(out);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -62,5 +95,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("sigma_b2"));
   m.def("nngp_f32", &nngp<float>, py::arg("X"), py::arg("Z"), py::arg("depth"), py::arg("sigma_w2"),
         py::arg("sigma_b2"));
+  m.def("masked_matmul_f64", &masked_matmul<double>, py::arg("A"), py::arg("B"), py::arg("b_transposed"),
+        py::arg("mask"), py::arg("C"));
+  m.def("masked_matmul_f32", &masked_matmul<float>, py::arg("A"), py::arg("B"), py::arg("b_transposed"),
+        py::arg("mask"), py::arg("C"));
   m.def("omp_max_threads", []() { return omp_get_max_threads(); });
 }

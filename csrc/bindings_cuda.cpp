@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "common/check.h"
+#include "cuda/mlp_hvp_cuda.h"
 #include "cuda/nngp_cuda.h"
 
 namespace py = pybind11;
@@ -29,10 +30,31 @@ void nngp(uintptr_t x, uintptr_t z, int64_t n, int64_t m, int64_t d, int depth, 
                      reinterpret_cast<float*>(out), s);
 }
 
+void masked_matmul(uintptr_t a, int64_t M, int64_t K, uintptr_t b, int64_t N, bool b_transposed, uintptr_t mask,
+                   int64_t mask_rows, uintptr_t c, uintptr_t out, bool is_double, uintptr_t stream) {
+  FF_CHECK_ARG(a != 0 && b != 0 && mask != 0 && out != 0, "A", "null device pointer");
+  FF_CHECK_ARG(M >= 0 && K >= 1 && N >= 0, "A", "bad shape");
+  FF_CHECK_ARG(mask_rows > 0 && M % mask_rows == 0, "mask", "its rows must divide A's rows");
+  py::gil_scoped_release release;
+  void* s = reinterpret_cast<void*>(stream);
+  const auto* keep = reinterpret_cast<const uint8_t*>(mask);
+  if (is_double)
+    masked_matmul_cuda<double>(reinterpret_cast<const double*>(a), M, K, reinterpret_cast<const double*>(b), N,
+                               b_transposed, keep, mask_rows, reinterpret_cast<const double*>(c),
+                               reinterpret_cast<double*>(out), s);
+  else
+    masked_matmul_cuda<float>(reinterpret_cast<const float*>(a), M, K, reinterpret_cast<const float*>(b), N,
+                              b_transposed, keep, mask_rows, reinterpret_cast<const float*>(c),
+                              reinterpret_cast<float*>(out), s);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C_cuda, m) {
   m.doc() = "flatfast CUDA kernels (raw device pointers)";
   m.def("nngp", &nngp, py::arg("x"), py::arg("z"), py::arg("n"), py::arg("m"), py::arg("d"), py::arg("depth"),
         py::arg("sigma_w2"), py::arg("sigma_b2"), py::arg("out"), py::arg("is_double"), py::arg("stream"));
+  m.def("masked_matmul", &masked_matmul, py::arg("a"), py::arg("M"), py::arg("K"), py::arg("b"), py::arg("N"),
+        py::arg("b_transposed"), py::arg("mask"), py::arg("mask_rows"), py::arg("c"), py::arg("out"),
+        py::arg("is_double"), py::arg("stream"));
 }

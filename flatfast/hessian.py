@@ -340,6 +340,83 @@ def _mlp_rop_torch(op, x, y, V):
 register("mlp_hvp", "torch", devices=("cpu", "cuda"), priority=10)(_mlp_rop_torch)
 
 
+def _probe_cpp():
+    from flatfast import _native
+
+    return _native.load_cpp()[1]
+
+
+def _cpp_masked_matmul(A, B, mask, C=None):
+    """(A @ B + C) * mask by the C++ kernel on numpy views of the CPU tensors (no copies for contiguous ones)."""
+    import torch
+
+    from flatfast import _native
+
+    module = _native.load_cpp()[0]
+    lead, (R, K), N = A.shape[:-2], A.shape[-2:], B.shape[1]
+    if B.T.is_contiguous():  # a transposed weight, W.T: hand over W itself
+        b, transposed = B.T.numpy(), True
+    else:
+        b, transposed = B.contiguous().numpy(), False
+    a = A.reshape(-1, K).contiguous().numpy()
+    c = None if C is None else C.reshape(-1, N).contiguous().numpy()
+    fn = module.masked_matmul_f64 if A.dtype == torch.float64 else module.masked_matmul_f32
+    keep = mask.contiguous().view(torch.uint8).numpy()
+    if a.shape[0] * N * K >= 2_000_000:
+        with _native.single_threaded_blas():
+            out = fn(a, b, transposed, keep, c)
+    else:
+        out = fn(a, b, transposed, keep, c)
+    return torch.from_numpy(out).reshape(*lead, R, N)
+
+
+def _mlp_rop_cpp(op, x, y, V):
+    return _mlp_rop(op, x, y, V, _cpp_masked_matmul)
+
+
+register("mlp_hvp", "cpp", devices=("cpu",), priority=5, probe=_probe_cpp)(_mlp_rop_cpp)
+
+
+def _probe_cuda():
+    from flatfast import _native
+
+    return _native.load_cuda()[1]
+
+
+def _cuda_masked_matmul(A, B, mask, C=None):
+    """(A @ B + C) * mask by the CUDA C++ kernel on the tensors' device memory."""
+    import torch
+
+    from flatfast import _native
+
+    module = _native.load_cuda()[0]
+    lead, (R, K), N = A.shape[:-2], A.shape[-2:], B.shape[1]
+    if B.T.is_contiguous():
+        b, transposed = B.T, True
+    else:
+        b, transposed = B.contiguous(), False
+    a = A.reshape(-1, K).contiguous()
+    c = None if C is None else C.reshape(-1, N).contiguous()
+    keep = mask.contiguous().view(torch.uint8)
+    out = torch.empty((a.shape[0], N), dtype=A.dtype, device=A.device)
+    module.masked_matmul(a.data_ptr(), a.shape[0], K, b.data_ptr(), N, transposed, keep.data_ptr(), R,
+                         0 if c is None else c.data_ptr(), out.data_ptr(), A.dtype == torch.float64,
+                         torch.cuda.current_stream(A.device).cuda_stream)
+    return out.reshape(*lead, R, N)
+
+
+def _mlp_rop_cuda(op, x, y, V):
+    return _mlp_rop(op, x, y, V, _cuda_masked_matmul)
+
+
+def _mlp_vhv_cuda(op, x, y, V):
+    return _mlp_vhv(op, x, y, V, _cuda_masked_matmul)
+
+
+register("mlp_hvp", "cuda", devices=("cuda",), priority=25, probe=_probe_cuda)(_mlp_rop_cuda)
+register("mlp_vhv", "cuda", devices=("cuda",), priority=25, probe=_probe_cuda)(_mlp_vhv_cuda)
+
+
 def _probe_triton():
     from flatfast.nngp import _probe_triton as probe
 
@@ -423,6 +500,13 @@ def _mlp_vhv_torch(op, x, y, V):
 
 
 register("mlp_vhv", "torch", devices=("cpu", "cuda"), priority=10)(_mlp_vhv_torch)
+
+
+def _mlp_vhv_cpp(op, x, y, V):
+    return _mlp_vhv(op, x, y, V, _cpp_masked_matmul)
+
+
+register("mlp_vhv", "cpp", devices=("cpu",), priority=5, probe=_probe_cpp)(_mlp_vhv_cpp)
 
 
 def _mlp_vhv_triton(op, x, y, V):

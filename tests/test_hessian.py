@@ -61,6 +61,7 @@ def dense_hessian(model, batches, target="class"):
 
 CASES = [("mlp", "class", "torch"), ("mlp", "class", "generic"), ("mlp", "regression", "torch"),
          ("mlp", "regression", "generic"), ("mlp", "class", "triton"), ("mlp", "regression", "triton"),
+         ("mlp", "class", "cpp"), ("mlp", "regression", "cpp"),
          ("cnn", "class", "auto")]
 
 
@@ -86,7 +87,7 @@ def test_fast_path_is_chosen_and_agrees_with_generic():
     assert HessianOperator(cnn(), data("cnn")).backend == "reference"
     V = torch.randn(4, sum(p.numel() for p in model.parameters()), dtype=torch.float64)
     generic = flatfast.hvp(model, batches, V, backend="generic")
-    for backend in ("auto", "torch", "triton"):
+    for backend in ("auto", "torch", "cpp", "triton"):
         if backend == "triton" and flatfast.backends()["mlp_hvp"]["triton"].startswith("unavailable"):
             continue
         fast = flatfast.hvp(model, batches, V, backend=backend)
