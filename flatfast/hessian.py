@@ -280,6 +280,20 @@ def _torch_masked_matmul(A, B, mask, C=None):
     return out * mask
 
 
+def _output_gradient(op, out, y):
+    """Check the batch loss, then g = d(summed loss)/d(outputs) and, for cross-entropy, the softmax p (None for
+    MSE averaged over the outputs, whose g is 2 (out - y) / C)."""
+    import torch
+
+    _check_finite(op.loss_and_targets(out, y))
+    if not y.is_floating_point():
+        p = torch.softmax(out, dim=1)
+        g = p.clone()
+        g[torch.arange(out.shape[0]), y] -= 1.0
+        return g, p
+    return (2.0 / out.shape[1]) * (out - y), None
+
+
 def _mlp_rop(op, x, y, V, masked_matmul):
     """Pearlmutter's R-operator through Linear/ReLU layers, batched over the k vectors: an R-forward pass, the
     output-loss curvature, an R-backward pass. ReLU's second derivative is 0 almost everywhere, so this is the
@@ -306,17 +320,11 @@ def _mlp_rop(op, x, y, V, masked_matmul):
         else:
             out = z
             r_out = direct if r_a is None else direct + torch.matmul(r_a, layer.weight.T)
-    loss = op.loss_and_targets(out, y)
-    _check_finite(loss)
-    if not y.is_floating_point():
-        p = torch.softmax(out, dim=1)
-        g = p.clone()
-        g[torch.arange(out.shape[0]), y] -= 1.0
+    g, p = _output_gradient(op, out, y)
+    if p is not None:  # cross-entropy: H_out = diag(p) - p p^T
         r_g = p * r_out - p * (p * r_out).sum(dim=2, keepdim=True)
-    else:
-        scale = 2.0 / out.shape[1]
-        g = scale * (out - y)
-        r_g = scale * r_out
+    else:  # MSE averaged over the C outputs: H_out = 2/C I
+        r_g = (2.0 / out.shape[1]) * r_out
     pieces = [None] * (2 * len(layers))
     for i in range(len(layers) - 1, -1, -1):
         a_prev, r_a_prev = acts[i], r_acts[i]
@@ -479,17 +487,11 @@ def _mlp_vhv(op, x, y, V, masked_matmul):
             r2_out = second
             if r2_a is not None:
                 r2_out = r2_out + torch.matmul(r2_a, layer.weight.T)
-    loss = op.loss_and_targets(out, y)
-    _check_finite(loss)
-    if not y.is_floating_point():
-        p = torch.softmax(out, dim=1)
-        g = p.clone()
-        g[torch.arange(out.shape[0]), y] -= 1.0
+    g, p = _output_gradient(op, out, y)
+    if p is not None:
         curvature = (p * r_out * r_out).sum(dim=(1, 2)) - ((p * r_out).sum(dim=2) ** 2).sum(dim=1)
     else:
-        scale = 2.0 / out.shape[1]
-        g = scale * (out - y)
-        curvature = scale * (r_out * r_out).sum(dim=(1, 2))
+        curvature = (2.0 / out.shape[1]) * (r_out * r_out).sum(dim=(1, 2))
     if r2_out is not None:
         curvature += (g * r2_out).sum(dim=(1, 2))
     return curvature
