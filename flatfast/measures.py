@@ -79,6 +79,8 @@ def sharpness(model, loader, eps=1e-4, loss_fn=None, *, steps=20, seed=0):
 def frobenius_norm(model, loader, loss_fn=None, *, probes=None, rtol=0.02, seed=0, block=16, max_probes=1000):
     r"""Frobenius norm of the Hessian of the dataset-mean loss, :math:`\|H\|_F = \sqrt{\mathrm{tr}(H^2)}`, with
     :math:`\mathrm{tr}(H^2) = E\|Hv\|^2` estimated by Hutchinson over Rademacher v (stderr by the delta method).
+    Stops when the norm's relative standard error is below ``rtol`` (that of tr(H^2) below 2 rtol), or after
+    exactly ``probes`` products.
 
     Examples
     --------
