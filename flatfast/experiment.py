@@ -223,6 +223,8 @@ def run(config: Config, *, resume=False, log=print):
     table = out / "results.csv"
     if table.exists() and not resume:
         raise FileExistsError(f"out: {table} exists; pass --resume to continue it or choose another --out")
+    # Load the data first, so that a bad --data/--data-dir leaves no half-made output directory behind.
+    X_pool, y_pool, X_test, y_test = load_data(config)
     out.mkdir(parents=True, exist_ok=True)
     done = set()
     if resume and table.exists():
@@ -231,7 +233,6 @@ def run(config: Config, *, resume=False, log=print):
     with open(out / "config.json", "w") as fh:
         json.dump(dataclasses.asdict(config), fh, indent=2)
 
-    X_pool, y_pool, X_test, y_test = load_data(config)
     S_X, S_y = X_pool[: config.n_train], y_pool[: config.n_train]
     A_X, A_y = X_pool[config.n_train:], 1 - y_pool[config.n_train:]  # deliberately wrong labels
     X_prior = np.concatenate([S_X, X_test])

@@ -73,13 +73,15 @@ def test_table_contents(tmp_path):
     assert all(r["log_p_probit"] < 0 and r["log_p_heaviside"] < 0 for r in rows)
 
 
-def test_bad_arguments_say_which():
-    out = subprocess.run([sys.executable, "-m", "flatfast", "reproduce", "--optimizers", "rmsprop"],
-                         capture_output=True, text=True)
+def test_bad_arguments_say_which(tmp_path):
+    target = tmp_path / "out"
+    out = subprocess.run([sys.executable, "-m", "flatfast", "reproduce", "--optimizers", "rmsprop", "--out",
+                          str(target)], capture_output=True, text=True)
     assert out.returncode != 0 and "--optimizers: unknown optimizer 'rmsprop'" in out.stderr
-    out = subprocess.run([sys.executable, "-m", "flatfast", "reproduce", "--data", "mnist"], capture_output=True,
-                         text=True)
+    out = subprocess.run([sys.executable, "-m", "flatfast", "reproduce", "--data", "mnist", "--out", str(target)],
+                         capture_output=True, text=True)
     assert out.returncode == 2 and "data_dir" in out.stderr
+    assert not target.exists()  # a failed start leaves nothing behind
 
 
 def _write_idx(path, array, compress):
