@@ -4,16 +4,17 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <climits>
 #include <cmath>
 #include <optional>
-
-#include <omp.h>
+#include <string>
 
 #include "common/check.h"
 #include "cpu/blas.h"
 #include "cpu/mlp_hvp_cpu.h"
 #include "cpu/nngp_cpu.h"
+#include "cpu/parallel.h"
 
 namespace py = pybind11;
 using namespace flatfast;
@@ -87,10 +88,32 @@ py::array masked_matmul(const py::array& A, const py::array& B, bool b_transpose
   return std::move(out);
 }
 
+// A 2x3 times 3x2 product through the BLAS the kernels borrow, in both precisions: the largest error
+// against the exact answer. scipy.linalg.cython_blas wraps whatever BLAS scipy links (OpenBLAS, MKL,
+// Accelerate) behind one ABI; this checks that the pointers resolve and compute, once, at load time.
+double blas_check() {
+  const double a[6] = {1, 2, 3, 4, 5, 6}, b[6] = {1, 0, -1, 2, 1, 0};  // A 2x3, B 2x3 (product A B^T)
+  const double expected[4] = {-2, 4, -2, 13};
+  double c[4] = {0, 0, 0, 0};
+  float af[6], bf[6], cf[4] = {0, 0, 0, 0};
+  for (int i = 0; i < 6; ++i) {
+    af[i] = static_cast<float>(a[i]);
+    bf[i] = static_cast<float>(b[i]);
+  }
+  gemm_abt(2, 2, 3, 1.0, a, 3, b, 3, 0.0, c, 2);
+  gemm_abt(2, 2, 3, 1.0f, af, 3, bf, 3, 0.0f, cf, 2);
+  double worst = 0.0;
+  for (int i = 0; i < 4; ++i) {
+    worst = std::max(worst, std::abs(c[i] - expected[i]));
+    worst = std::max(worst, std::abs(static_cast<double>(cf[i]) - expected[i]));
+  }
+  return worst;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "flatfast CPU kernels (C++17, OpenMP)";
+  m.doc() = "flatfast CPU kernels (C++17; OpenMP or std::thread workers)";
   m.def("nngp_f64", &nngp<double>, py::arg("X"), py::arg("Z"), py::arg("depth"), py::arg("sigma_w2"),
         py::arg("sigma_b2"));
   m.def("nngp_f32", &nngp<float>, py::arg("X"), py::arg("Z"), py::arg("depth"), py::arg("sigma_w2"),
@@ -99,5 +122,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("mask"), py::arg("C"));
   m.def("masked_matmul_f32", &masked_matmul<float>, py::arg("A"), py::arg("B"), py::arg("b_transposed"),
         py::arg("mask"), py::arg("C"));
-  m.def("omp_max_threads", []() { return omp_get_max_threads(); });
+  m.def("threading", []() { return std::string(threading_backend()); },
+        "What the tile loops run on: 'openmp' or 'std::thread'.");
+  m.def("num_threads", &max_threads, "Worker threads per kernel call (FLATFAST_NUM_THREADS overrides).");
+  m.def("blas_check", &blas_check, "Largest error of a small GEMM through scipy's BLAS (0 when it works).");
 }

@@ -8,8 +8,10 @@ import time
 
 def _info(args) -> int:
     import flatfast
+    from flatfast._native import cpp_build_summary
 
     print(f"flatfast {flatfast.__version__}")
+    print(cpp_build_summary())
     for op, table in flatfast.backends().items():
         print(f"{op}:")
         for name, status in table.items():

@@ -13,13 +13,39 @@ import os
 
 @functools.lru_cache(maxsize=None)
 def load_cpp():
-    """flatfast._C, the C++/OpenMP CPU kernels."""
+    """flatfast._C, the C++ CPU kernels (OpenMP or std::thread workers), once its BLAS is known to work.
+
+    ``FLATFAST_NO_NATIVE=1`` in the environment turns it off at run time as it does at install time.
+    """
+    if os.environ.get("FLATFAST_NO_NATIVE") == "1":
+        return None, "turned off by FLATFAST_NO_NATIVE=1; every function runs on the numpy/torch reference"
     try:
         # The C++ kernels borrow scipy's BLAS; import it first so that thread limits below see it.
         importlib.import_module("scipy.linalg.cython_blas")
-        return importlib.import_module("flatfast._C"), None
     except ImportError as exc:
-        return None, f"the C++ extension flatfast._C is not built ({exc}); reinstall with `pip install -e .`"
+        return None, f"scipy.linalg.cython_blas, whose BLAS the C++ kernels call, cannot be imported ({exc})"
+    try:
+        module = importlib.import_module("flatfast._C")
+    except ImportError as exc:
+        return None, (f"the C++ extension flatfast._C is not built ({exc}): a pure-Python install "
+                      "(FLATFAST_NO_NATIVE=1) or an install from source without a compiler; build it with "
+                      "`pip install -e .` and a C++17 compiler")
+    try:
+        error = module.blas_check()
+    except Exception as exc:  # a capsule that is missing or does not resolve
+        return None, f"scipy's BLAS (scipy.linalg.cython_blas) is not usable from C++ ({exc})"
+    if not error <= 1e-5:
+        return None, f"scipy's BLAS returned a wrong product through scipy.linalg.cython_blas (error {error:g})"
+    return module, None
+
+
+def cpp_build_summary() -> str:
+    """One line on how the C++ core was built and runs: threading runtime and worker count."""
+    module, reason = load_cpp()
+    if module is None:
+        return f"C++ core: not in use ({reason})"
+    return (f"C++ core: {module.threading()} workers, {module.num_threads()} threads "
+            "(FLATFAST_NUM_THREADS sets it); BLAS from scipy.linalg.cython_blas")
 
 
 def torch_cuda_available() -> bool:

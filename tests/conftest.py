@@ -23,3 +23,15 @@ def nngp_backends_here():
         marks = [pytest.mark.skip(reason=reason)] if reason else []
         params.append(pytest.param(impl.name, marks=marks, id=impl.name))
     return params
+
+
+def native_module_or_skip():
+    """flatfast._C for native-only tests. A pure-Python install, declared by FLATFAST_NO_NATIVE=1, skips them with
+    the reason; anywhere else a missing or broken module is a failure, never a silent skip."""
+    from flatfast._native import load_cpp
+
+    module, reason = load_cpp()
+    if module is None and os.environ.get("FLATFAST_NO_NATIVE") == "1":
+        pytest.skip(f"native-only test in a pure-Python install: {reason}")
+    assert module is not None, reason
+    return module

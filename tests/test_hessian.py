@@ -8,6 +8,8 @@ from torch.func import functional_call
 import flatfast
 from flatfast.hessian import HessianOperator
 
+from conftest import native_module_or_skip
+
 
 def mlp():
     torch.manual_seed(0)
@@ -69,6 +71,8 @@ CASES = [("mlp", "class", "torch"), ("mlp", "class", "generic"), ("mlp", "regres
 def test_hvp_matches_dense_hessian(kind, target, backend):
     if backend == "triton":  # the Triton kernels run here under TRITON_INTERPRET=1 (tests/conftest.py)
         pytest.importorskip("triton")
+    if backend == "cpp":
+        native_module_or_skip()
     model = mlp() if kind == "mlp" else cnn()
     batches = data(kind, target)
     H = dense_hessian(model, batches, target)
@@ -88,7 +92,9 @@ def test_fast_path_is_chosen_and_agrees_with_generic():
     V = torch.randn(4, sum(p.numel() for p in model.parameters()), dtype=torch.float64)
     generic = flatfast.hvp(model, batches, V, backend="generic")
     for backend in ("auto", "torch", "cpp", "triton"):
-        if backend == "triton" and flatfast.backends()["mlp_hvp"]["triton"].startswith("unavailable"):
+        if backend != "auto" and flatfast.backends()["mlp_hvp"][backend].startswith("unavailable"):
+            if backend == "cpp":
+                native_module_or_skip()
             continue
         fast = flatfast.hvp(model, batches, V, backend=backend)
         assert torch.allclose(fast, generic, rtol=0, atol=1e-10 * float(generic.abs().max())), backend

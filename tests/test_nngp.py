@@ -9,7 +9,7 @@ import flatfast
 from flatfast.reference.nngp import nngp_kernel_reference
 from flatfast.testing import kernel_diagonal, sample_relu_network_outputs, scaled_error
 
-from conftest import nngp_backends_here
+from conftest import native_module_or_skip, nngp_backends_here
 
 SIZES = (1, 2, 7, 64, 513)
 DIMS = (1, 3, 784, 3072)
@@ -162,11 +162,7 @@ def test_bad_input_raises_naming_the_argument(kwargs, exc, match):
 
 
 def test_native_boundary_checks_its_arguments():
-    from flatfast._native import load_cpp
-
-    module, reason = load_cpp()
-    if module is None:
-        pytest.skip(reason)
+    module = native_module_or_skip()
     with pytest.raises(ValueError, match="X: must be 2-D"):
         module.nngp_f64(np.ones(3), None, 1, 2.0, 1.0)
     with pytest.raises(ValueError, match="Z: must have as many columns"):

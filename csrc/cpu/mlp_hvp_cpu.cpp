@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "cpu/blas.h"
+#include "cpu/parallel.h"
 
 namespace flatfast {
 namespace {
@@ -17,9 +18,8 @@ template <typename T>
 void masked_matmul_cpu(const T* A, int64_t M, int64_t K, const T* B, int64_t N, bool b_transposed,
                        const uint8_t* mask, int64_t mask_rows, const T* C, T* out) {
   const int64_t tiles = (M + kTileRows - 1) / kTileRows;
-  // Each OpenMP thread runs its tile's GEMM (BLAS, limited to one thread by the caller) and the epilogue.
-#pragma omp parallel for schedule(dynamic)
-  for (int64_t t = 0; t < tiles; ++t) {
+  // Each worker runs its tile's GEMM (BLAS, limited to one thread by the caller) and the epilogue.
+  parallel_for(tiles, [&](int64_t t) {
     const int64_t r0 = t * kTileRows, rows = std::min(kTileRows, M - r0);
     T* tile = out + r0 * N;
     if (b_transposed)
@@ -35,7 +35,7 @@ void masked_matmul_cpu(const T* A, int64_t M, int64_t K, const T* B, int64_t N, 
 #pragma omp simd
       for (int64_t j = 0; j < N; ++j) row[j] = keep[j] ? (add ? row[j] + add[j] : row[j]) : T(0);
     }
-  }
+  });
 }
 
 template void masked_matmul_cpu<double>(const double*, int64_t, int64_t, const double*, int64_t, bool, const uint8_t*,

@@ -6,6 +6,7 @@
 
 #include "common/arccos_step.h"
 #include "cpu/blas.h"
+#include "cpu/parallel.h"
 
 namespace flatfast {
 namespace {
@@ -21,8 +22,7 @@ void point_variances(const T* X, int64_t n, int64_t d, int depth, double sw2, do
                      std::vector<double>& q_final) {
   sqrt_q.assign(static_cast<size_t>(depth) * n, 0.0);
   q_final.assign(n, 0.0);
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
+  parallel_for(n, [&](int64_t i) {
     double sq = 0.0;
     const T* x = X + i * d;
     for (int64_t k = 0; k < d; ++k) sq += static_cast<double>(x[k]) * static_cast<double>(x[k]);
@@ -32,7 +32,7 @@ void point_variances(const T* X, int64_t n, int64_t d, int depth, double sw2, do
       q = diagonal_step(q, sw2, sb2);
     }
     q_final[i] = q;
-  }
+  });
 }
 
 struct Recursion {
@@ -88,13 +88,11 @@ void nngp_cpu(const T* X, int64_t n, const T* Z, int64_t m, int64_t d, int depth
   for (int64_t bi = 0; bi < tiles_i; ++bi)
     for (int64_t bj = symmetric ? bi : 0; bj < tiles_j; ++bj) tiles.emplace_back(bi, bj);
 
-  // Each thread runs a tile's GEMM (BLAS, single-threaded: the caller limits BLAS to one thread) and its
+  // Each worker runs a tile's GEMM (BLAS, single-threaded: the caller limits BLAS to one thread) and its
   // epilogue back to back, so the dot products are consumed from cache and every entry is written once.
-#pragma omp parallel
-  {
-  std::vector<double> buf(kTile);
-#pragma omp for schedule(dynamic)
-  for (size_t t = 0; t < tiles.size(); ++t) {
+  parallel_for(static_cast<int64_t>(tiles.size()), [&](int64_t t) {
+    thread_local std::vector<double> buf;
+    buf.resize(kTile);
     const int64_t i0 = tiles[t].first * kTile, j0 = tiles[t].second * kTile;
     const int64_t rows = std::min(kTile, n - i0), cols = std::min(kTile, m - j0);
     T* tile = out + i0 * m + j0;
@@ -109,18 +107,17 @@ void nngp_cpu(const T* X, int64_t n, const T* Z, int64_t m, int64_t d, int depth
         epilogue_row(row, i, j0, j0 + cols, rec, buf.data());
       }
     }
-  }
-  }
+  });
 
   if (symmetric) {
     // Mirror the upper triangle in cache-sized blocks (a plain transpose loop strides through memory).
     const int64_t nb = (n + kMirrorBlock - 1) / kMirrorBlock;
-#pragma omp parallel for schedule(dynamic)
-    for (int64_t bi = 0; bi < nb; ++bi)
+    parallel_for(nb, [&](int64_t bi) {
       for (int64_t bj = 0; bj <= bi; ++bj)
         for (int64_t i = bi * kMirrorBlock; i < std::min(n, (bi + 1) * kMirrorBlock); ++i)
           for (int64_t j = bj * kMirrorBlock; j < std::min(i, (bj + 1) * kMirrorBlock); ++j)
             out[i * n + j] = out[j * n + i];
+    });
   }
 }
 

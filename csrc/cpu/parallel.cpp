@@ -1,0 +1,36 @@
+#include "cpu/parallel.h"
+
+#include <cstdlib>
+#include <thread>
+
+namespace flatfast {
+
+const char* threading_backend() {
+#if defined(_OPENMP)
+  return "openmp";
+#else
+  return "std::thread";
+#endif
+}
+
+namespace {
+
+int positive_env(const char* name) {
+  const char* value = std::getenv(name);
+  return value != nullptr && std::atoi(value) > 0 ? std::atoi(value) : 0;
+}
+
+}  // namespace
+
+int max_threads() {
+  if (const int requested = positive_env("FLATFAST_NUM_THREADS")) return requested;
+#if defined(_OPENMP)
+  return omp_get_max_threads();
+#else
+  if (const int requested = positive_env("OMP_NUM_THREADS")) return requested;
+  const unsigned hw = std::thread::hardware_concurrency();
+  return hw > 0 ? static_cast<int>(hw) : 1;
+#endif
+}
+
+}  // namespace flatfast

@@ -1,0 +1,49 @@
+#pragma once
+// Work sharing for the CPU kernels. With OpenMP (the default build) this is an OpenMP loop; a compiler
+// without OpenMP (Apple clang, for one) gets the same dynamic schedule on std::thread workers, so flatfast
+// builds everywhere and still uses every core. The kernels call parallel_for and never name either.
+#include <algorithm>
+#include <cstdint>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#else
+#include <atomic>
+#include <thread>
+#include <vector>
+#endif
+
+namespace flatfast {
+
+// "openmp" or "std::thread": what this build runs its tile loops on.
+const char* threading_backend();
+// Worker threads a parallel_for uses: FLATFAST_NUM_THREADS if set (either build), else OpenMP's own count
+// (OMP_NUM_THREADS), else -- without OpenMP -- OMP_NUM_THREADS or the hardware's thread count.
+int max_threads();
+
+// body(i) for every i in [0, count), items handed out one at a time to whichever worker is free (tiles differ
+// in cost: the diagonal tiles of a symmetric kernel do half the work). body must not throw.
+template <typename Body>
+void parallel_for(int64_t count, const Body& body) {
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(dynamic) num_threads(max_threads())
+  for (int64_t i = 0; i < count; ++i) body(i);
+#else
+  const int64_t workers = std::min<int64_t>(max_threads(), count);
+  std::atomic<int64_t> next{0};
+  auto work = [&]() {
+    for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) body(i);
+  };
+  if (workers <= 1) {
+    work();
+    return;
+  }
+  std::vector<std::thread> pool;
+  pool.reserve(static_cast<size_t>(workers - 1));
+  for (int64_t w = 1; w < workers; ++w) pool.emplace_back(work);
+  work();
+  for (auto& t : pool) t.join();
+#endif
+}
+
+}  // namespace flatfast
