@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 import flatfast
+from flatfast._native import load_cpp
 from flatfast.reference.nngp import nngp_kernel_reference
 
 D = 784
@@ -34,6 +35,9 @@ def test_cpp(benchmark, inputs):
     benchmark.group = f"nngp n={inputs.shape[0]}"
     benchmark.name = _name(inputs, "cpp")
     benchmark.extra_info["baseline"] = [_name(inputs, "gemm-floor"), _name(inputs, "reference")]
+    module = load_cpp()[0]
+    if module is not None:  # which build ran: OpenMP or std::thread workers (FLATFAST_OPENMP=OFF), and threads
+        benchmark.extra_info["threading"] = f"{module.threading()} x {module.num_threads()}"
     K = benchmark(flatfast.nngp_kernel, inputs, depth=2, backend="cpp")
     assert np.allclose(K[:50, :50], nngp_kernel_reference(inputs[:50], None, 2), rtol=1e-12)
 

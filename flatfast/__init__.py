@@ -7,6 +7,7 @@ Importing flatfast never needs torch, Triton, CUDA or the compiled extension; :f
 can run here and why not.
 """
 from flatfast._dispatch import backends
+from flatfast.bounds import pac_bayes_bound
 from flatfast.errors import BackendFallbackWarning, BackendUnavailableError, ConvergenceWarning, NotPSDError
 from flatfast.hessian import hessian_eigenvalues, hessian_operator, hessian_spectrum, hessian_trace, hvp
 from flatfast.measures import FlatnessReport, flatness_report, frobenius_norm, function_of, rescale, sharpness
@@ -45,6 +46,7 @@ __all__ = [
     "hvp",
     "log_prior",
     "nngp_kernel",
+    "pac_bayes_bound",
     "rescale",
     "sharpness",
 ]

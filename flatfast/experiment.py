@@ -1,13 +1,19 @@
-"""The paper's experiment (Mingard et al., arXiv 2103.06219) as one command: ``flatfast reproduce``.
+"""The experiment of Zhang, Reid, Valle Pérez & Louis (arXiv 2103.06219) as one command: ``flatfast reproduce``.
 
-A fully connected ReLU network (2 hidden layers of 40, weights N(0, 2/fan_in), biases N(0, 1): the NNGP prior
-with sigma_w2 = 2, sigma_b2 = 1) is trained on a binarised image set S (label 1 iff digit >= 5) plus an attack
-set A of images with deliberately wrong labels, with one logit and sigmoid cross-entropy, until the first epoch
-with 100 % accuracy on S u A. The larger A, the worse it generalises. For each trained network we record the
-test error on E, log P(f) for f = (true labels on S, the network's predictions on E) by EP under both
-likelihoods, and the local flatness of the training loss (trace, top eigenvalue, epsilon-sharpness); each SGD
-network is also alpha-rescaled (Dinh et al.) and measured again. Rows are appended to results.csv as each run
-finishes, so a killed run loses nothing and ``--resume`` continues where it stopped.
+Their protocol (shared design note paper-protocol.md), by default: a fully connected ReLU network d-40-40-1
+(weights N(0, 2/fan_in), biases N(0, 1): the NNGP prior with sigma_w2 = 2, sigma_b2 = 1), one logit with sigmoid
+cross-entropy, is trained on a binarised image set S (label 1 iff digit >= 5) together with an attack set A of
+other images whose labels are flipped, until the first epoch with 100 % accuracy on S (A need not be fitted).
+The larger A, the worse it generalises. For each network that gets there we record the test error on E,
+log P(f) for f = (true labels on S, the network's predictions on E) by EP under both likelihoods (probit, GPy's
+link, is what the published plots use), and the flatness of the mean training loss on S alone: Hessian trace,
+top eigenvalue, Frobenius norm and Keskar's epsilon-sharpness (SGD ascent, their procedure). Each SGD network is
+also alpha-scaled (W1, b1 / 5.9; W2 * 5.9) and measured again: same function, same log P(f), much sharper.
+The PAC-Bayes bound of Valle-Pérez et al. from log P(U) of S's labels stands beside the measured error.
+
+Rows are appended to results.csv as each network finishes, so a killed run loses nothing and ``--resume``
+continues it (with the same settings only). ``--shard i/N`` runs every N-th configuration of the grid and
+``--merge`` combines shard directories. ``--experiment temporal`` is the paper's Fig. 5 (flatfast.temporal).
 """
 from __future__ import annotations
 
@@ -21,16 +27,26 @@ import os
 import struct
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
 import numpy as np
 
-FIELDS = ["data", "optimizer", "attack_size", "seed", "rescaled", "alpha", "epochs", "reached_zero_error",
-          "train_accuracy", "test_error", "log_p_heaviside", "log_p_probit", "ep_sweeps", "trace", "trace_stderr",
-          "top_eigenvalue", "top_eigenvalue_residual", "sharpness", "seconds"]
+OPTIMIZERS = ("sgd", "adam", "entropy-sgd")
+FIELDS = ["data", "optimizer", "attack_size", "seed", "rescaled", "alpha", "weight_factors", "bias_factors",
+          "epochs", "reached_100_on_S", "accuracy_S", "accuracy_A", "test_error",
+          "log_p_heaviside", "log_p_probit", "ep_converged_heaviside", "ep_converged_probit", "ep_sweeps",
+          "log_p_S_heaviside", "pac_bayes_bound",
+          "trace", "trace_stderr", "trace_hit_budget", "top_eigenvalue", "top_eigenvalue_residual",
+          "frobenius", "frobenius_stderr", "sharpness", "sharpness_sgd_ascent", "sharpness_sign_ascent",
+          "warnings", "seconds"]
+_TEXT_FIELDS = {"data", "optimizer", "weight_factors", "bias_factors", "warnings"}
+_BOOL_FIELDS = {"rescaled", "reached_100_on_S", "ep_converged_heaviside", "ep_converged_probit", "trace_hit_budget"}
 MEASURES = [("log_p", "log P(f) (nats)"), ("trace", "Hessian trace"), ("top_eigenvalue", "top Hessian eigenvalue"),
-            ("sharpness", "epsilon-sharpness")]
+            ("frobenius", "Hessian Frobenius norm"), ("sharpness", "epsilon-sharpness")]
+# Settings that may differ between a run and its --resume, or between the shards that --merge combines.
+_NOT_COMPARED = {"out": "resume and merge", "shard_index": "merge"}
 
 
 @dataclasses.dataclass
@@ -41,23 +57,72 @@ class Config:
     n_test: Optional[int] = None
     attack_sizes: List[int] = dataclasses.field(default_factory=lambda: list(range(0, 501, 50)))
     seeds: int = 5
-    optimizers: List[str] = dataclasses.field(default_factory=lambda: ["sgd", "adam", "entropy-sgd"])
+    optimizers: List[str] = dataclasses.field(default_factory=lambda: list(OPTIMIZERS))
     width: int = 40
     lr: float = 0.01
     batch_size: int = 32
     max_epochs: int = 3000
-    likelihood: str = "heaviside"
+    likelihood: str = "probit"
     alpha: float = 5.9
-    rescale_layer: int = 0
+    divided_layer: int = 0
     sharpness_eps: float = 1e-4
+    sharpness_method: str = "sgd-ascent"
+    sharpness_epochs: int = 100
+    sharpness_lr: float = 1e-3
     trace_rtol: float = 0.02
+    pac_bayes_delta: float = 2.0 ** -10
+    shard_index: int = 0
+    shard_count: int = 1
     out: str = "flatfast-results"
 
     @classmethod
     def quick(cls, **overrides):
-        base = dict(attack_sizes=[0, 150, 300, 500], seeds=2, max_epochs=2000)
+        base = dict(attack_sizes=[0, 150, 300, 500], seeds=2, max_epochs=2000, sharpness_epochs=20)
         base.update(overrides)
         return cls(**base)
+
+    def validate(self):
+        """Every setting checked before anything is trained or written; ValueError names the option."""
+        def need(ok, option, message):
+            if not ok:
+                raise ValueError(f"{option}: {message}")
+
+        need(self.data in ("digits", "mnist"), "--data", f"expected digits or mnist, got {self.data!r}")
+        need(self.n_train >= 1, "--n-train", f"must be >= 1, got {self.n_train}")
+        need(self.n_test is None or self.n_test >= 1, "--n-test", f"must be >= 1, got {self.n_test}")
+        need(len(self.attack_sizes) >= 1, "--attack-sizes", "needs at least one size")
+        need(all(a >= 0 for a in self.attack_sizes), "--attack-sizes", f"must be >= 0, got {self.attack_sizes}")
+        need(len(set(self.attack_sizes)) == len(self.attack_sizes), "--attack-sizes", "has duplicates")
+        need(self.seeds >= 1, "--seeds", f"must be >= 1, got {self.seeds}")
+        need(self.max_epochs >= 1, "--max-epochs", f"must be >= 1, got {self.max_epochs}")
+        need(self.lr > 0, "--lr", f"must be > 0, got {self.lr}")
+        need(len(self.optimizers) >= 1, "--optimizers", "needs at least one optimizer")
+        for name in self.optimizers:
+            need(name in OPTIMIZERS, "--optimizers", f"unknown optimizer {name!r} ({', '.join(OPTIMIZERS)})")
+        need(self.likelihood in ("heaviside", "probit"), "--likelihood", "must be heaviside or probit")
+        need(self.sharpness_method in ("sgd-ascent", "sign-ascent"), "--sharpness",
+             "must be sgd-ascent or sign-ascent")
+        need(self.sharpness_epochs >= 1, "--sharpness-epochs", f"must be >= 1, got {self.sharpness_epochs}")
+        need(self.alpha > 0, "--alpha", f"must be > 0, got {self.alpha}")
+        need(self.shard_count >= 1 and 0 <= self.shard_index < self.shard_count, "--shard",
+             f"must be i/N with 0 <= i < N, got {self.shard_index}/{self.shard_count}")
+
+    def grid(self):
+        """Every (optimizer, attack size, seed) of the run, in a fixed order; a shard takes every N-th."""
+        everything = [(o, a, s) for o in self.optimizers for a in self.attack_sizes for s in range(self.seeds)]
+        return everything[self.shard_index:: self.shard_count]
+
+
+def recorded_warnings(caught) -> List[str]:
+    """The messages of warnings that bear on the results (convergence, numerics, fallbacks), once each; library
+    deprecation notices say nothing about a measurement and are left to Python's own display."""
+    skip = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
+    return list(dict.fromkeys(str(w.message) for w in caught if not issubclass(w.category, skip)))
+
+
+def config_differences(stored: dict, current: dict, ignore) -> List[str]:
+    return [f"{key}: {stored.get(key)!r} there, {current.get(key)!r} here"
+            for key in sorted(set(stored) | set(current)) if key not in ignore and stored.get(key) != current.get(key)]
 
 
 # --- data ------------------------------------------------------------------------------------------------
@@ -74,8 +139,12 @@ def load_data(config):
         X, y = X[order], y[order]
         pool = config.n_train + max(config.attack_sizes)
         if pool >= len(y):
-            raise ValueError(f"n_train + max attack size = {pool} leaves no test images of the {len(y)} digits")
+            raise ValueError(f"--n-train + largest --attack-sizes = {pool} leaves no test images of the {len(y)} "
+                             "digits")
         n_test = len(y) - pool if config.n_test is None else config.n_test
+        if pool + n_test > len(y):
+            raise ValueError(f"--n-test: {n_test} test images asked, but the {len(y)} digits leave {len(y) - pool} "
+                             f"after |S| + max |A| = {pool}")
         return X[:pool], y[:pool], X[pool: pool + n_test], y[pool: pool + n_test]
     if config.data == "mnist":
         if not config.data_dir:
@@ -85,6 +154,9 @@ def load_data(config):
         order = np.random.default_rng(0).permutation(len(ytr))
         pool = config.n_train + max(config.attack_sizes)
         n_test = 1000 if config.n_test is None else config.n_test
+        if pool > len(ytr) or n_test > len(yte):
+            raise ValueError(f"--n-train/--attack-sizes/--n-test: {pool} training and {n_test} test images asked, "
+                             f"the files hold {len(ytr)} and {len(yte)}")
         idx = order[:pool]
         return Xtr[idx], (ytr[idx] >= 5).astype(np.int64), Xte[:n_test], (yte[:n_test] >= 5).astype(np.int64)
     raise ValueError(f"data: expected 'digits' or 'mnist', got {config.data!r}")
@@ -131,60 +203,109 @@ def make_network(d, width, seed):
     return model
 
 
-def train(model, X, y, optimizer_name, config, seed):
-    """Train until the first epoch after which every training point is classified correctly (or max_epochs)."""
+def make_optimizer(model, optimizer_name, config, seed):
     import torch
 
     from flatfast.optim import EntropySGD
 
-    Xt, yt = torch.from_numpy(X), torch.from_numpy(y.astype(np.float64))[:, None]
-    loss_fn = torch.nn.BCEWithLogitsLoss()
     if optimizer_name == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=config.lr)
-    elif optimizer_name == "adam":
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    elif optimizer_name == "entropy-sgd":
-        # Outer step 1/gamma, i.e. x <- mu (the Langevin average) after each inner loop. With the optimizer's
-        # default outer step of 1, Entropy-SGD did not reach zero training error within 2000 epochs on the digits
-        # with an attack set; with 1/gamma it does in 130-250 epochs.
+        return torch.optim.SGD(model.parameters(), lr=config.lr)
+    if optimizer_name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.999))
+    if optimizer_name == "entropy-sgd":
+        # The authors do not publish their Entropy-SGD settings. Outer step 1/gamma, i.e. x <- mu (the Langevin
+        # average) after each inner loop: with an outer step of 1 it did not reach 100 % training accuracy within
+        # 2000 epochs on the digits with an attack set.
         gamma = 0.03
-        opt = EntropySGD(model.parameters(), lr=1.0 / gamma, inner_steps=20, inner_lr=0.1, gamma=gamma, noise=1e-4,
-                         seed=seed)
-    else:
-        raise ValueError(f"optimizers: unknown optimizer {optimizer_name!r} (sgd, adam, entropy-sgd)")
+        return EntropySGD(model.parameters(), lr=1.0 / gamma, inner_steps=20, inner_lr=0.1, gamma=gamma, noise=1e-4,
+                          seed=seed)
+    raise ValueError(f"--optimizers: unknown optimizer {optimizer_name!r} ({', '.join(OPTIMIZERS)})")
+
+
+def train_epoch(model, opt, optimizer_name, Xt, yt, batch_size, gen):
+    """One pass of minibatches (Entropy-SGD: as many outer steps as take about one pass of minibatches)."""
+    import torch
+
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    order = torch.randperm(len(yt), generator=gen)
+    batches = [order[i: i + batch_size] for i in range(0, len(yt), batch_size)]
+    if optimizer_name == "entropy-sgd":
+        stream = itertools.cycle(batches)
+
+        def closure():
+            idx = next(stream)
+            opt.zero_grad()
+            loss = loss_fn(model(Xt[idx]), yt[idx])
+            loss.backward()
+            return loss
+
+        for _ in range(max(1, math.ceil(len(batches) / opt.param_groups[0]["inner_steps"]))):
+            opt.step(closure)
+        return
+    for idx in batches:
+        opt.zero_grad()
+        loss_fn(model(Xt[idx]), yt[idx]).backward()
+        opt.step()
+
+
+def accuracy(model, X, y):
+    """Fraction of X the one-logit model classifies as y (prediction: logit >= 0); NaN for an empty set."""
+    import torch
+
+    if len(y) == 0:
+        return float("nan")
+    with torch.no_grad():
+        pred = (model(torch.from_numpy(X)) >= 0).reshape(-1).numpy()
+    return float(np.mean(pred == (y == 1)))
+
+
+def train(model, S, A, optimizer_name, config, seed):
+    """Train on S u A until the first epoch after which every point of S is classified correctly (the authors'
+    rule: A need not be fitted), or max_epochs. Returns (epochs, reached, accuracy on S, accuracy on A)."""
+    import torch
+
+    X = np.concatenate([S[0], A[0]])
+    y = np.concatenate([S[1], A[1]])
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(y.astype(np.float64))[:, None]
+    opt = make_optimizer(model, optimizer_name, config, seed)
     gen = torch.Generator().manual_seed(seed)
-    n = len(y)
     for epoch in range(1, config.max_epochs + 1):
-        order = torch.randperm(n, generator=gen)
-        batches = [order[i: i + config.batch_size] for i in range(0, n, config.batch_size)]
-        if optimizer_name == "entropy-sgd":
-            # One outer step consumes inner_steps minibatches; an epoch is as many outer steps as it takes to
-            # draw about one pass of minibatches.
-            stream = itertools.cycle(batches)
-
-            def closure():
-                idx = next(stream)
-                opt.zero_grad()
-                loss = loss_fn(model(Xt[idx]), yt[idx])
-                loss.backward()
-                return loss
-
-            for _ in range(max(1, math.ceil(len(batches) / opt.param_groups[0]["inner_steps"]))):
-                opt.step(closure)
-        else:
-            for idx in batches:
-                opt.zero_grad()
-                loss_fn(model(Xt[idx]), yt[idx]).backward()
-                opt.step()
-        with torch.no_grad():
-            accuracy = float(((model(Xt) >= 0).double() == yt).double().mean())
-        if accuracy == 1.0:
-            return epoch, True, accuracy
-    return config.max_epochs, False, accuracy
+        train_epoch(model, opt, optimizer_name, Xt, yt, config.batch_size, gen)
+        accuracy_S = accuracy(model, *S)
+        if accuracy_S == 1.0:
+            return epoch, True, accuracy_S, accuracy(model, *A)
+    return config.max_epochs, False, accuracy_S, accuracy(model, *A)
 
 
-def measure(model, X_train, y_train, X_test, y_test, X_prior, K, n_labelled, config, seed):
-    """Test error, log P(f) under both likelihoods, and the local flatness of the training loss."""
+def flatness_on(model, S, config, seed):
+    """Trace, top eigenvalue, Frobenius norm and both sharpness ascents of the mean BCE loss on S alone.
+
+    ``config`` supplies batch_size, trace_rtol and the sharpness_* settings (a Config or a TemporalConfig)."""
+    import torch
+
+    import flatfast
+
+    Xs, ys = torch.from_numpy(S[0]), torch.from_numpy(S[1].astype(np.float64))[:, None]
+    whole = [(Xs, ys)]
+    bce = torch.nn.BCEWithLogitsLoss()
+    trace = flatfast.hessian_trace(model, whole, bce, rtol=config.trace_rtol, seed=seed, progress=False)
+    eig = flatfast.hessian_eigenvalues(model, whole, k=1, loss_fn=bce, tol=1e-4, seed=seed)
+    frob = flatfast.frobenius_norm(model, whole, bce, rtol=0.05, seed=seed)
+    minibatches = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(Xs, ys), batch_size=config.batch_size,
+                                              shuffle=True, generator=torch.Generator().manual_seed(seed))
+    sgd = flatfast.sharpness(model, minibatches, eps=config.sharpness_eps, loss_fn=bce, method="sgd-ascent",
+                             epochs=config.sharpness_epochs, lr=config.sharpness_lr)
+    sign = flatfast.sharpness(model, whole, eps=config.sharpness_eps, loss_fn=bce, method="sign-ascent", seed=seed)
+    return dict(trace=trace.value, trace_stderr=trace.stderr,
+                trace_hit_budget=bool(trace.stderr > config.trace_rtol * abs(trace.value)),
+                top_eigenvalue=float(eig.values[0]), top_eigenvalue_residual=float(eig.residuals[0]),
+                frobenius=frob.value, frobenius_stderr=frob.stderr, sharpness_sgd_ascent=sgd,
+                sharpness_sign_ascent=sign)
+
+
+def measure(model, S, X_test, y_test, K, config, seed):
+    """Test error, log P(f) under both likelihoods (f = true labels on S, the network's predictions on E), and
+    the flatness of the training loss on S."""
     import torch
 
     import flatfast
@@ -192,18 +313,25 @@ def measure(model, X_train, y_train, X_test, y_test, X_prior, K, n_labelled, con
     row = {}
     test_pred = flatfast.function_of(model, torch.from_numpy(X_test))
     row["test_error"] = float(np.mean(test_pred != (2 * y_test - 1)))
-    f = np.concatenate([2 * y_train[:n_labelled] - 1, test_pred])
+    f = np.concatenate([2 * S[1] - 1, test_pred])
     heaviside = flatfast.ep_log_evidence(K, f, likelihood="heaviside", check_psd=False, return_info=True)
-    probit = flatfast.ep_log_evidence(K, f, likelihood="probit", check_psd=False)
-    row.update(log_p_heaviside=heaviside.log_z, log_p_probit=probit, ep_sweeps=heaviside.sweeps)
-    data = [(torch.from_numpy(X_train), torch.from_numpy(y_train.astype(np.float64))[:, None])]
-    bce = torch.nn.BCEWithLogitsLoss()
-    trace = flatfast.hessian_trace(model, data, bce, rtol=config.trace_rtol, seed=seed, progress=False)
-    eig = flatfast.hessian_eigenvalues(model, data, k=1, loss_fn=bce, tol=1e-4, seed=seed)
-    row.update(trace=trace.value, trace_stderr=trace.stderr, top_eigenvalue=float(eig.values[0]),
-               top_eigenvalue_residual=float(eig.residuals[0]),
-               sharpness=flatfast.sharpness(model, data, eps=config.sharpness_eps, loss_fn=bce, seed=seed))
+    probit = flatfast.ep_log_evidence(K, f, likelihood="probit", check_psd=False, return_info=True)
+    row.update(log_p_heaviside=heaviside.log_z, log_p_probit=probit.log_z, ep_sweeps=heaviside.sweeps,
+               ep_converged_heaviside=heaviside.converged, ep_converged_probit=probit.converged)
+    row.update(flatness_on(model, S, config, seed))
+    chosen = "sharpness_sgd_ascent" if config.sharpness_method == "sgd-ascent" else "sharpness_sign_ascent"
+    row["sharpness"] = row[chosen]
     return row
+
+
+def layer_factors(n_linear, divided_layer, alpha):
+    """Per Linear layer, the factor the alpha-scale applied to its weight and to its bias, as ';'-joined text."""
+    weights, biases = [1.0] * n_linear, [1.0] * n_linear
+    if alpha != 1.0:
+        weights[divided_layer] = biases[divided_layer] = 1.0 / alpha
+        weights[divided_layer + 1] = alpha
+    text = lambda values: ";".join(f"{v:.6g}" for v in values)  # noqa: E731
+    return text(weights), text(biases)
 
 
 # --- the experiment ----------------------------------------------------------------------------------------
@@ -212,34 +340,58 @@ def _key(row):
     return (row["optimizer"], int(row["attack_size"]), int(row["seed"]), str(row["rescaled"]) in ("True", "1"))
 
 
+def prepare_output(config, table, resume):
+    """Refuse to append to a table made with other settings; write config.json."""
+    out = Path(config.out)
+    current = dataclasses.asdict(config)
+    stored_path = out / "config.json"
+    if resume and stored_path.exists():
+        with open(stored_path) as fh:
+            stored = json.load(fh)
+        diffs = config_differences(stored, current, {k for k, v in _NOT_COMPARED.items() if "resume" in v})
+        if diffs:
+            raise ValueError("--resume: the run in " + str(out) + " was made with other settings, so its rows cannot "
+                             "be continued here (" + "; ".join(diffs) + "); use those settings or another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    with open(stored_path, "w") as fh:
+        json.dump(current, fh, indent=2)
+
+
 def run(config: Config, *, resume=False, log=print):
-    """Run every (optimizer, attack size, seed), appending rows to <out>/results.csv; then plots and
-    correlations. Returns the path of the results table."""
-    import warnings
+    """Run every (optimizer, attack size, seed) of the grid (or of this shard), appending rows to
+    <out>/results.csv; then correlations and plots. Returns the path of the results table."""
+    import torch
 
     import flatfast
 
-    out = Path(config.out)
-    table = out / "results.csv"
+    config.validate()
+    table = Path(config.out) / "results.csv"
     if table.exists() and not resume:
-        raise FileExistsError(f"out: {table} exists; pass --resume to continue it or choose another --out")
-    # Load the data first, so that a bad --data/--data-dir leaves no half-made output directory behind.
+        raise FileExistsError(f"--out: {table} exists; pass --resume to continue it or choose another --out")
+    # Load the data before creating anything, so that a bad --data/--data-dir leaves no output behind.
     X_pool, y_pool, X_test, y_test = load_data(config)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_output(config, table, resume)
     done = set()
     if resume and table.exists():
         with open(table, newline="") as fh:
             done = {_key(r) for r in csv.DictReader(fh)}
-    with open(out / "config.json", "w") as fh:
-        json.dump(dataclasses.asdict(config), fh, indent=2)
 
-    S_X, S_y = X_pool[: config.n_train], y_pool[: config.n_train]
+    S = (X_pool[: config.n_train], y_pool[: config.n_train])
     A_X, A_y = X_pool[config.n_train:], 1 - y_pool[config.n_train:]  # deliberately wrong labels
-    X_prior = np.concatenate([S_X, X_test])
-    log(f"flatfast reproduce: {config.data}, |S| = {len(S_y)}, |E| = {len(y_test)}, attack sizes "
-        f"{config.attack_sizes}, {config.seeds} seed(s), optimizers {config.optimizers}; log P(f) over "
-        f"n = {len(X_prior)} points, reported likelihood: {config.likelihood}")
+    X_prior = np.concatenate([S[0], X_test])
+    grid = config.grid()
+    log(f"flatfast reproduce: {config.data}, |S| = {len(S[1])}, |E| = {len(y_test)}, attack sizes "
+        f"{config.attack_sizes}, {config.seeds} seed(s), optimizers {config.optimizers}"
+        + (f", shard {config.shard_index}/{config.shard_count} ({len(grid)} runs)" if config.shard_count > 1 else "")
+        + f"; log P(f) over n = {len(X_prior)} points, reported likelihood: {config.likelihood}; sharpness by "
+        f"{config.sharpness_method}" + (f" ({config.sharpness_epochs} epochs; the authors use 100)"
+                                        if config.sharpness_method == "sgd-ascent" else ""))
     K = flatfast.nngp_kernel(X_prior, depth=2, sigma_w2=2.0, sigma_b2=1.0)
+    n_S = len(S[1])
+    log_p_S = flatfast.ep_log_evidence(K[:n_S, :n_S], 2 * S[1] - 1, likelihood="heaviside", check_psd=False)
+    bound = flatfast.pac_bayes_bound(log_p_S, n_S, delta=config.pac_bayes_delta)
+    log(f"PAC-Bayes bound from log P(U) = {log_p_S:.2f} nats on S (Heaviside): expected error <= {bound:.3f} "
+        f"(delta = {config.pac_bayes_delta:g})")
 
     new_file = not table.exists()
     with open(table, "a", newline="") as fh:
@@ -247,41 +399,46 @@ def run(config: Config, *, resume=False, log=print):
         if new_file:
             writer.writeheader()
             fh.flush()
-        for optimizer_name in config.optimizers:
-            for attack in config.attack_sizes:
-                for seed in range(config.seeds):
-                    keys = [(optimizer_name, attack, seed, False)]
-                    if optimizer_name == "sgd":
-                        keys.append((optimizer_name, attack, seed, True))
-                    if all(k in done for k in keys):
-                        continue
-                    t0 = time.perf_counter()
-                    X_train = np.concatenate([S_X, A_X[:attack]])
-                    y_train = np.concatenate([S_y, A_y[:attack]])
-                    run_seed = 1000 * seed + attack
-                    model = make_network(X_train.shape[1], config.width, run_seed)
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore", flatfast.ConvergenceWarning)
-                        epochs, reached, accuracy = train(model, X_train, y_train, optimizer_name, config, run_seed)
-                        variants = [(False, model)]
-                        if optimizer_name == "sgd":
-                            variants.append((True, flatfast.rescale(model, config.alpha, layer=config.rescale_layer)))
-                        for rescaled, net in variants:
-                            if (optimizer_name, attack, seed, rescaled) in done:
-                                continue
-                            row = dict(data=config.data, optimizer=optimizer_name, attack_size=attack, seed=seed,
-                                       rescaled=rescaled, alpha=config.alpha if rescaled else 1.0, epochs=epochs,
-                                       reached_zero_error=reached, train_accuracy=accuracy)
-                            row.update(measure(net, X_train, y_train, X_test, y_test, X_prior, K, len(S_y), config,
-                                               run_seed))
-                            row["seconds"] = round(time.perf_counter() - t0, 2)
-                            writer.writerow(row)
-                            fh.flush()
-                            os.fsync(fh.fileno())
-                            log(f"  {optimizer_name:<11} |A| = {attack:<4} seed {seed}{' rescaled' if rescaled else ''}:"
-                                f" {epochs} epochs, test error {row['test_error']:.3f}, log P(f) "
-                                f"{row['log_p_' + config.likelihood]:.2f}, trace {row['trace']:.3g}, "
-                                f"top eig {row['top_eigenvalue']:.3g}, sharpness {row['sharpness']:.3g}")
+        for optimizer_name, attack, seed in grid:
+            wanted = [False, True] if optimizer_name == "sgd" else [False]
+            if all((optimizer_name, attack, seed, r) in done for r in wanted):
+                continue
+            t0 = time.perf_counter()
+            A = (A_X[:attack], A_y[:attack])
+            run_seed = 1000 * seed + attack
+            model = make_network(S[0].shape[1], config.width, run_seed)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                epochs, reached, accuracy_S, accuracy_A = train(model, S, A, optimizer_name, config, run_seed)
+            training_warnings = recorded_warnings(caught)
+            n_linear = sum(isinstance(m, torch.nn.Linear) for m in model)
+            for rescaled in wanted:
+                if (optimizer_name, attack, seed, rescaled) in done:
+                    continue
+                net = flatfast.rescale(model, config.alpha, divided_layer=config.divided_layer) if rescaled else model
+                weight_factors, bias_factors = layer_factors(n_linear, config.divided_layer,
+                                                             config.alpha if rescaled else 1.0)
+                row = dict(data=config.data, optimizer=optimizer_name, attack_size=attack, seed=seed,
+                           rescaled=rescaled, alpha=config.alpha if rescaled else 1.0, weight_factors=weight_factors,
+                           bias_factors=bias_factors, epochs=epochs, reached_100_on_S=reached,
+                           accuracy_S=accuracy_S, accuracy_A=accuracy_A, log_p_S_heaviside=log_p_S,
+                           pac_bayes_bound=bound)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    row.update(measure(net, S, X_test, y_test, K, config, run_seed))
+                messages = list(dict.fromkeys(training_warnings + recorded_warnings(caught)))
+                row["warnings"] = " | ".join(messages)
+                row["seconds"] = round(time.perf_counter() - t0, 2)
+                writer.writerow(row)
+                fh.flush()
+                os.fsync(fh.fileno())
+                log(f"  {optimizer_name:<11} |A| = {attack:<4} seed {seed}{' rescaled' if rescaled else ''}:"
+                    f" {epochs} epochs{'' if reached else ' (never 100 % on S: left out of the statistics)'}, "
+                    f"test error {row['test_error']:.3f}, log P(f) {row['log_p_' + config.likelihood]:.2f}, "
+                    f"trace {row['trace']:.3g}, top eig {row['top_eigenvalue']:.3g}, "
+                    f"sharpness {row['sharpness']:.3g}")
+                for message in messages:
+                    log(f"    warning: {message}")
     summarise(table, config, log=log)
     return table
 
@@ -291,42 +448,104 @@ def read_table(table):
         rows = list(csv.DictReader(fh))
     for r in rows:
         for k in FIELDS:
-            if k in ("data", "optimizer"):
+            if k in _TEXT_FIELDS:
                 continue
-            if k in ("rescaled", "reached_zero_error"):
+            if k in _BOOL_FIELDS:
                 r[k] = r[k] in ("True", "1")
             else:
-                r[k] = float(r[k])
+                r[k] = float(r[k]) if r[k] != "" else float("nan")
     return rows
 
 
-def correlations(rows, likelihood="heaviside", n_boot=1000, seed=0):
-    """Kendall tau and Pearson r between test error and each measure over the un-rescaled networks, with
-    bootstrap 95% intervals (resampling networks)."""
-    from scipy.stats import kendalltau, pearsonr
+def merge(directories, out, *, log=print):
+    """Combine the results of shards (``--shard i/N`` runs) into ``out``: their configs must agree in everything
+    but --out and the shard index; the rows of all shards are written to one table, then summarised."""
+    configs, tables = [], []
+    for directory in directories:
+        directory = Path(directory)
+        if not (directory / "config.json").exists() or not (directory / "results.csv").exists():
+            raise FileNotFoundError(f"--merge: {directory} has no config.json and results.csv of a reproduce run")
+        with open(directory / "config.json") as fh:
+            configs.append(json.load(fh))
+        tables.append(directory / "results.csv")
+    ignore = set(_NOT_COMPARED)
+    for directory, other in zip(directories[1:], configs[1:]):
+        diffs = config_differences(configs[0], other, ignore)
+        if diffs:
+            raise ValueError(f"--merge: {directory} was run with other settings than {directories[0]} "
+                             f"({'; '.join(diffs)})")
+    indices = [c.get("shard_index", 0) for c in configs]
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"--merge: the same shard appears twice (shard indices {indices})")
+    count = configs[0].get("shard_count", 1)
+    missing = sorted(set(range(count)) - set(indices))
+    rows, seen = [], set()
+    for table in tables:
+        with open(table, newline="") as fh:
+            for row in csv.DictReader(fh):
+                key = _key(row)
+                if key in seen:
+                    raise ValueError(f"--merge: row {key} appears in more than one shard")
+                seen.add(key)
+                rows.append(row)
+    merged = Config(**{**configs[0], "out": str(out), "shard_index": 0, "shard_count": 1})
+    target = Path(out) / "results.csv"
+    if target.exists():
+        raise FileExistsError(f"--out: {target} exists; choose another --out for the merged table")
+    Path(out).mkdir(parents=True, exist_ok=True)
+    with open(Path(out) / "config.json", "w") as fh:
+        json.dump(dataclasses.asdict(merged), fh, indent=2)
+    with open(target, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    log(f"merged {len(rows)} rows from {len(tables)} shard(s) of {count}"
+        + (f"; shards {missing} are MISSING, so the statistics cover part of the grid" if missing else ""))
+    summarise(target, merged, log=log)
+    return target
 
-    base = [r for r in rows if not r["rescaled"]]
-    err = np.array([r["test_error"] for r in base])
-    rng = np.random.default_rng(seed)
+
+def _kept(rows):
+    """The networks the statistics use: trained to 100 % on S, not rescaled."""
+    return [r for r in rows if r["reached_100_on_S"] and not r["rescaled"]]
+
+
+def _measure_values(rows, name, likelihood):
+    key = f"log_p_{likelihood}" if name == "log_p" else name
+    values = np.array([r[key] for r in rows], dtype=float)
+    if name != "log_p":  # the flatness measures are compared on log10 scale, as the paper plots them
+        with np.errstate(divide="ignore", invalid="ignore"):
+            values = np.where(values > 0, np.log10(np.where(values > 0, values, 1.0)), np.nan)
+    return values
+
+
+def correlations(rows, likelihood="probit", n_resamples=1000, seed=0):
+    """Kendall tau and Pearson r between test error and each measure (log10 of the flatness measures) over the
+    networks that reached 100 % on S (rescaled copies excluded), with paired BCa bootstrap 95 % intervals
+    (scipy.stats.bootstrap, resampling networks)."""
+    from scipy.stats import bootstrap, kendalltau, pearsonr
+
+    kept = _kept(rows)
     result = {}
     for name, _ in MEASURES:
-        key = f"log_p_{likelihood}" if name == "log_p" else name
-        values = np.array([r[key] for r in base])
-        if len(base) < 3 or np.ptp(err) == 0 or np.ptp(values) == 0:
-            result[name] = dict(kendall_tau=float("nan"), pearson_r=float("nan"), n=len(base))
-            continue
-        tau, r = kendalltau(err, values)[0], pearsonr(err, values)[0]
-        boot_tau, boot_r = [], []
-        for _ in range(n_boot):
-            idx = rng.integers(0, len(base), len(base))
-            if np.ptp(err[idx]) == 0 or np.ptp(values[idx]) == 0:
-                continue
-            boot_tau.append(kendalltau(err[idx], values[idx])[0])
-            boot_r.append(pearsonr(err[idx], values[idx])[0])
-        result[name] = dict(kendall_tau=float(tau), kendall_tau_ci=[float(np.nanpercentile(boot_tau, 2.5)),
-                                                                     float(np.nanpercentile(boot_tau, 97.5))],
-                            pearson_r=float(r), pearson_r_ci=[float(np.nanpercentile(boot_r, 2.5)),
-                                                              float(np.nanpercentile(boot_r, 97.5))], n=len(base))
+        err = np.array([r["test_error"] for r in kept])
+        values = _measure_values(kept, name, likelihood)
+        ok = np.isfinite(values)
+        err, values = err[ok], values[ok]
+        entry = dict(kendall_tau=float("nan"), pearson_r=float("nan"), n=int(len(err)))
+        if len(err) >= 3 and np.ptp(err) > 0 and np.ptp(values) > 0:
+            for label, stat in (("kendall_tau", lambda a, b: kendalltau(a, b)[0]),
+                                ("pearson_r", lambda a, b: pearsonr(a, b)[0])):
+                entry[label] = float(stat(err, values))
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # degenerate resamples give NaN statistics; BCa copes
+                    try:
+                        ci = bootstrap((err, values), stat, paired=True, vectorized=False, method="BCa",
+                                       n_resamples=n_resamples, random_state=seed).confidence_interval
+                        entry[label + "_ci"] = [float(ci.low), float(ci.high)]
+                    except Exception:  # too few distinct networks for BCa's jackknife
+                        entry[label + "_ci"] = [float("nan"), float("nan")]
+        result[name] = entry
     return result
 
 
@@ -334,30 +553,45 @@ def summarise(table, config, log=print):
     """Correlations (printed and saved to correlations.json), the rescaling check, and the PNG plots."""
     rows = read_table(table)
     out = Path(table).parent
+    failed = [r for r in rows if not r["reached_100_on_S"] and not r["rescaled"]]
     corr = correlations(rows, config.likelihood)
     with open(out / "correlations.json", "w") as fh:
-        json.dump({"likelihood": config.likelihood, "correlations_with_test_error": corr}, fh, indent=2)
-    log(f"correlation with test error over {corr['log_p']['n']} networks (log P(f): {config.likelihood} likelihood; "
-        "95% bootstrap intervals):")
+        json.dump({"likelihood": config.likelihood, "flatness_scale": "log10",
+                   "networks_left_out_never_100_on_S": len(failed),
+                   "correlations_with_test_error": corr}, fh, indent=2)
+    log(f"correlation with test error over {corr['log_p']['n']} networks that reached 100 % on S"
+        f"{f' ({len(failed)} that did not are left out)' if failed else ''}; log P(f) with the {config.likelihood} "
+        "likelihood, flatness as log10; 95 % paired BCa bootstrap intervals:")
     for name, label in MEASURES:
         c = corr[name]
         if "kendall_tau_ci" in c:
             log(f"  {label:<24} Kendall tau {c['kendall_tau']:+.3f} [{c['kendall_tau_ci'][0]:+.2f}, "
                 f"{c['kendall_tau_ci'][1]:+.2f}]   Pearson r {c['pearson_r']:+.3f} [{c['pearson_r_ci'][0]:+.2f}, "
                 f"{c['pearson_r_ci'][1]:+.2f}]")
+        else:
+            log(f"  {label:<24} not enough networks with distinct values (n = {c['n']})")
     pairs = {}
     for r in rows:
         if r["optimizer"] == "sgd":
             pairs.setdefault((r["attack_size"], r["seed"]), {})[r["rescaled"]] = r
     checks = [(p[False], p[True]) for p in pairs.values() if True in p and False in p]
     if checks:
-        dlogp = max(abs(a[f"log_p_{config.likelihood}"] - b[f"log_p_{config.likelihood}"]) for a, b in checks)
+        lp = f"log_p_{config.likelihood}"
+        dlogp = max(abs(a[lp] - b[lp]) for a, b in checks)
         derr = max(abs(a["test_error"] - b["test_error"]) for a, b in checks)
-        ratios = [b["trace"] / a["trace"] for a, b in checks]
-        eig_ratios = [b["top_eigenvalue"] / a["top_eigenvalue"] for a, b in checks]
-        log(f"alpha = {config.alpha} rescaling of {len(checks)} SGD networks: max |d test error| = {derr:.2g}, "
-            f"max |d log P(f)| = {dlogp:.2g}; trace x{min(ratios):.3g} .. x{max(ratios):.3g}, top eigenvalue "
-            f"x{min(eig_ratios):.3g} .. x{max(eig_ratios):.3g}")
+        growth = {name: [b[name] / a[name] for a, b in checks if a[name] > 0]
+                  for name in ("trace", "top_eigenvalue", "sharpness")}
+        log(f"alpha-scale (W1, b1 / {config.alpha}; W2 * {config.alpha}) of {len(checks)} SGD networks, each "
+            f"measured again from scratch: max |d test error| = {derr:.2g}, max |d log P(f)| = {dlogp:.2g} (log P(f) "
+            "recomputed from the rescaled network's own predictions: the equality is checked, not assumed); "
+            + ", ".join(f"{name} x{min(v):.3g} .. x{max(v):.3g}" for name, v in growth.items() if v))
+    bounds = sorted({r["pac_bayes_bound"] for r in rows})
+    kept = _kept(rows)
+    if kept and bounds:
+        worst = max(r["test_error"] for r in kept)
+        log(f"PAC-Bayes bound (delta = {config.pac_bayes_delta:g}) from log P(U) on S: {bounds[0]:.3f}; measured test "
+            f"errors {min(r['test_error'] for r in kept):.3f} .. {worst:.3f} (the bound is for a learner trained on S "
+            "alone, the same for every network fitted to S)")
     plot(rows, out, config.likelihood)
     log(f"results: {table}; plots and correlations.json in {out}")
 
@@ -370,52 +604,92 @@ def plot(rows, out, likelihood):
     import matplotlib.pyplot as plt
 
     colours = {"sgd": "tab:blue", "adam": "tab:orange", "entropy-sgd": "tab:green"}
-    fig_all, axes = plt.subplots(2, 2, figsize=(11, 9))
+    shown = [r for r in rows if r["reached_100_on_S"]]
+    left_out = len(rows) - len(shown)
+    note = f" ({left_out} run(s) that never reached 100 % on S not shown)" if left_out else ""
+    fig_all, axes = plt.subplots(2, 3, figsize=(15, 9))
     for ax_all, (name, label) in zip(axes.flat, MEASURES):
         fig, ax = plt.subplots(figsize=(5.5, 4.5))
         for target in (ax, ax_all):
-            for opt in sorted({r["optimizer"] for r in rows}):
+            for opt in sorted({r["optimizer"] for r in shown}):
                 for rescaled in (False, True):
-                    pts = [r for r in rows if r["optimizer"] == opt and r["rescaled"] == rescaled]
+                    pts = [r for r in shown if r["optimizer"] == opt and r["rescaled"] == rescaled]
                     if not pts:
                         continue
                     key = f"log_p_{likelihood}" if name == "log_p" else name
                     target.scatter([r[key] for r in pts], [r["test_error"] for r in pts],
                                    c=colours.get(opt, "tab:gray"), marker="x" if rescaled else "o",
                                    s=45 if rescaled else 25, alpha=0.85,
-                                   label=f"{opt}{' (alpha-rescaled)' if rescaled else ''}")
+                                   label=f"{opt}{' (alpha-scaled)' if rescaled else ''}")
             if name != "log_p":
                 target.set_xscale("log")
                 target.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-            target.set_xlabel(label + (f" [{likelihood}]" if name == "log_p" else ""))
+            target.set_xlabel(label + (f" [{likelihood} likelihood]" if name == "log_p" else " (loss on S)"))
             target.set_ylabel("test error")
             target.grid(alpha=0.3)
         ax.legend(fontsize=8)
+        ax.set_title(f"log P(f): {likelihood} likelihood{note}", fontsize=8)
         fig.tight_layout()
         fig.savefig(out / f"test_error_vs_{name}.png", dpi=110)
         plt.close(fig)
+    _plot_bound(axes.flat[len(MEASURES)], shown, colours)
     axes.flat[0].legend(fontsize=8)
-    fig_all.suptitle("Which measure predicts generalization? (each point: one trained network)")
+    fig_all.suptitle(f"Which measure predicts generalization? (each point: one trained network; log P(f) with the "
+                     f"{likelihood} likelihood){note}")
     fig_all.tight_layout()
     fig_all.savefig(out / "summary.png", dpi=110)
     plt.close(fig_all)
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    _plot_bound(ax, shown, colours)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "pac_bayes_bound.png", dpi=110)
+    plt.close(fig)
+
+
+def _plot_bound(ax, rows, colours):
+    for opt in sorted({r["optimizer"] for r in rows}):
+        pts = [r for r in rows if r["optimizer"] == opt and not r["rescaled"]]
+        ax.scatter([r["test_error"] for r in pts], [r["pac_bayes_bound"] for r in pts], c=colours.get(opt, "tab:gray"),
+                   s=25, alpha=0.85, label=opt)
+    ax.plot([0, 1], [0, 1], color="k", lw=0.8, ls="--", label="bound = measured")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("measured test error")
+    ax.set_ylabel("PAC-Bayes bound (log P(U) on S, Heaviside)")
+    ax.grid(alpha=0.3)
+
+
+def _parse_shard(text):
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard: expected i/N (e.g. 0/4), got {text!r}") from None
+    return index, count
 
 
 def main(args) -> int:
-    overrides = {}
-    for field in ("data", "data_dir", "n_train", "n_test", "attack_sizes", "seeds", "optimizers", "max_epochs",
-                  "likelihood", "out"):
-        value = getattr(args, field, None)
-        if value is not None:
-            overrides[field] = value
-    config = Config.quick(**overrides) if args.quick else Config(**overrides)
-    for name in config.optimizers:
-        if name not in ("sgd", "adam", "entropy-sgd"):
-            raise SystemExit(f"flatfast reproduce: --optimizers: unknown optimizer {name!r} (sgd, adam, entropy-sgd)")
-    if config.likelihood not in ("heaviside", "probit"):
-        raise SystemExit("flatfast reproduce: --likelihood must be heaviside or probit")
-    t0 = time.perf_counter()
     try:
+        if getattr(args, "merge", None):
+            t0 = time.perf_counter()
+            merge(args.merge, args.out or "flatfast-results", log=lambda s: print(s, flush=True))
+            print(f"done in {time.perf_counter() - t0:.0f} s")
+            return 0
+        if getattr(args, "experiment", "main") == "temporal":
+            from flatfast.temporal import main as temporal_main
+
+            return temporal_main(args)
+        overrides = {}
+        for field in ("data", "data_dir", "n_train", "n_test", "attack_sizes", "seeds", "optimizers", "max_epochs",
+                      "lr", "likelihood", "out", "sharpness_method", "sharpness_epochs"):
+            value = getattr(args, field, None)
+            if value is not None:
+                overrides[field] = value
+        if getattr(args, "shard", None):
+            overrides["shard_index"], overrides["shard_count"] = _parse_shard(args.shard)
+        config = Config.quick(**overrides) if args.quick else Config(**overrides)
+        config.validate()
+        t0 = time.perf_counter()
         run(config, resume=args.resume, log=lambda s: print(s, flush=True))
     except (FileExistsError, FileNotFoundError, ValueError) as exc:
         print(f"flatfast reproduce: {exc}", file=sys.stderr)

@@ -12,8 +12,8 @@ from flatfast.estimators import TraceResult, hutchinson
 from flatfast.hessian import HessianOperator, _eval_mode, hessian_eigenvalues, hessian_spectrum, hessian_trace
 
 
-def _dataset_loss(model, loader, loss_fn, op):
-    """L(theta) = (1/N) sum_i l(f(x_i), y_i), with its gradient accumulated in .grad when grads are enabled."""
+def _dataset_loss(model, op):
+    """L(theta) = (1/N) sum_i l(f(x_i), y_i) over op's data, differentiable when grads are enabled."""
     total, count = 0.0, 0
     for x, y in op.batches():
         loss = op.loss_and_targets(model(x), y) * x.shape[0]
@@ -22,57 +22,103 @@ def _dataset_loss(model, loader, loss_fn, op):
     return total / count
 
 
-def sharpness(model, loader, eps=1e-4, loss_fn=None, *, steps=20, seed=0):
+SHARPNESS_METHODS = ("sgd-ascent", "sign-ascent")
+
+
+def sharpness(model, loader, eps=1e-4, loss_fn=None, *, method="sgd-ascent", epochs=100, lr=1e-3, steps=20, seed=0):
     r"""Keskar et al.'s epsilon-sharpness of the dataset-mean loss L (see :func:`flatfast.hvp` for the convention):
 
     .. math::
         100 \cdot \frac{\max_{z \in C_\epsilon} L(\theta + z) - L(\theta)}{1 + L(\theta)},\qquad
-        C_\epsilon = \{ z : |z_j| \le \epsilon (|\theta_j| + 1) \},
+        C_\epsilon = \{ z : |z_j| \le \epsilon (|\theta_j| + 1) \}.
 
-    maximised by clipped (projected) sign-gradient ascent from a seeded random point of the box, ``steps`` full
-    passes over the data. The model is evaluated in eval mode and left unchanged.
+    The maximum is found by one of two ascents, both keeping the largest full-data loss seen:
+
+    * ``method="sgd-ascent"`` (default; Keskar et al.'s and Zhang et al.'s procedure): plain SGD on -L over the
+      loader's minibatches, step ``lr``, starting at z = 0, projected back into the box after **every** step, with
+      the full-data loss evaluated after every step; ``epochs`` passes over the loader. Give it the loader you
+      want the ascent to see (Zhang et al.: batches of 32, shuffled; 100 epochs, lr 1e-3). Costs ``epochs`` x
+      (batches + batches^2) forward passes.
+    * ``method="sign-ascent"``: ``steps`` full-batch projected sign-gradient steps from a seeded random point of
+      the box (step 2 eps (|theta| + 1) / steps). Much cheaper; a lower bound on the same maximum like the other.
+
+    The model is evaluated in eval mode; its parameters, modes and ``.grad`` are left as they were.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    loader : iterable of (inputs, targets) batches
+    eps : float
+        Relative box size (Zhang et al.: 1e-4 for FCNs, 1e-5 for ResNets).
+    loss_fn : callable(outputs, targets) -> batch-mean loss, optional
+        Default: cross-entropy for integer targets, MSE for float targets.
+    method : {"sgd-ascent", "sign-ascent"}
+    epochs, lr : the SGD ascent's passes and step size.
+    steps : the sign ascent's number of steps.
+    seed : int
+        Seeds the sign ascent's random start (the SGD ascent is deterministic given the loader's order).
 
     Examples
     --------
     >>> import torch, flatfast
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
     >>> data = [(torch.randn(64, 4), torch.randint(0, 3, (64,)))]
-    >>> flatfast.sharpness(model, data, eps=1e-3) >= 0
+    >>> flatfast.sharpness(model, data, eps=1e-3, epochs=5) >= 0
+    True
+    >>> flatfast.sharpness(model, data, eps=1e-3, method="sign-ascent") >= 0
     True
     """
     import torch
 
     eps = check_float(eps, "eps", positive=True)
+    if method not in SHARPNESS_METHODS:
+        raise ValueError(f"method: expected one of {SHARPNESS_METHODS}, got {method!r}")
     steps = check_int(steps, "steps", minimum=1)
+    epochs = check_int(epochs, "epochs", minimum=1)
+    lr = check_float(lr, "lr", positive=True)
     op = HessianOperator(model, loader, loss_fn)
     params = [p for _, p in op.params]
     original = [p.detach().clone() for p in params]
     box = [eps * (w.abs() + 1.0) for w in original]
-    gen = torch.Generator().manual_seed(int(seed))
-    z = [((torch.rand(w.shape, generator=gen, dtype=w.dtype) * 2 - 1).to(w.device)) * b for w, b in zip(original, box)]
-    step = [2.0 * b / steps for b in box]
+
+    def move_to(z):
+        with torch.no_grad():
+            for p, w, dz in zip(params, original, z):
+                p.copy_(w + dz)
+
+    def full_loss():
+        with torch.no_grad():
+            return float(_dataset_loss(model, op))
+
+    def ascend(loss, z, step_of):
+        grads = torch.autograd.grad(loss, params)  # leaves .grad alone
+        with torch.no_grad():
+            return [torch.maximum(torch.minimum(dz + step_of(g, b), b), -b) for dz, g, b in zip(z, grads, box)]
+
     try:
         with _eval_mode(model):
-            with torch.no_grad():
-                base = float(_dataset_loss(model, loader, loss_fn, op))
-            best = base
-            for _ in range(steps + 1):
-                with torch.no_grad():
-                    for p, w, dz in zip(params, original, z):
-                        p.copy_(w + dz)
-                for p in params:
-                    p.grad = None
-                with torch.enable_grad():
-                    loss = _dataset_loss(model, loader, loss_fn, op)
-                    grads = torch.autograd.grad(loss, params)
-                best = max(best, float(loss.detach()))
-                with torch.no_grad():
-                    z = [torch.maximum(torch.minimum(dz + s * torch.sign(g), b), -b)
-                         for dz, s, g, b in zip(z, step, grads, box)]
+            base = best = full_loss()
+            if method == "sgd-ascent":
+                z = [torch.zeros_like(w) for w in original]
+                for _ in range(epochs):
+                    for x, y in op.batches():
+                        with torch.enable_grad():
+                            loss = op.loss_and_targets(model(x), y)
+                        z = ascend(loss, z, lambda g, b: lr * g)
+                        move_to(z)
+                        best = max(best, full_loss())
+            else:
+                gen = torch.Generator().manual_seed(int(seed))
+                z = [((torch.rand(w.shape, generator=gen, dtype=w.dtype) * 2 - 1).to(w.device)) * b
+                     for w, b in zip(original, box)]
+                for _ in range(steps + 1):
+                    move_to(z)
+                    with torch.enable_grad():
+                        loss = _dataset_loss(model, op)
+                    best = max(best, float(loss.detach()))
+                    z = ascend(loss, z, lambda g, b: 2.0 * b / steps * torch.sign(g))
     finally:
-        with torch.no_grad():
-            for p, w in zip(params, original):
-                p.copy_(w)
+        move_to([torch.zeros_like(w) for w in original])
     return 100.0 * (best - base) / (1.0 + base)
 
 
@@ -154,41 +200,66 @@ def flatness_report(model, loader, loss_fn=None, *, eps=1e-4, rtol=0.02, seed=0,
     return FlatnessReport(trace, float(eig.values[0]), float(eig.residuals[0]), frob, sharp, log_volume, log_volume_se)
 
 
-def rescale(model, alpha, layer=0):
-    r"""Dinh et al.'s alpha-scale transformation of a ReLU network, on a copy of ``model``.
+def rescale(model, alpha, *, divided_layer=0, layer=None):
+    r"""Dinh et al.'s alpha-scale transformation of a ReLU network, on a copy of ``model``, in Zhang et al.'s
+    direction: the Linear layer ``divided_layer`` (counting only the nn.Linear modules of an nn.Sequential) is
+    **divided** by alpha and the next Linear layer's weight **multiplied** by alpha:
 
-    Linear layer ``layer`` (counting only the nn.Linear modules of an nn.Sequential) has its weight and bias
-    multiplied by :math:`\alpha > 0` and the next Linear layer its weight by :math:`1/\alpha`. ReLU is positively
-    homogeneous, so the network computes the same function (and so has the same log P(f)), while every local
-    flatness measure of the loss changes.
+    .. math::
+        W_k \leftarrow W_k / \alpha,\quad b_k \leftarrow b_k / \alpha,\quad W_{k+1} \leftarrow \alpha W_{k+1}
+        \qquad (b_{k+1} \text{ and every other layer unchanged}).
+
+    ReLU is positively homogeneous, so the network computes the same function (and has the same log P(f)). The
+    Hessian block of layer k grows by :math:`\alpha^2` and that of layer k+1's weight shrinks by
+    :math:`\alpha^2`; with the paper's alpha = 5.9 on the first (largest) layer the network gets much sharper.
+    For the opposite direction pass ``1 / alpha``.
+
+    Parameters
+    ----------
+    model : torch.nn.Sequential of Linear layers separated by ReLU (Dropout and Identity are allowed between)
+    alpha : float > 0
+    divided_layer : int
+        Index k among the Linear layers; layer k + 1 must exist.
+
+    Returns
+    -------
+    A rescaled deep copy; ``model`` itself is untouched.
 
     Examples
     --------
     >>> import torch, flatfast
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    >>> scaled = flatfast.rescale(model, 5.9)
+    >>> bool(torch.allclose(scaled[0].weight * 5.9, model[0].weight)), bool(torch.allclose(scaled[2].weight, 5.9 * model[2].weight))
+    (True, True)
     >>> x = torch.randn(5, 4)
-    >>> bool(torch.allclose(flatfast.rescale(model, 5.9)(x), model(x), atol=1e-5))
+    >>> bool(torch.allclose(scaled(x), model(x), atol=1e-5))
     True
     """
     import torch
 
+    if layer is not None:
+        raise TypeError("layer: rescale's `layer` is now `divided_layer`, and that layer is divided by alpha (the "
+                        "next multiplied), as Zhang et al. did; for the old direction pass 1 / alpha")
     alpha = check_float(alpha, "alpha", positive=True)
-    layer = check_int(layer, "layer", minimum=0)
+    divided_layer = check_int(divided_layer, "divided_layer", minimum=0)
     if not isinstance(model, torch.nn.Sequential):
         raise TypeError("model: rescale needs an nn.Sequential of Linear layers separated by ReLU")
     positions = [i for i, m in enumerate(model) if isinstance(m, torch.nn.Linear)]
-    if layer + 1 >= len(positions):
-        raise ValueError(f"layer: must index a Linear layer that has a next one (0..{len(positions) - 2}), got {layer}")
-    first, second = positions[layer], positions[layer + 1]
+    if divided_layer + 1 >= len(positions):
+        raise ValueError(f"divided_layer: must index a Linear layer that has a next one (0..{len(positions) - 2}), "
+                         f"got {divided_layer}")
+    first, second = positions[divided_layer], positions[divided_layer + 1]
     between = list(model)[first + 1: second]
     if not between or not all(isinstance(m, (torch.nn.ReLU, torch.nn.Identity, torch.nn.Dropout)) for m in between):
-        raise ValueError(f"layer: Linear {layer} and the next one must be separated by ReLU only, found {between}")
+        raise ValueError(f"divided_layer: Linear {divided_layer} and the next one must be separated by ReLU only, "
+                         f"found {between}")
     scaled = copy.deepcopy(model)
     with torch.no_grad():
-        scaled[first].weight.mul_(alpha)
+        scaled[first].weight.div_(alpha)
         if scaled[first].bias is not None:
-            scaled[first].bias.mul_(alpha)
-        scaled[second].weight.div_(alpha)
+            scaled[first].bias.div_(alpha)
+        scaled[second].weight.mul_(alpha)
     return scaled
 
 

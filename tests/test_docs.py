@@ -6,7 +6,7 @@ import pytest
 
 import flatfast
 
-MODULES = ["flatfast.nngp", "flatfast.prior", "flatfast.hessian", "flatfast.measures", "flatfast.optim"]
+MODULES = ["flatfast.nngp", "flatfast.prior", "flatfast.hessian", "flatfast.measures", "flatfast.optim", "flatfast.bounds"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -1,22 +1,29 @@
-"""The experiment command: the table is written row by row, and a killed run resumes to the same table."""
+"""`flatfast reproduce`: the authors' protocol (rescale direction, stopping on S, measures on S), the table written
+row by row, resume only with the same settings, shards merging to the unsharded table, and the temporal run."""
 import csv
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
+import torch
 
-from flatfast.experiment import Config, read_table, run
+import flatfast
+from flatfast.experiment import Config, correlations, measure, merge, read_table, run, train
 
 TINY = ["--n-train", "60", "--n-test", "150", "--attack-sizes", "0", "20", "--seeds", "1", "--optimizers", "sgd",
-        "adam", "--max-epochs", "300"]
+        "adam", "--max-epochs", "300", "--lr", "0.05", "--sharpness-epochs", "3"]
 
 
-def _tiny_config(out):
-    return Config(n_train=60, n_test=150, attack_sizes=[0, 20], seeds=1, optimizers=["sgd", "adam"],
-                  max_epochs=300, out=str(out))
+def _tiny_config(out, **overrides):
+    settings = dict(n_train=60, n_test=150, attack_sizes=[0, 20], seeds=1, optimizers=["sgd", "adam"],
+                    max_epochs=300, lr=0.05, sharpness_epochs=3, out=str(out))  # |S| = 60: 2 SGD steps an epoch
+    settings.update(overrides)
+    return Config(**settings)
 
 
 def _rows_without_timing(table):
@@ -25,9 +32,13 @@ def _rows_without_timing(table):
     return sorted(rows, key=lambda r: (r["optimizer"], r["attack_size"], r["seed"], r["rescaled"]))
 
 
-def test_killed_run_resumes_to_the_uninterrupted_table(tmp_path):
-    reference = run(_tiny_config(tmp_path / "whole"), log=lambda s: None)
+@pytest.fixture(scope="module")
+def reference_table(tmp_path_factory):
+    """One uninterrupted, unsharded tiny run that several tests compare against."""
+    return run(_tiny_config(tmp_path_factory.mktemp("whole")), log=lambda s: None)
 
+
+def test_killed_run_resumes_to_the_uninterrupted_table(tmp_path, reference_table):
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "flatfast", "reproduce", *TINY, "--out", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -44,21 +55,31 @@ def test_killed_run_resumes_to_the_uninterrupted_table(tmp_path):
     proc.wait()
     assert killed_mid_run, "the run finished before it could be killed"
     partial = _rows_without_timing(table)
-    assert 2 <= len(partial) < len(_rows_without_timing(reference))
+    assert 2 <= len(partial) < len(_rows_without_timing(reference_table))
 
     with pytest.raises(FileExistsError, match="--resume"):
         run(_tiny_config(out), log=lambda s: None)
     run(_tiny_config(out), resume=True, log=lambda s: None)
-    assert _rows_without_timing(table) == _rows_without_timing(reference)
-    for name in ("summary.png", "test_error_vs_log_p.png", "test_error_vs_trace.png",
-                 "test_error_vs_top_eigenvalue.png", "test_error_vs_sharpness.png", "correlations.json",
-                 "config.json"):
+    assert _rows_without_timing(table) == _rows_without_timing(reference_table)
+    for name in ("summary.png", "test_error_vs_log_p.png", "test_error_vs_trace.png", "test_error_vs_frobenius.png",
+                 "test_error_vs_top_eigenvalue.png", "test_error_vs_sharpness.png", "pac_bayes_bound.png",
+                 "correlations.json", "config.json"):
         assert (out / name).stat().st_size > 0
 
 
-def test_table_contents(tmp_path):
-    table = run(_tiny_config(tmp_path), log=lambda s: None)
-    rows = read_table(table)
+def test_resume_with_other_settings_is_refused(tmp_path, reference_table):
+    out = reference_table.parent
+    before = reference_table.read_bytes()
+    for change in (dict(seeds=2), dict(likelihood="heaviside"), dict(sharpness_epochs=4)):
+        with pytest.raises(ValueError, match="--resume: .* other settings.*" + next(iter(change))):
+            run(_tiny_config(out, **change), resume=True, log=lambda s: None)
+    assert reference_table.read_bytes() == before
+    run(_tiny_config(out), resume=True, log=lambda s: None)  # the same settings (and any --out) continue
+    assert _rows_without_timing(reference_table) == _rows_without_timing(reference_table)
+
+
+def test_rescaled_rows_keep_the_function_and_get_sharper(reference_table):
+    rows = read_table(reference_table)
     assert len(rows) == 6  # sgd x 2 sizes (+ 2 rescaled), adam x 2 sizes
     pairs = {}
     for r in rows:
@@ -67,55 +88,168 @@ def test_table_contents(tmp_path):
     for pair in pairs.values():
         plain, scaled = pair[False], pair[True]
         assert scaled["alpha"] == 5.9 and plain["alpha"] == 1.0
+        assert scaled["weight_factors"] == f"{1 / 5.9:.6g};5.9;1" and scaled["bias_factors"] == f"{1 / 5.9:.6g};1;1"
+        assert plain["weight_factors"] == "1;1;1"
         assert scaled["test_error"] == plain["test_error"]
-        assert abs(scaled["log_p_heaviside"] - plain["log_p_heaviside"]) <= 1e-8 * abs(plain["log_p_heaviside"])
-        assert abs(scaled["trace"] / plain["trace"] - 1) > 0.5
-    assert all(r["log_p_probit"] < 0 and r["log_p_heaviside"] < 0 for r in rows)
+        for likelihood in ("heaviside", "probit"):
+            key = f"log_p_{likelihood}"
+            assert abs(scaled[key] - plain[key]) <= 1e-8 * abs(plain[key])
+        # W1 (the large first layer) divided by alpha: its Hessian block grows by alpha^2 = 34.8
+        assert scaled["trace"] > 10 * plain["trace"]
+        assert scaled["top_eigenvalue"] > 10 * plain["top_eigenvalue"]
+        assert scaled["sharpness_sgd_ascent"] > plain["sharpness_sgd_ascent"]
+    for r in rows:
+        assert r["reached_100_on_S"] and r["accuracy_S"] == 1.0
+        assert r["ep_converged_heaviside"] and r["ep_converged_probit"]
+        assert r["log_p_probit"] < 0 and r["log_p_heaviside"] < 0
+        assert 0 < r["pac_bayes_bound"] < 1 and r["pac_bayes_bound"] == rows[0]["pac_bayes_bound"]
+        assert r["sharpness"] == r["sharpness_sgd_ascent"]  # the authors' ascent is the default
 
 
-def test_bad_arguments_say_which(tmp_path):
-    target = tmp_path / "out"
-    out = subprocess.run([sys.executable, "-m", "flatfast", "reproduce", "--optimizers", "rmsprop", "--out",
-                          str(target)], capture_output=True, text=True)
-    assert out.returncode != 0 and "--optimizers: unknown optimizer 'rmsprop'" in out.stderr
-    out = subprocess.run([sys.executable, "-m", "flatfast", "reproduce", "--data", "mnist", "--out", str(target)],
-                         capture_output=True, text=True)
-    assert out.returncode == 2 and "data_dir" in out.stderr
-    assert not target.exists()  # a failed start leaves nothing behind
+def test_training_stops_when_S_is_fitted_even_if_A_is_not():
+    """A holds S's own first ten images with flipped labels: S u A cannot be fitted, S can. The old rule (stop at
+    100 % on S u A) would run to max_epochs; the authors' rule stops as soon as S is right."""
+    from flatfast.experiment import load_data, make_network
+
+    config = _tiny_config("unused", max_epochs=400)
+    X_pool, y_pool, _, _ = load_data(config)
+    S = (X_pool[:60], y_pool[:60])
+    A = (X_pool[:10], 1 - y_pool[:10])
+    model = make_network(64, 40, seed=3)
+    epochs, reached, accuracy_S, accuracy_A = train(model, S, A, "sgd", config, seed=3)
+    assert reached and accuracy_S == 1.0 and epochs < config.max_epochs
+    assert accuracy_A == 0.0  # the same images, so every flipped label is wrong
 
 
-def _write_idx(path, array, compress):
-    import gzip
-    import struct
+def test_flatness_is_of_the_loss_on_S_alone(reference_table):
+    from flatfast.experiment import load_data, make_network
 
-    import numpy as np
-
-    array = np.asarray(array, dtype=np.uint8)
-    payload = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)
-    payload += array.tobytes()
-    opener = gzip.open if compress else open
-    with opener(str(path) + (".gz" if compress else ""), "wb") as fh:
-        fh.write(payload)
-
-
-@pytest.mark.parametrize("compress", [False, True])
-def test_mnist_idx_files_are_read(tmp_path, compress):
-    import numpy as np
-
-    from flatfast.experiment import load_data
-
-    rng = np.random.default_rng(0)
-    train_images = rng.integers(0, 256, (30, 28, 28))
-    train_labels = rng.integers(0, 10, 30)
-    _write_idx(tmp_path / "train-images-idx3-ubyte", train_images, compress)
-    _write_idx(tmp_path / "train-labels-idx1-ubyte", train_labels, compress)
-    _write_idx(tmp_path / "t10k-images-idx3-ubyte", train_images[:12], compress)
-    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", train_labels[:12], compress)
-    config = Config(data="mnist", data_dir=str(tmp_path), n_train=10, attack_sizes=[0, 5], n_test=12)
+    config = _tiny_config("unused")
     X_pool, y_pool, X_test, y_test = load_data(config)
-    assert X_pool.shape == (15, 784) and X_test.shape == (12, 784)
-    assert X_pool.min() >= 0 and X_pool.max() <= 1
-    np.testing.assert_array_equal(y_test, (train_labels[:12] >= 5).astype(int))
-    np.testing.assert_allclose(X_test[0], train_images[0].reshape(-1) / 255.0)
-    with pytest.raises(FileNotFoundError, match="data_dir: no"):
-        load_data(Config(data="mnist", data_dir=str(tmp_path / "missing"), attack_sizes=[0]))
+    S, A = (X_pool[:60], y_pool[:60]), (X_pool[60:80], 1 - y_pool[60:80])
+    model = make_network(64, 40, seed=1)
+    train(model, S, A, "sgd", config, seed=1)
+    K = flatfast.nngp_kernel(np.concatenate([S[0], X_test]))
+    row = measure(model, S, X_test, y_test, K, config, seed=1)
+    bce = torch.nn.BCEWithLogitsLoss()
+    on_S = [(torch.from_numpy(S[0]), torch.from_numpy(S[1].astype(np.float64))[:, None])]
+    XA, yA = np.concatenate([S[0], A[0]]), np.concatenate([S[1], A[1]])
+    on_SA = [(torch.from_numpy(XA), torch.from_numpy(yA.astype(np.float64))[:, None])]
+    trace_S = flatfast.hessian_trace(model, on_S, bce, rtol=config.trace_rtol, seed=1, progress=False).value
+    trace_SA = flatfast.hessian_trace(model, on_SA, bce, rtol=config.trace_rtol, seed=1, progress=False).value
+    assert row["trace"] == trace_S and abs(trace_SA - trace_S) > 0.1 * trace_S
+    assert row["top_eigenvalue"] == pytest.approx(
+        flatfast.hessian_eigenvalues(model, on_S, loss_fn=bce, tol=1e-4, seed=1).values[0], rel=1e-12)
+    assert row["sharpness_sign_ascent"] == flatfast.sharpness(model, on_S, eps=config.sharpness_eps, loss_fn=bce,
+                                                              method="sign-ascent", seed=1)
+
+
+def test_shards_merge_to_the_unsharded_table(tmp_path, reference_table):
+    shards = [run(_tiny_config(tmp_path / f"shard{i}", shard_index=i, shard_count=2), log=lambda s: None).parent
+              for i in range(2)]
+    parts = [_rows_without_timing(s / "results.csv") for s in shards]
+    assert all(parts) and len(parts[0]) + len(parts[1]) == 6
+    merged = merge(shards, tmp_path / "merged", log=lambda s: None)
+    assert _rows_without_timing(merged) == _rows_without_timing(reference_table)
+    assert json.loads((tmp_path / "merged" / "correlations.json").read_text())["likelihood"] == "probit"
+    with pytest.raises(ValueError, match="same shard appears twice"):
+        merge([shards[0], shards[0]], tmp_path / "twice", log=lambda s: None)
+    with pytest.raises(ValueError, match="other settings"):
+        merge([shards[0], reference_table.parent], tmp_path / "mixed", log=lambda s: None)
+
+
+def test_runs_that_never_fit_S_are_left_out_of_the_statistics():
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(12):
+        err = 0.05 * i
+        rows.append(dict(optimizer="sgd", rescaled=False, reached_100_on_S=True, test_error=err,
+                         log_p_probit=-100 - 50 * err - 10 * rng.random(), log_p_heaviside=-90 - 50 * err,
+                         trace=10 + rng.random(),
+                         top_eigenvalue=1 + rng.random(), frobenius=2 + rng.random(), sharpness=1 + rng.random()))
+    clean = correlations(rows)
+    assert clean["log_p"]["kendall_tau"] < -0.7 and clean["log_p"]["n"] == 12
+    for stat in ("kendall_tau", "pearson_r"):
+        lo, hi = clean["log_p"][stat + "_ci"]
+        assert lo <= clean["log_p"][stat] <= hi
+    spoiled = rows + [dict(rows[0], reached_100_on_S=False, test_error=0.9, log_p_probit=-10.0),
+                      dict(rows[1], rescaled=True, test_error=0.95, log_p_probit=-5.0)]
+    assert json.dumps(correlations(spoiled), sort_keys=True) == json.dumps(clean, sort_keys=True)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--max-epochs", "0"], "--max-epochs: must be >= 1"),
+    (["--attack-sizes", "0", "-5"], "--attack-sizes: must be >= 0"),
+    (["--n-test", "5000"], "--n-test: 5000 test images asked"),
+    (["--n-train", "2000"], "leaves no test images"),
+    (["--optimizers", "rmsprop"], "--optimizers: unknown optimizer 'rmsprop'"),
+    (["--shard", "2/2"], "--shard: must be i/N"),
+    (["--data", "mnist"], "data_dir"),
+])
+def test_bad_arguments_say_which_and_write_nothing(tmp_path, args, message):
+    target = tmp_path / "out"
+    out = subprocess.run([sys.executable, "-m", "flatfast", "reproduce", *args, "--out", str(target)],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+    assert not target.exists()
+
+
+def test_pac_bayes_bound_formula_and_arguments():
+    m, delta, log_p = 500, 2.0 ** -10, -123.4
+    eps = flatfast.pac_bayes_bound(log_p, m, delta)
+    assert -np.log(1 - eps) == pytest.approx((-log_p + np.log(2 * m / delta)) / (m - 1), rel=1e-12)
+    assert flatfast.pac_bayes_bound(-1e6, m) == pytest.approx(1.0)
+    assert flatfast.pac_bayes_bound(-10.0, 5000) < flatfast.pac_bayes_bound(-10.0, 500)
+    for kwargs, match in ((dict(log_p_train=0.5, m=10), "log_p_train: is a log probability"),
+                          (dict(log_p_train=-1.0, m=1), "m: must be >= 2"),
+                          (dict(log_p_train=-1.0, m=10, delta=1.0), "delta: must be in"),
+                          (dict(log_p_train=float("nan"), m=10), "log_p_train: must be finite")):
+        with pytest.raises(ValueError, match=match):
+            flatfast.pac_bayes_bound(**kwargs)
+
+
+def test_temporal_run_rescales_half_way_and_resumes(tmp_path):
+    from flatfast.temporal import TemporalConfig, read_temporal, run_temporal
+
+    def config(out, **overrides):
+        settings = dict(n_train=60, n_test=40, post_epochs=6, every=2, sharpness_epochs=2, out=str(out))
+        settings.update(overrides)
+        return TemporalConfig(**settings)
+
+    whole = run_temporal(config(tmp_path / "whole"), log=lambda s: None)
+    rows = read_temporal(whole)
+    assert [(int(r["epoch"]), r["phase"]) for r in rows] == [
+        (0, "fitted S"), (2, ""), (3, "before rescale"), (3, "after rescale"), (4, ""), (6, "")]
+    before, after = rows[2], rows[3]
+    for likelihood in ("heaviside", "probit"):
+        assert abs(after[f"log_p_{likelihood}"] - before[f"log_p_{likelihood}"]) <= 1e-8
+    assert after["test_error"] == before["test_error"] and rows[0]["train_error"] == 0.0
+    assert after["trace"] > 10 * before["trace"] and after["sharpness"] > before["sharpness"]
+    assert (tmp_path / "whole" / "temporal.png").stat().st_size > 0
+
+    # killed after three rows, then resumed: the same table as the uninterrupted run
+    out = tmp_path / "killed"
+    script = ("import sys\nfrom flatfast.temporal import TemporalConfig, run_temporal\n"
+              "def log(s):\n    print(s, flush=True)\n"
+              f"run_temporal(TemporalConfig(n_train=60, n_test=40, post_epochs=6, every=2, sharpness_epochs=2, "
+              f"out={str(out)!r}), log=log)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    table = out / "temporal.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if table.exists() and sum(1 for _ in open(table)) >= 4:
+            break
+        time.sleep(0.05)
+    killed_mid_run = proc.poll() is None
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert killed_mid_run, "the run finished before it could be killed"
+    with pytest.raises(ValueError, match="other settings"):
+        run_temporal(config(out, every=3), resume=True, log=lambda s: None)
+    run_temporal(config(out), resume=True, log=lambda s: None)
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k not in ("seconds", "ep_seconds")} for r in rows]
+
+    assert strip(read_temporal(table)) == strip(rows)

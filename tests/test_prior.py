@@ -216,3 +216,22 @@ def test_non_positive_cavity_is_retried_with_damping(monkeypatch):
     res = ep_log_evidence(K, y, tol=1e-9, return_info=True)
     assert res.damping == 0.5 and res.converged
     assert res.log_z == pytest.approx(base, rel=1e-8)
+
+
+def test_warm_start_reaches_the_same_value_in_fewer_sweeps(rng):
+    X = rng.random((300, 20))
+    K = flatfast.nngp_kernel(X)
+    y = np.where(X[:, :10].sum(1) > X[:, 10:].sum(1), 1, -1)
+    nearby = y.copy()
+    nearby[:6] *= -1
+    for likelihood in ("heaviside", "probit"):
+        first = flatfast.ep_log_evidence(K, y, likelihood=likelihood, return_info=True)
+        cold = flatfast.ep_log_evidence(K, nearby, likelihood=likelihood, return_info=True)
+        warm = flatfast.ep_log_evidence(K, nearby, likelihood=likelihood, return_info=True, warm_start=first)
+        assert warm.converged and abs(warm.log_z - cold.log_z) <= 1e-6
+        assert warm.sweeps < cold.sweeps
+    with pytest.raises(ValueError, match="warm_start: comes from a probit run"):
+        flatfast.ep_log_evidence(K, y, warm_start=flatfast.ep_log_evidence(K, y, likelihood="probit",
+                                                                            return_info=True))
+    with pytest.raises(ValueError, match="warm_start: expected an EPResult"):
+        flatfast.ep_log_evidence(K[:10, :10], y[:10], warm_start=first)
