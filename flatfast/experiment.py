@@ -393,12 +393,7 @@ def run(config: Config, *, resume=False, log=print):
     log(f"PAC-Bayes bound from log P(U) = {log_p_S:.2f} nats on S (Heaviside): expected error <= {bound:.3f} "
         f"(delta = {config.pac_bayes_delta:g})")
 
-    new_file = not table.exists()
-    with open(table, "a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=FIELDS)
-        if new_file:
-            writer.writeheader()
-            fh.flush()
+    with DurableTable(table, FIELDS) as results:
         for optimizer_name, attack, seed in grid:
             wanted = [False, True] if optimizer_name == "sgd" else [False]
             if all((optimizer_name, attack, seed, r) in done for r in wanted):
@@ -429,9 +424,7 @@ def run(config: Config, *, resume=False, log=print):
                 messages = list(dict.fromkeys(training_warnings + recorded_warnings(caught)))
                 row["warnings"] = " | ".join(messages)
                 row["seconds"] = round(time.perf_counter() - t0, 2)
-                writer.writerow(row)
-                fh.flush()
-                os.fsync(fh.fileno())
+                results.append(row)
                 log(f"  {optimizer_name:<11} |A| = {attack:<4} seed {seed}{' rescaled' if rescaled else ''}:"
                     f" {epochs} epochs{'' if reached else ' (never 100 % on S: left out of the statistics)'}, "
                     f"test error {row['test_error']:.3f}, log P(f) {row['log_p_' + config.likelihood]:.2f}, "
@@ -443,18 +436,47 @@ def run(config: Config, *, resume=False, log=print):
     return table
 
 
-def read_table(table):
+class DurableTable:
+    """A CSV table opened for appending (header written when new); every row is flushed and fsynced as it is
+    appended, so a killed run loses no finished row."""
+
+    def __init__(self, path, fields):
+        new_file = not Path(path).exists()
+        self._fh = open(path, "a", newline="")
+        self._writer = csv.DictWriter(self._fh, fieldnames=fields)
+        if new_file:
+            self._writer.writeheader()
+            self._fh.flush()
+
+    def append(self, row):
+        self._writer.writerow(row)
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._fh.close()
+
+
+def read_typed_csv(table, fields, text_fields, bool_fields):
+    """The rows of a results table with numbers as floats, flags as bools and text left as text."""
     with open(table, newline="") as fh:
         rows = list(csv.DictReader(fh))
     for r in rows:
-        for k in FIELDS:
-            if k in _TEXT_FIELDS:
+        for k in fields:
+            if k in text_fields:
                 continue
-            if k in _BOOL_FIELDS:
+            if k in bool_fields:
                 r[k] = r[k] in ("True", "1")
             else:
                 r[k] = float(r[k]) if r[k] != "" else float("nan")
     return rows
+
+
+def read_table(table):
+    return read_typed_csv(table, FIELDS, _TEXT_FIELDS, _BOOL_FIELDS)
 
 
 def merge(directories, out, *, log=print):
@@ -605,8 +627,8 @@ def plot(rows, out, likelihood):
 
     colours = {"sgd": "tab:blue", "adam": "tab:orange", "entropy-sgd": "tab:green"}
     shown = [r for r in rows if r["reached_100_on_S"]]
-    left_out = len(rows) - len(shown)
-    note = f" ({left_out} run(s) that never reached 100 % on S not shown)" if left_out else ""
+    left_out = sum(not r["reached_100_on_S"] and not r["rescaled"] for r in rows)
+    note = f" ({left_out} network(s) that never reached 100 % on S not shown)" if left_out else ""
     fig_all, axes = plt.subplots(2, 3, figsize=(15, 9))
     for ax_all, (name, label) in zip(axes.flat, MEASURES):
         fig, ax = plt.subplots(figsize=(5.5, 4.5))

@@ -123,7 +123,8 @@ def run_temporal(config: TemporalConfig, *, resume=False, log=print):
     import torch
 
     import flatfast
-    from flatfast.experiment import Config, accuracy, config_differences, load_data, make_network, train_epoch
+    from flatfast.experiment import (Config, DurableTable, accuracy, config_differences, load_data, make_network,
+                                     train_epoch)
 
     config.validate()
     out = Path(config.out)
@@ -172,18 +173,12 @@ def run_temporal(config: TemporalConfig, *, resume=False, log=print):
             f"{config.post_epochs} more epochs, alpha = {config.alpha} scale after epoch {config.rescale_epoch}, "
             f"measured every {config.every}; log P(f) over n = {len(K)} points")
 
-    new_file = not table.exists()
-    with open(table, "a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=FIELDS)
-        if new_file:
-            writer.writeheader()
+    with DurableTable(table, FIELDS) as results:
 
         def record(row):
             if (row["epoch"], row["phase"]) in done:
                 return
-            writer.writerow(row)
-            fh.flush()
-            os.fsync(fh.fileno())
+            results.append(row)
             log(f"  epoch {row['epoch']:>4} {row['phase']:<15} train/test error {row['train_error']:.3f}/"
                 f"{row['test_error']:.3f}, log P(f) {row['log_p_probit']:.4f} (probit) {row['log_p_heaviside']:.4f} "
                 f"(heaviside), sharpness {row['sharpness']:.3g}, trace {row['trace']:.3g}, "
@@ -224,17 +219,10 @@ def run_temporal(config: TemporalConfig, *, resume=False, log=print):
 
 
 def read_temporal(table):
-    with open(table, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    for r in rows:
-        for key in FIELDS:
-            if key in ("phase", "warnings"):
-                continue
-            if key in ("rescaled", "ep_converged_heaviside", "ep_converged_probit"):
-                r[key] = r[key] in ("True", "1")
-            else:
-                r[key] = float(r[key])
-    return rows
+    from flatfast.experiment import read_typed_csv
+
+    return read_typed_csv(table, FIELDS, {"phase", "warnings"},
+                          {"rescaled", "ep_converged_heaviside", "ep_converged_probit"})
 
 
 def summarise_temporal(table, config, log=print):

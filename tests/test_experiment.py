@@ -32,6 +32,20 @@ def _rows_without_timing(table):
     return sorted(rows, key=lambda r: (r["optimizer"], r["attack_size"], r["seed"], r["rescaled"]))
 
 
+def _kill_after_rows(command, table, rows):
+    """Start ``command`` in its own session and SIGKILL it once ``table`` has ``rows`` lines (header included)."""
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if table.exists() and sum(1 for _ in open(table)) >= rows:
+            break
+        time.sleep(0.05)
+    killed_mid_run = proc.poll() is None
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert killed_mid_run, "the run finished before it could be killed"
+
+
 @pytest.fixture(scope="module")
 def reference_table(tmp_path_factory):
     """One uninterrupted, unsharded tiny run that several tests compare against."""
@@ -40,20 +54,8 @@ def reference_table(tmp_path_factory):
 
 def test_killed_run_resumes_to_the_uninterrupted_table(tmp_path, reference_table):
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "flatfast", "reproduce", *TINY, "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     table = out / "results.csv"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if table.exists() and sum(1 for _ in open(table)) >= 3:  # header + two finished rows
-            break
-        if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    killed_mid_run = proc.poll() is None
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert killed_mid_run, "the run finished before it could be killed"
+    _kill_after_rows([sys.executable, "-m", "flatfast", "reproduce", *TINY, "--out", str(out)], table, 3)
     partial = _rows_without_timing(table)
     assert 2 <= len(partial) < len(_rows_without_timing(reference_table))
 
@@ -233,18 +235,8 @@ def test_temporal_run_rescales_half_way_and_resumes(tmp_path):
               "def log(s):\n    print(s, flush=True)\n"
               f"run_temporal(TemporalConfig(n_train=60, n_test=40, post_epochs=6, every=2, sharpness_epochs=2, "
               f"out={str(out)!r}), log=log)\n")
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
     table = out / "temporal.csv"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if table.exists() and sum(1 for _ in open(table)) >= 4:
-            break
-        time.sleep(0.05)
-    killed_mid_run = proc.poll() is None
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert killed_mid_run, "the run finished before it could be killed"
+    _kill_after_rows([sys.executable, "-c", script], table, 4)
     with pytest.raises(ValueError, match="other settings"):
         run_temporal(config(out, every=3), resume=True, log=lambda s: None)
     run_temporal(config(out), resume=True, log=lambda s: None)
