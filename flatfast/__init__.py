@@ -6,7 +6,7 @@ prior of the function, log P(f), under the NNGP of an infinitely wide ReLU netwo
 Importing flatfast never needs torch, Triton, CUDA or the compiled extension; :func:`backends` reports what
 can run here and why not.
 """
-from flatfast._dispatch import backends
+from flatfast._registry import backends
 from flatfast.bounds import pac_bayes_bound
 from flatfast.errors import BackendFallbackWarning, BackendUnavailableError, ConvergenceWarning, NotPSDError
 from flatfast.hessian import hessian_eigenvalues, hessian_operator, hessian_spectrum, hessian_trace, hvp

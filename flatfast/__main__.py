@@ -100,7 +100,10 @@ def main(argv=None) -> int:
     rep.add_argument("--resume", action="store_true", help="continue an interrupted run in --out (same settings only)")
     args = parser.parse_args(argv)
     if args.command == "reproduce":
-        from flatfast.experiment import main as reproduce
+        if args.experiment == "temporal" and not args.merge:
+            from flatfast.temporal import main as reproduce
+        else:
+            from flatfast.experiment import main as reproduce
 
         return reproduce(args)
     return {"info": _info, "demo": _demo}[args.command](args)

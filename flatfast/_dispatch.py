@@ -40,19 +40,14 @@ _REGISTRY: Dict[str, List[Impl]] = {}
 _WARNED: set = set()
 
 
-def register(op: str, name: str, *, devices, priority: int, probe: Probe = lambda: None, reference: bool = False,
-             auto_devices=None):
-    """Decorator: register ``fn`` as backend ``name`` of primitive ``op``. ``auto_devices`` limits where
-    ``backend="auto"`` may choose it (Triton runs CPU tensors only under its interpreter, for testing)."""
-
-    def wrap(fn):
-        impls = _REGISTRY.setdefault(op, [])
-        impls[:] = [i for i in impls if i.name != name]
-        impls.append(Impl(op, name, fn, tuple(devices), priority, probe, reference, tuple(auto_devices or ())))
-        impls.sort(key=lambda i: -i.priority)
-        return fn
-
-    return wrap
+def register(op: str, name: str, fn: Callable, *, devices, priority: int, probe: Probe = lambda: None,
+             reference: bool = False, auto_devices=None) -> None:
+    """Register ``fn`` as backend ``name`` of primitive ``op``. ``auto_devices`` limits where ``backend="auto"``
+    may choose it (Triton runs CPU tensors only under its interpreter, for testing)."""
+    impls = _REGISTRY.setdefault(op, [])
+    impls[:] = [i for i in impls if i.name != name]
+    impls.append(Impl(op, name, fn, tuple(devices), priority, probe, reference, tuple(auto_devices or ())))
+    impls.sort(key=lambda i: -i.priority)
 
 
 def backend_names(op: str) -> List[str]:
@@ -89,24 +84,13 @@ def dispatch(op: str, backend: str, device: str) -> Impl:
     raise BackendUnavailableError(f"no backend for {op} runs on {device}: {skipped}")
 
 
-def backends() -> Dict[str, Dict[str, str]]:
-    """What can run here: ``{op: {backend: "available (devices)" | "unavailable: reason"}}``.
-
-    Examples
-    --------
-    >>> import flatfast
-    >>> flatfast.backends()["nngp"]["reference"]
-    'available (cpu/cuda)'
-    """
-    # Importing the public modules registers every primitive.
-    import flatfast.hessian  # noqa: F401
-    import flatfast.nngp  # noqa: F401
-
-    report: Dict[str, Dict[str, str]] = {}
+def report() -> Dict[str, Dict[str, str]]:
+    """``{op: {backend: "available (devices)" | "unavailable: reason"}}`` for everything registered."""
+    result: Dict[str, Dict[str, str]] = {}
     for op, impls in _REGISTRY.items():
-        report[op] = {}
+        result[op] = {}
         for impl in impls:
             reason = impl.probe()
             where = "/".join(impl.devices)
-            report[op][impl.name] = f"available ({where})" if reason is None else f"unavailable: {reason}"
-    return report
+            result[op][impl.name] = f"available ({where})" if reason is None else f"unavailable: {reason}"
+    return result

@@ -85,6 +85,31 @@ def load_cuda():
     return mod, None
 
 
+# Availability probes for the dispatcher: None when the backend can run here, else the reason it cannot.
+
+def cpp_unavailable():
+    return load_cpp()[1]
+
+
+def cuda_unavailable():
+    return load_cuda()[1]
+
+
+def triton_unavailable():
+    module, reason = load_triton()
+    if module is None:
+        return reason
+    if not (torch_cuda_available() or triton_interpreted()):
+        return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU, slowly, for testing)"
+    return None
+
+
+def require_triton_device(device_type):
+    """Triton launches on CUDA tensors; CPU tensors only under its interpreter (tests)."""
+    if device_type == "cpu" and not triton_interpreted():
+        raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
+
+
 @functools.lru_cache(maxsize=None)
 def _blas_controller():
     try:

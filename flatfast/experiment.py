@@ -697,10 +697,6 @@ def main(args) -> int:
             merge(args.merge, args.out or "flatfast-results", log=lambda s: print(s, flush=True))
             print(f"done in {time.perf_counter() - t0:.0f} s")
             return 0
-        if getattr(args, "experiment", "main") == "temporal":
-            from flatfast.temporal import main as temporal_main
-
-            return temporal_main(args)
         overrides = {}
         for field in ("data", "data_dir", "n_train", "n_test", "attack_sizes", "seeds", "optimizers", "max_epochs",
                       "lr", "likelihood", "out", "sharpness_method", "sharpness_epochs"):

@@ -9,7 +9,8 @@ import numpy as np
 
 from flatfast._validate import check_float, check_int
 from flatfast.estimators import TraceResult, hutchinson
-from flatfast.hessian import HessianOperator, _eval_mode, hessian_eigenvalues, hessian_spectrum, hessian_trace
+from flatfast._model_util import eval_mode
+from flatfast.hessian import HessianOperator, hessian_eigenvalues, hessian_spectrum, hessian_trace
 
 
 def _dataset_loss(model, op):
@@ -96,7 +97,7 @@ def sharpness(model, loader, eps=1e-4, loss_fn=None, *, method="sgd-ascent", epo
             return [torch.maximum(torch.minimum(dz + step_of(g, b), b), -b) for dz, g, b in zip(z, grads, box)]
 
     try:
-        with _eval_mode(model):
+        with eval_mode(model):
             base = best = full_loss()
             if method == "sgd-ascent":
                 z = [torch.zeros_like(w) for w in original]
@@ -281,7 +282,7 @@ def function_of(model, X, *, batch_size=4096):
     X = torch.as_tensor(X)
     dtype = next(model.parameters()).dtype
     outs = []
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         for start in range(0, X.shape[0], batch_size):
             outs.append(model(X[start: start + batch_size].to(dtype)))
     out = torch.cat(outs)

@@ -14,7 +14,7 @@ def rng():
 
 def nngp_backends_here():
     """Every nngp backend that can run on CPU data in this process, as pytest params (skips name the reason)."""
-    import flatfast.nngp  # noqa: F401  (registers the backends)
+    import flatfast._registry  # noqa: F401  (registers the backends)
     from flatfast._dispatch import _REGISTRY
 
     params = []

@@ -6,7 +6,8 @@ import pytest
 
 import flatfast
 
-MODULES = ["flatfast.nngp", "flatfast.prior", "flatfast.hessian", "flatfast.measures", "flatfast.optim", "flatfast.bounds"]
+MODULES = ["flatfast.nngp", "flatfast.prior", "flatfast.hessian", "flatfast.measures", "flatfast.optim", "flatfast.bounds",
+           "flatfast._registry"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -1,0 +1,67 @@
+"""``masked_matmul(A, B, mask, C) = (A @ B + C) * mask``, the one fused GEMM-plus-mask primitive of the R-operator,
+on each backend: torch ops, the C++ kernel (CPU), the CUDA C++ kernel and the Triton kernel (CUDA tensors, or
+CPU tensors under TRITON_INTERPRET=1)."""
+from __future__ import annotations
+
+
+def torch_masked_matmul(A, B, mask, C=None):
+    """(A @ B + C) * mask with torch ops; A may carry a leading batch dimension, mask broadcasts over it."""
+    import torch
+
+    out = torch.matmul(A, B)
+    if C is not None:
+        out += C
+    return out * mask
+
+
+def cpp_masked_matmul(A, B, mask, C=None):
+    """(A @ B + C) * mask by the C++ kernel on numpy views of the CPU tensors (no copies for contiguous ones)."""
+    import torch
+
+    from flatfast import _native
+
+    module = _native.load_cpp()[0]
+    lead, (R, K), N = A.shape[:-2], A.shape[-2:], B.shape[1]
+    if B.T.is_contiguous():  # a transposed weight, W.T: hand over W itself
+        b, transposed = B.T.numpy(), True
+    else:
+        b, transposed = B.contiguous().numpy(), False
+    a = A.reshape(-1, K).contiguous().numpy()
+    c = None if C is None else C.reshape(-1, N).contiguous().numpy()
+    fn = module.masked_matmul_f64 if A.dtype == torch.float64 else module.masked_matmul_f32
+    keep = mask.contiguous().view(torch.uint8).numpy()
+    if a.shape[0] * N * K >= 2_000_000:
+        with _native.single_threaded_blas():
+            out = fn(a, b, transposed, keep, c)
+    else:
+        out = fn(a, b, transposed, keep, c)
+    return torch.from_numpy(out).reshape(*lead, R, N)
+
+
+def cuda_masked_matmul(A, B, mask, C=None):
+    """(A @ B + C) * mask by the CUDA C++ kernel on the tensors' device memory."""
+    import torch
+
+    from flatfast import _native
+
+    module = _native.load_cuda()[0]
+    lead, (R, K), N = A.shape[:-2], A.shape[-2:], B.shape[1]
+    if B.T.is_contiguous():
+        b, transposed = B.T, True
+    else:
+        b, transposed = B.contiguous(), False
+    a = A.reshape(-1, K).contiguous()
+    c = None if C is None else C.reshape(-1, N).contiguous()
+    keep = mask.contiguous().view(torch.uint8)
+    out = torch.empty((a.shape[0], N), dtype=A.dtype, device=A.device)
+    module.masked_matmul(a.data_ptr(), a.shape[0], K, b.data_ptr(), N, transposed, keep.data_ptr(), R,
+                         0 if c is None else c.data_ptr(), out.data_ptr(), A.dtype == torch.float64,
+                         torch.cuda.current_stream(A.device).cuda_stream)
+    return out.reshape(*lead, R, N)
+
+
+def triton_masked_matmul(A, B, mask, C=None):
+    from flatfast import _native
+
+    _native.require_triton_device(A.device.type)
+    return _native.load_triton()[0].masked_matmul_triton(A, B, mask, C)

@@ -1,0 +1,192 @@
+"""The fast path for nn.Sequential Linear/ReLU models with the default loss: a batched Pearlmutter R-operator
+(H V), a second-order forward pass (v^T H v) and the exact trace. Each product is written once over one fused
+primitive, ``masked_matmul(A, B, mask, C) = (A @ B + C) * mask``, that the backends provide
+(flatfast._masked_matmul)."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+from flatfast._model_util import check_finite, distributed, eval_mode
+
+
+def plain_mlp_layers(model, params) -> Optional[List]:
+    """The Linear layers of an nn.Sequential([Flatten], Linear, ReLU, ..., Linear) whose parameters are all
+    trainable and have biases; None for any other model."""
+    import torch.nn as nn
+
+    if not isinstance(model, nn.Sequential):
+        return None
+    modules = list(model)
+    if modules and isinstance(modules[0], nn.Flatten):
+        modules = modules[1:]
+    if not modules or len(modules) % 2 == 0:
+        return None
+    for i, m in enumerate(modules):
+        if isinstance(m, nn.Linear) != (i % 2 == 0) or (i % 2 == 1 and not isinstance(m, nn.ReLU)):
+            return None
+    linears = modules[::2]
+    if any(l.bias is None for l in linears):
+        return None
+    expected = [p for l in linears for p in (l.weight, l.bias)]
+    if len(expected) != len(params) or any(a is not b for a, (_, b) in zip(expected, params)):
+        return None
+    return linears
+
+
+def output_gradient(op, out, y):
+    """Check the batch loss, then g = d(summed loss)/d(outputs) and, for cross-entropy, the softmax p (None for
+    MSE averaged over the outputs, whose g is 2 (out - y) / C)."""
+    import torch
+
+    check_finite(op.loss_and_targets(out, y))
+    if not y.is_floating_point():
+        p = torch.softmax(out, dim=1)
+        g = p.clone()
+        g[torch.arange(out.shape[0]), y] -= 1.0
+        return g, p
+    return (2.0 / out.shape[1]) * (out - y), None
+
+
+def split_directions(layers, V):
+    k = V.shape[0]
+    VW, Vb = [], []
+    offset = 0
+    for layer in layers:
+        out_f, in_f = layer.weight.shape
+        VW.append(V[:, offset: offset + out_f * in_f].view(k, out_f, in_f))
+        offset += out_f * in_f
+        Vb.append(V[:, offset: offset + out_f])
+        offset += out_f
+    return VW, Vb
+
+
+def mlp_rop(op, x, y, V, masked_matmul):
+    """Pearlmutter's R-operator through Linear/ReLU layers, batched over the k vectors: an R-forward pass, the
+    output-loss curvature, an R-backward pass. ReLU's second derivative is 0 almost everywhere, so this is the
+    exact Hessian (as autograd computes it). ``masked_matmul(A, B, mask, C)`` = (A @ B + C) * mask is the one
+    fused GEMM-plus-mask primitive the backends (torch, C++, Triton) provide."""
+    import torch
+
+    layers = op.linears
+    k = V.shape[0]
+    VW, Vb = split_directions(layers, V)
+    a = x.reshape(x.shape[0], -1).to(op.dtype)
+    acts, r_acts, masks = [a], [None], []
+    r_a = None
+    for i, layer in enumerate(layers):
+        z = torch.addmm(layer.bias, a, layer.weight.T)
+        direct = torch.matmul(a, VW[i].transpose(1, 2)) + Vb[i][:, None, :]
+        if i < len(layers) - 1:
+            mask = z > 0
+            r_a = direct * mask if r_a is None else masked_matmul(r_a, layer.weight.T, mask, direct)
+            a = z * mask
+            acts.append(a)
+            r_acts.append(r_a)
+            masks.append(mask)
+        else:
+            out = z
+            r_out = direct if r_a is None else direct + torch.matmul(r_a, layer.weight.T)
+    g, p = output_gradient(op, out, y)
+    if p is not None:  # cross-entropy: H_out = diag(p) - p p^T
+        r_g = p * r_out - p * (p * r_out).sum(dim=2, keepdim=True)
+    else:  # MSE averaged over the C outputs: H_out = 2/C I
+        r_g = (2.0 / out.shape[1]) * r_out
+    pieces = [None] * (2 * len(layers))
+    for i in range(len(layers) - 1, -1, -1):
+        a_prev, r_a_prev = acts[i], r_acts[i]
+        hw = torch.matmul(r_g.transpose(1, 2), a_prev)
+        if r_a_prev is not None:
+            hw += torch.matmul(g.T, r_a_prev)
+        pieces[2 * i] = hw.reshape(k, -1)
+        pieces[2 * i + 1] = r_g.sum(dim=1)
+        if i > 0:
+            W = layers[i].weight
+            mask = masks[i - 1]
+            r_g = masked_matmul(r_g, W, mask, torch.matmul(g, VW[i]))
+            g = masked_matmul(g, W, mask)
+    return torch.cat(pieces, dim=1)
+
+
+def mlp_vhv(op, x, y, V, masked_matmul):
+    """v^T H v through Linear/ReLU layers by a second-order forward pass (no backward pass): with R and R^2 the
+    first and second directional derivatives along v, R^2 z_l = 2 R(a_{l-1}) V_l^T + R^2(a_{l-1}) W_l^T and
+    R^2 a_l = mask R^2 z_l (ReLU is piecewise linear); per example d^2 l = R(z)^T H_out R(z) + g_out^T R^2(z)."""
+    import torch
+
+    layers = op.linears
+    VW, Vb = split_directions(layers, V)
+    a = x.reshape(x.shape[0], -1).to(op.dtype)
+    r_a = r2_a = None
+    for i, layer in enumerate(layers):
+        z = torch.addmm(layer.bias, a, layer.weight.T)
+        direct = torch.matmul(a, VW[i].transpose(1, 2)) + Vb[i][:, None, :]
+        second = None if r_a is None else 2.0 * torch.matmul(r_a, VW[i].transpose(1, 2))
+        if i < len(layers) - 1:
+            mask = z > 0
+            new_r_a = direct * mask if r_a is None else masked_matmul(r_a, layer.weight.T, mask, direct)
+            if second is not None:
+                r2_a = second * mask if r2_a is None else masked_matmul(r2_a, layer.weight.T, mask, second)
+            r_a = new_r_a
+            a = z * mask
+        else:
+            out = z
+            r_out = direct if r_a is None else direct + torch.matmul(r_a, layer.weight.T)
+            r2_out = second
+            if r2_a is not None:
+                r2_out = r2_out + torch.matmul(r2_a, layer.weight.T)
+    g, p = output_gradient(op, out, y)
+    if p is not None:
+        curvature = (p * r_out * r_out).sum(dim=(1, 2)) - ((p * r_out).sum(dim=2) ** 2).sum(dim=1)
+    else:
+        curvature = (2.0 / out.shape[1]) * (r_out * r_out).sum(dim=(1, 2))
+    if r2_out is not None:
+        curvature += (g * r2_out).sum(dim=(1, 2))
+    return curvature
+
+
+def mlp_exact_trace(op) -> float:
+    """tr H of a Linear/ReLU MLP exactly, in about two forward+backward passes' worth of work.
+
+    The network is piecewise linear in every single parameter (ReLU masks are locally constant), so each
+    diagonal entry of the Hessian equals the Gauss-Newton one: H_jj = sum_i J_ij^T H_out,i J_ij. Factor the output
+    curvature H_out = sum_c s_c s_c^T (cross-entropy: s_c = sqrt(p_c) (e_c - p); MSE: sqrt(2/C) e_c) and back-
+    propagate the C vectors s_c: with delta_l the back-propagated vectors at layer l's pre-activations,
+    tr H_{W_l} = sum_{i,c} |delta_{l,i,c}|^2 |a_{l-1,i}|^2 and tr H_{b_l} = sum_{i,c} |delta_{l,i,c}|^2.
+    """
+    import torch
+
+    layers = op.linears
+    total, count = 0.0, 0
+    with eval_mode(op.model), torch.no_grad():
+        for x, y in op.batches():
+            a = x.reshape(x.shape[0], -1).to(op.dtype)
+            sq_norms, masks = [(a * a).sum(dim=1)], []
+            for i, layer in enumerate(layers):
+                z = torch.addmm(layer.bias, a, layer.weight.T)
+                if i < len(layers) - 1:
+                    mask = z > 0
+                    a = z * mask
+                    masks.append(mask)
+                    sq_norms.append((a * a).sum(dim=1))
+            check_finite(op.loss_and_targets(z, y))
+            classes = z.shape[1]
+            if not y.is_floating_point():
+                p = torch.softmax(z, dim=1)
+                eye = torch.eye(classes, dtype=op.dtype, device=z.device)
+                delta = torch.sqrt(p).T[:, :, None] * (eye[:, None, :] - p[None, :, :])  # (C, B, C)
+            else:
+                eye = torch.eye(classes, dtype=op.dtype, device=z.device)
+                delta = (2.0 / classes) ** 0.5 * eye[:, None, :].expand(classes, z.shape[0], classes)
+            for i in range(len(layers) - 1, -1, -1):
+                per_example = (delta * delta).sum(dim=(0, 2))  # sum over c of |delta_{i,c}|^2
+                total += float(((sq_norms[i] + 1.0) * per_example).sum())
+                if i > 0:
+                    delta = torch.matmul(delta, layers[i].weight) * masks[i - 1]
+            count += int(x.shape[0])
+    if distributed():
+        import torch.distributed as dist
+
+        buf = torch.tensor([total, float(count)], dtype=torch.float64, device=op.device)
+        dist.all_reduce(buf)
+        total, count = float(buf[0]), int(buf[1])
+    return total / count

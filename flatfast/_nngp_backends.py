@@ -1,0 +1,58 @@
+"""The NNGP kernel on each backend: C++ (CPU), Triton and CUDA C++ (CUDA tensors), and the numpy reference.
+Arguments arrive validated by :func:`flatfast.nngp_kernel`."""
+from __future__ import annotations
+
+import numpy as np
+
+from flatfast import _native
+from flatfast._validate import device_of, is_torch, same_kind, to_numpy
+from flatfast.reference.nngp import nngp_kernel_reference
+
+# Below this many multiply-adds the threadpoolctl round trip (~1 ms) costs more than BLAS threads could.
+_SINGLE_THREAD_BLAS_MIN_WORK = 2_000_000
+
+def nngp_cpp(X, Z, depth, sigma_w2, sigma_b2, dtype):
+    module = _native.load_cpp()[0]
+    fn = module.nngp_f64 if dtype == np.float64 else module.nngp_f32
+    Xn = np.ascontiguousarray(to_numpy(X), dtype=dtype)
+    Zn = None if Z is None else np.ascontiguousarray(to_numpy(Z), dtype=dtype)
+    m = Xn.shape[0] if Zn is None else Zn.shape[0]
+    if Xn.shape[0] * m * Xn.shape[1] >= _SINGLE_THREAD_BLAS_MIN_WORK:
+        with _native.single_threaded_blas():
+            K = fn(Xn, Zn, depth, sigma_w2, sigma_b2)
+    else:
+        K = fn(Xn, Zn, depth, sigma_w2, sigma_b2)
+    return same_kind(K, X)
+
+
+def nngp_triton(X, Z, depth, sigma_w2, sigma_b2, dtype):
+    import torch
+
+    _native.require_triton_device(device_of(X))
+    module = _native.load_triton()[0]
+    tdtype = torch.float64 if dtype == np.float64 else torch.float32
+    Xt = X if is_torch(X) else torch.from_numpy(np.asarray(X))
+    Zt = None if Z is None else (Z if is_torch(Z) else torch.from_numpy(np.asarray(Z)))
+    K = module.nngp_kernel_triton(Xt.to(tdtype), None if Zt is None else Zt.to(tdtype), depth, sigma_w2, sigma_b2)
+    return K if is_torch(X) else K.numpy()
+
+
+def nngp_cuda(X, Z, depth, sigma_w2, sigma_b2, dtype):
+    import torch
+
+    module = _native.load_cuda()[0]
+    tdtype = torch.float64 if dtype == np.float64 else torch.float32
+    Xc = X.to(tdtype).contiguous()
+    Zc = None if Z is None else Z.to(tdtype).contiguous()
+    m = Xc.shape[0] if Zc is None else Zc.shape[0]
+    out = torch.empty((Xc.shape[0], m), dtype=tdtype, device=Xc.device)
+    if out.numel():
+        module.nngp(Xc.data_ptr(), 0 if Zc is None else Zc.data_ptr(), Xc.shape[0], m, Xc.shape[1], depth,
+                    sigma_w2, sigma_b2, out.data_ptr(), tdtype == torch.float64,
+                    torch.cuda.current_stream(Xc.device).cuda_stream)
+    return out
+
+
+def nngp_reference(X, Z, depth, sigma_w2, sigma_b2, dtype):
+    K = nngp_kernel_reference(to_numpy(X), None if Z is None else to_numpy(Z), depth, sigma_w2, sigma_b2)
+    return same_kind(K.astype(dtype, copy=False), X)
