@@ -20,14 +20,36 @@ def _batch_loss_of_flat_params(op, x, y):
     return op.flat_params(), batch_loss
 
 
+# What torch.func raises where a module or loss lacks forward-mode AD or vmap support (e.g. mse_loss under
+# forward-over-reverse: "ZeroTensors are immutable"). Anything else -- out of memory, a dtype error, a bug in
+# the user's loss -- is a real error and propagates.
+_TORCH_FUNC_LIMITS = ("ZeroTensors are immutable", "forward AD", "forward-mode", "vmap", "functorch",
+                      "Batching rule", "batching rule", "not implemented for", "does not support")
+_WARNED_FALLBACK = set()
+
+
+def _is_torch_func_limit(exc) -> bool:
+    return isinstance(exc, NotImplementedError) or any(text in str(exc) for text in _TORCH_FUNC_LIMITS)
+
+
 def _with_double_backward_fallback(op, functional_path, fallback):
-    """Run the torch.func path unless it failed before; some modules and losses lack forward-mode or vmap
-    support in torch.func, and double backward is exact too (any genuine error surfaces there)."""
+    """Run the torch.func path unless it met one of torch.func's known limits before, and then double
+    backward, which is exact too but slower (one backward pass per vector); says so once per kind of model."""
+    import warnings
+
     if not op._use_double_backward:
         try:
             return functional_path()
-        except (RuntimeError, NotImplementedError):
+        except (RuntimeError, NotImplementedError) as exc:
+            if not _is_torch_func_limit(exc):
+                raise
             op._use_double_backward = True
+            key = (type(op.model).__name__, str(exc).splitlines()[0][:200])
+            if key not in _WARNED_FALLBACK:
+                _WARNED_FALLBACK.add(key)
+                warnings.warn(f"flatfast: torch.func cannot differentiate this model/loss twice in forward mode "
+                              f"({key[1]}); using double backward, one backward pass per vector",
+                              RuntimeWarning, stacklevel=4)
     return fallback()
 
 

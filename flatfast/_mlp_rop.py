@@ -9,20 +9,31 @@ from typing import List, Optional
 from flatfast._model_util import check_finite, distributed, eval_mode
 
 
+def _plain(module, kind) -> bool:
+    """Exactly ``kind`` (no subclass, which may compute something else), with no hooks or parametrizations,
+    which would change the function the R-operator differentiates."""
+    from torch.nn.utils import parametrize
+
+    hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks,
+             getattr(module, "_backward_pre_hooks", {}))
+    return type(module) is kind and not any(hooks) and not parametrize.is_parametrized(module)
+
+
 def plain_mlp_layers(model, params) -> Optional[List]:
-    """The Linear layers of an nn.Sequential([Flatten], Linear, ReLU, ..., Linear) whose parameters are all
-    trainable and have biases; None for any other model."""
+    """The Linear layers of an nn.Sequential([Flatten], Linear, ReLU, ..., Linear) -- exactly those classes, no
+    hooks or parametrizations -- whose parameters are all trainable and have biases; None for any other model
+    (which then takes the generic path)."""
     import torch.nn as nn
 
-    if not isinstance(model, nn.Sequential):
+    if type(model) is not nn.Sequential or not _plain(model, nn.Sequential):
         return None
     modules = list(model)
-    if modules and isinstance(modules[0], nn.Flatten):
+    if modules and _plain(modules[0], nn.Flatten):
         modules = modules[1:]
     if not modules or len(modules) % 2 == 0:
         return None
     for i, m in enumerate(modules):
-        if isinstance(m, nn.Linear) != (i % 2 == 0) or (i % 2 == 1 and not isinstance(m, nn.ReLU)):
+        if not _plain(m, nn.Linear if i % 2 == 0 else nn.ReLU):
             return None
     linears = modules[::2]
     if any(l.bias is None for l in linears):
@@ -145,7 +156,8 @@ def mlp_vhv(op, x, y, V, masked_matmul):
 
 
 def mlp_exact_trace(op) -> float:
-    """tr H of a Linear/ReLU MLP exactly, in about two forward+backward passes' worth of work.
+    """tr H of a Linear/ReLU MLP exactly. Cost: one forward pass plus a backward pass of C vectors per example
+    (C = the number of outputs), i.e. about C backward passes; memory C times one backward pass's activations.
 
     The network is piecewise linear in every single parameter (ReLU masks are locally constant), so each
     diagonal entry of the Hessian equals the Gauss-Newton one: H_jj = sum_i J_ij^T H_out,i J_ij. Factor the output

@@ -43,7 +43,9 @@ class HessianOperator:
 
     # the data ---------------------------------------------------------------------------------------
     def batches(self):
-        count = 0
+        """The loader's (inputs, targets) batches on the model's device; empty batches are skipped, and a loader
+        that yields no example at all is an error (the dataset mean would be 0/0)."""
+        count = examples = 0
         iterator = self.loader
         if self.progress:
             from tqdm.auto import tqdm
@@ -53,10 +55,15 @@ class HessianOperator:
             if not isinstance(batch, (list, tuple)) or len(batch) < 2:
                 raise TypeError("loader: each batch must be an (inputs, targets) pair")
             x, y = batch[0], batch[1]
-            yield x.to(self.device), y.to(self.device)
             count += 1
+            if x.shape[0] == 0:
+                continue
+            examples += int(x.shape[0])
+            yield x.to(self.device), y.to(self.device)
         if count == 0:
             raise ValueError("loader: yielded no batches")
+        if examples == 0:
+            raise ValueError(f"loader: its {count} batch(es) hold no examples")
 
     def loss_and_targets(self, outputs, targets):
         """The batch-mean loss, after checking that targets fit outputs (no silent broadcasting)."""
@@ -68,6 +75,10 @@ class HessianOperator:
             if outputs.dim() != 2 or targets.shape != outputs.shape[:1]:
                 raise ValueError(f"loader: integer targets of shape {tuple(targets.shape)} do not match outputs of "
                                  f"shape {tuple(outputs.shape)} (cross-entropy needs (B,) class indices for (B, C))")
+            low, high = int(targets.min()), int(targets.max())
+            if low < 0 or high >= outputs.shape[1]:
+                raise ValueError(f"loader: class target {low if low < 0 else high} is out of range for a model with "
+                                 f"{outputs.shape[1]} outputs (cross-entropy needs 0 <= target < {outputs.shape[1]})")
             return F.cross_entropy(outputs, targets)
         if targets.shape != outputs.shape:
             raise ValueError(f"loader: targets of shape {tuple(targets.shape)} do not match outputs of shape "

@@ -84,18 +84,26 @@ def _generator(seed):
 
 
 def hutchinson(matmat: MatMat, dimension: int, *, quadratic=None, probes=None, rtol=0.01, seed=0, block=16, max_probes=2000,
-               dtype=None, device="cpu", deflate=None, progress=None) -> TraceResult:
+               dtype=None, device="cpu", deflate=None, progress=None, offset=0.0) -> TraceResult:
     """Hutchinson's estimator tr(H) ~ mean of v^T H v over Rademacher v, drawn in blocks of ``block`` (one
-    operator pass per block). Stops when stderr <= rtol |value| (at least 2 blocks), or after exactly ``probes``.
+    operator pass per block). Stops after exactly ``probes`` samples when given (>= 2, so that the standard
+    error exists), else when stderr <= rtol |offset + value| (at least 2 blocks; ``offset`` is the exactly known
+    part of a larger trace, e.g. Hutch++'s sketch), warning if ``max_probes`` comes first.
     ``deflate`` (a (r, P) orthonormal basis Q) estimates tr((I - QQ^T) H (I - QQ^T)) instead (used by Hutch++).
     ``quadratic(V)``, when given, returns the row-wise v^T H v directly (cheaper than H V for some operators).
     """
     import torch
 
+    if probes is not None and probes < 2:
+        raise ValueError(f"probes: Hutchinson needs at least 2 probes for a standard error, got {probes}")
     gen = _generator(seed)
     dtype = dtype or torch.float64
     samples: List[float] = []
     target = probes if probes is not None else max_probes
+
+    def summary():
+        return float(np.mean(samples)), float(np.std(samples, ddof=1) / math.sqrt(len(samples)))
+
     while len(samples) < target:
         k = min(block, target - len(samples))
         V = rademacher(k, dimension, gen, dtype, device)
@@ -105,14 +113,12 @@ def hutchinson(matmat: MatMat, dimension: int, *, quadratic=None, probes=None, r
         if progress is not None:
             progress(len(samples))
         if probes is None and len(samples) >= 2 * block:
-            mean = float(np.mean(samples))
-            se = float(np.std(samples, ddof=1) / math.sqrt(len(samples)))
-            if se <= rtol * abs(mean):
+            mean, se = summary()
+            if se <= rtol * abs(offset + mean):
                 break
-    mean = float(np.mean(samples))
-    se = float(np.std(samples, ddof=1) / math.sqrt(len(samples))) if len(samples) > 1 else float("inf")
-    if probes is None and se > rtol * abs(mean):
-        _warn_budget(len(samples), se, mean, rtol)
+    mean, se = summary()
+    if probes is None and se > rtol * abs(offset + mean):
+        _warn_budget(len(samples), se, offset + mean, rtol)
     return TraceResult(mean, se, len(samples), "hutchinson", samples)
 
 
@@ -134,93 +140,132 @@ def hutchpp(matmat: MatMat, dimension: int, *, quadratic=None, probes=None, rtol
             max_probes=2000, dtype=None, device="cpu", progress=None) -> TraceResult:
     """Hutch++ (Meyer, Musco, Musco & Woodruff 2021): tr(H) = tr(Q^T H Q) + tr((I-QQ^T) H (I-QQ^T)), Q an
     orthonormal basis of H S for a Rademacher sketch S. The first term is exact; Hutchinson on the deflated
-    operator supplies the rest and the whole standard error. With ``probes`` the budget is split as in the paper
-    (a third each for S, Q and the residual); otherwise the sketch has ``sketch`` (default ``block``) columns
-    and the residual part stops adaptively on rtol, as :func:`hutchinson` does.
+    operator supplies the rest and the whole standard error. With ``probes`` (>= 6) the budget is split as in the
+    paper (a third each for S, Q and the residual, which keeps at least 2 probes); otherwise the sketch has
+    ``sketch`` (default ``block``) columns and the residual part stops adaptively on rtol.
     """
     import torch
 
+    if probes is not None and probes < 6:
+        raise ValueError(f"probes: Hutch++ needs at least 6 operator products (2 each for the sketch, its "
+                         f"products and the residual's standard error), got {probes}")
     dtype = dtype or torch.float64
     gen = _generator(seed)
-    if probes is not None:
-        r = max(1, probes // 3)
-        residual = max(1, probes - 2 * r)
-    else:
-        r, residual = (sketch or block), None
+    r = max(2, probes // 3) if probes is not None else (sketch or block)
     S = rademacher(r, dimension, gen, dtype, device)
     HS = matmat(S)
     Q, _ = torch.linalg.qr(HS.T.double())
     Q = Q.T.to(dtype)  # (r, P) orthonormal rows
     HQ = matmat(Q)
     exact = float((Q * HQ).sum().double())
-    rest = hutchinson(matmat, dimension, quadratic=quadratic, probes=residual, rtol=0.0, seed=seed + 1, block=block,
-                      max_probes=max_probes, dtype=dtype, device=device, deflate=Q, progress=progress) \
-        if residual is not None else _adaptive_residual(matmat, dimension, exact, rtol, seed, block, max_probes,
-                                                        dtype, device, Q, progress, quadratic)
+    rest = hutchinson(matmat, dimension, quadratic=quadratic, probes=None if probes is None else probes - 2 * r,
+                      rtol=rtol, seed=seed + 1, block=block, max_probes=max_probes, dtype=dtype, device=device,
+                      deflate=Q, progress=progress, offset=exact)
     return TraceResult(exact + rest.value, rest.stderr, 2 * r + rest.probes, "hutch++", rest.samples)
 
 
-def _adaptive_residual(matmat, dimension, exact, rtol, seed, block, max_probes, dtype, device, Q, progress,
-                       quadratic):
-    """Deflated Hutchinson that stops when its standard error is below rtol |exact + residual|."""
-    gen = _generator(seed + 1)
-    samples: List[float] = []
-    while len(samples) < max_probes:
-        V = rademacher(block, dimension, gen, dtype, device)
-        V = V - (V @ Q.T) @ Q
-        samples.extend(_quadratic_forms(matmat, quadratic, V))
-        if progress is not None:
-            progress(len(samples))
-        if len(samples) >= 2 * block:
-            mean = float(np.mean(samples))
-            se = float(np.std(samples, ddof=1) / math.sqrt(len(samples)))
-            if se <= rtol * abs(exact + mean):
-                break
-    mean = float(np.mean(samples))
-    se = float(np.std(samples, ddof=1) / math.sqrt(len(samples)))
-    if se > rtol * abs(exact + mean):
-        _warn_budget(len(samples), se, exact + mean, rtol)
-    return TraceResult(mean, se, len(samples), "hutchinson", samples)
+_BASIS_BLOCK = 16  # Lanczos vectors allocated per block: no copy of the basis as it grows, no over-allocation
+
+
+def _lanczos_runs(matmat: MatMat, V0, iterations, should_stop=None):
+    """``b`` Lanczos runs from the unit rows of V0 (b, P), advanced together (one block product per iteration),
+    each fully reorthogonalised (classical Gram-Schmidt, twice) against its own basis. The basis is written in
+    place into blocks of ``_BASIS_BLOCK`` vectors allocated as needed.
+
+    ``should_stop(alphas, betas)`` is asked after every iteration with the coefficients so far (b, m); runs also
+    stop at ``iterations`` or when a residual vanishes (the Krylov space is exhausted). Returns (alphas, betas,
+    basis blocks), with betas[:, -1] the coupling to the next, unbuilt, vector."""
+    import torch
+
+    b, P = V0.shape
+    alphas, betas = np.zeros((b, iterations)), np.zeros((b, iterations))
+    blocks = [torch.empty((b, min(_BASIS_BLOCK, iterations), P), dtype=V0.dtype, device=V0.device)]
+    blocks[0][:, 0] = V0
+    steps = 0
+    for it in range(iterations):
+        blk, pos = divmod(it, _BASIS_BLOCK)
+        q = blocks[blk][:, pos]
+        W = matmat(q)
+        alphas[:, it] = (W * q).sum(dim=1).double().cpu().numpy()
+        for _ in range(2):
+            for j, B in enumerate(blocks):
+                used = B[:, : (pos + 1 if j == blk else _BASIS_BLOCK)]
+                W = W - torch.einsum("bj,bjd->bd", torch.einsum("bjd,bd->bj", used, W), used)
+        norms = torch.linalg.norm(W, dim=1)
+        betas[:, it] = norms.double().cpu().numpy()
+        steps = it + 1
+        scale = max(1.0, float(np.abs(alphas[:, :steps]).max()))
+        if steps == iterations or float(norms.min()) <= 1e-10 * scale or \
+                (should_stop is not None and should_stop(alphas[:, :steps], betas[:, :steps])):
+            break
+        if pos + 1 == _BASIS_BLOCK:
+            blocks.append(torch.empty((b, min(_BASIS_BLOCK, iterations - steps), P), dtype=V0.dtype,
+                                      device=V0.device))
+            blocks[-1][:, 0] = W / norms[:, None]
+        else:
+            blocks[blk][:, pos + 1] = W / norms[:, None]
+    basis_blocks = [B[:, : max(0, min(_BASIS_BLOCK, steps - j * _BASIS_BLOCK))] for j, B in enumerate(blocks)]
+    return alphas[:, :steps], betas[:, :steps], basis_blocks
+
+
+def _tridiagonal_eigh(alphas, betas):
+    """Eigenpairs of the Lanczos tridiagonal matrix of one run (betas[:-1] off the diagonal)."""
+    T = np.diag(alphas) + np.diag(betas[:-1], 1) + np.diag(betas[:-1], -1)
+    return np.linalg.eigh(T)
 
 
 def lanczos_eigenvalues(matmat: MatMat, dimension: int, *, k=1, max_iter=None, tol=1e-6, seed=0, dtype=None,
                         device="cpu", keep_vectors=False) -> EigenResult:
-    """Top-k (largest algebraic) eigenvalues by Lanczos with full reorthogonalisation (twice, classical
-    Gram-Schmidt). Stops when every wanted Ritz pair has residual |beta_m s_m| <= tol |theta|, or at max_iter
-    (default min(dimension, max(4k + 40, 60))), or when the Krylov space is exhausted."""
+    """Top-k (largest algebraic) eigenvalues by Lanczos with full reorthogonalisation. Stops when every wanted
+    Ritz pair has residual |beta_m s_m| <= tol |theta|, or at max_iter (default min(dimension, max(4k + 40,
+    60))), or when the Krylov space is exhausted.
+
+    Limits, as for any single-vector Krylov method: a repeated eigenvalue is found once (the Krylov space of one
+    start vector holds one vector of each eigenspace), so with k > 1 the values returned are the top k
+    *distinct* ones; and if the space is exhausted first, fewer than k come back. Both cases, and Ritz pairs
+    still above the tolerance at max_iter, are reported by a ConvergenceWarning; Ritz values are lower bounds of
+    the eigenvalues they approximate.
+    """
+    import warnings
+
     import torch
+
+    from flatfast.errors import ConvergenceWarning
 
     dtype = dtype or torch.float64
     max_iter = min(dimension, max_iter or max(4 * k + 40, 60))
     gen = _generator(seed)
     q = torch.randn(dimension, generator=gen, dtype=torch.float64).to(dtype).to(device)
     q = q / torch.linalg.norm(q)
-    basis = [q]
-    alphas, betas = [], []
-    theta = resid = vecs = None
-    for it in range(max_iter):
-        w = matmat(basis[-1][None, :])[0]
-        alpha = float(torch.dot(w, basis[-1]))
-        Qm = torch.stack(basis)
-        for _ in range(2):
-            w = w - Qm.T @ (Qm @ w)
-        beta = float(torch.linalg.norm(w))
-        alphas.append(alpha)
-        T = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
-        theta_all, S = np.linalg.eigh(T)
+
+    def ritz(alphas, betas):
+        theta_all, S = _tridiagonal_eigh(alphas[0], betas[0])
         order = np.argsort(theta_all)[::-1][:k]
-        theta, vecs = theta_all[order], S[:, order]
-        resid = np.abs(beta * vecs[-1, :])
-        done = len(alphas) >= k and np.all(resid <= tol * np.maximum(np.abs(theta), 1e-30))
-        if done or beta <= 1e-12 * max(1.0, abs(alpha)) or it == max_iter - 1:
-            break
-        betas.append(beta)
-        basis.append(w / beta)
-    ritz = None
+        return theta_all[order], S[:, order], np.abs(betas[0, -1] * S[-1, order])
+
+    def converged(alphas, betas):
+        theta, _, resid = ritz(alphas, betas)
+        return alphas.shape[1] >= k and bool(np.all(resid <= tol * np.maximum(np.abs(theta), 1e-30)))
+
+    alphas, betas, blocks = _lanczos_runs(matmat, q[None, :], max_iter, converged)
+    theta, vecs, resid = ritz(alphas, betas)
+    steps = alphas.shape[1]
+    if len(theta) < k:
+        warnings.warn(f"Lanczos: the Krylov space is exhausted after {steps} steps; {len(theta)} of the {k} "
+                      "eigenvalues asked are returned (a repeated eigenvalue is found once)", ConvergenceWarning,
+                      stacklevel=3)
+    else:
+        loose = int(np.sum(resid > tol * np.maximum(np.abs(theta), 1e-30)))
+        exhausted = betas[0, -1] <= 1e-10 * max(1.0, float(np.abs(alphas).max()))
+        if loose and not exhausted:
+            warnings.warn(f"Lanczos: {loose} of the {k} Ritz values have residuals above tol after max_iter = "
+                          f"{steps} iterations (largest {resid.max():.3g}); they are lower bounds. Raise max_iter",
+                          ConvergenceWarning, stacklevel=3)
+    ritz_vectors = None
     if keep_vectors:
-        Qm = torch.stack(basis[: len(alphas)]).double()
-        ritz = (torch.from_numpy(vecs).T.to(Qm.device) @ Qm)
-    return EigenResult(np.asarray(theta), np.asarray(resid), len(alphas), ritz)
+        Qm = torch.cat([B[0] for B in blocks]).double()
+        ritz_vectors = torch.from_numpy(vecs).T.to(Qm.device) @ Qm
+    return EigenResult(np.asarray(theta), np.asarray(resid), steps, ritz_vectors)
 
 
 def slq(matmat: MatMat, dimension: int, *, probes=4, iterations=64, seed=0, sigma=None, grid_size=1000,
@@ -236,29 +281,12 @@ def slq(matmat: MatMat, dimension: int, *, probes=4, iterations=64, seed=0, sigm
     gen = _generator(seed)
     V = torch.randn(probes, dimension, generator=gen, dtype=torch.float64).to(dtype).to(device)
     V = V / torch.linalg.norm(V, dim=1, keepdim=True)
-    basis = [V]
-    alphas = np.zeros((probes, iterations))
-    betas = np.zeros((probes, iterations))
-    steps = iterations
-    for it in range(iterations):
-        W = matmat(basis[-1])
-        alphas[:, it] = (W * basis[-1]).sum(dim=1).double().cpu().numpy()
-        Qm = torch.stack(basis, dim=1)  # (probes, it+1, P)
-        for _ in range(2):
-            W = W - torch.einsum("pj,pjd->pd", torch.einsum("pjd,pd->pj", Qm, W), Qm)
-        norms = torch.linalg.norm(W, dim=1)
-        betas[:, it] = norms.double().cpu().numpy()
-        if it == iterations - 1:
-            break
-        if float(norms.min()) <= 1e-10 * max(1.0, float(np.abs(alphas[:, : it + 1]).max())):
-            steps = it + 1
-            break
-        basis.append(W / norms[:, None])
+    alphas, betas, _ = _lanczos_runs(matmat, V, iterations)
+    steps = alphas.shape[1]
     nodes = np.zeros((probes, steps))
     weights = np.zeros((probes, steps))
     for p in range(probes):
-        T = np.diag(alphas[p, :steps]) + np.diag(betas[p, : steps - 1], 1) + np.diag(betas[p, : steps - 1], -1)
-        theta, S = np.linalg.eigh(T)
+        theta, S = _tridiagonal_eigh(alphas[p], betas[p])
         nodes[p], weights[p] = theta, S[0, :] ** 2
     lo, hi = nodes.min(), nodes.max()
     span = max(hi - lo, 1e-12 * max(1.0, abs(hi)))

@@ -129,7 +129,7 @@ def hessian_trace(model, loader, loss_fn=None, *, probes=None, rtol=0.01, method
     if method not in ("hutch++", "hutchinson", "exact"):
         raise ValueError(f"method: expected 'hutch++', 'hutchinson' or 'exact', got {method!r}")
     if probes is not None:
-        probes = check_int(probes, "probes", minimum=3 if method == "hutch++" else 2)
+        probes = check_int(probes, "probes", minimum=6 if method == "hutch++" else 2)
     rtol = check_float(rtol, "rtol", positive=True)
     seed = check_int(seed, "seed", minimum=0)
     block = check_int(block, "block", minimum=1)

@@ -9,18 +9,37 @@ import numpy as np
 
 from flatfast._validate import check_float, check_int
 from flatfast.estimators import TraceResult, hutchinson
-from flatfast._model_util import eval_mode
+from flatfast._model_util import distributed, eval_mode
 from flatfast.hessian import HessianOperator, hessian_eigenvalues, hessian_spectrum, hessian_trace
 
 
 def _dataset_loss(model, op):
-    """L(theta) = (1/N) sum_i l(f(x_i), y_i) over op's data, differentiable when grads are enabled."""
+    """L(theta) = (1/N) sum_i l(f(x_i), y_i) over op's data -- all ranks' data under torch.distributed, where
+    the value is global but the gradient graph covers this rank's share only (see _global_grads)."""
+    import torch
+
     total, count = 0.0, 0
     for x, y in op.batches():
-        loss = op.loss_and_targets(model(x), y) * x.shape[0]
-        total = total + loss
+        total = total + op.loss_and_targets(model(x), y) * x.shape[0]
         count += int(x.shape[0])
-    return total / count
+    if not distributed():
+        return total / count
+    import torch.distributed as dist
+
+    sums = torch.tensor([float(total), float(count)], dtype=torch.float64, device=op.device)
+    dist.all_reduce(sums)
+    # this rank's terms carry the gradient; the other ranks' are added as a constant
+    return (total + (float(sums[0]) - float(total))) / float(sums[1])
+
+
+def _global_grads(grads):
+    """Under torch.distributed, the sum over ranks of each rank's gradient (every rank then takes the same step)."""
+    if distributed():
+        import torch.distributed as dist
+
+        for g in grads:
+            dist.all_reduce(g)
+    return grads
 
 
 SHARPNESS_METHODS = ("sgd-ascent", "sign-ascent")
@@ -43,7 +62,9 @@ def sharpness(model, loader, eps=1e-4, loss_fn=None, *, method="sgd-ascent", epo
     * ``method="sign-ascent"``: ``steps`` full-batch projected sign-gradient steps from a seeded random point of
       the box (step 2 eps (|theta| + 1) / steps). Much cheaper; a lower bound on the same maximum like the other.
 
-    The model is evaluated in eval mode; its parameters, modes and ``.grad`` are left as they were.
+    The model is evaluated in eval mode; its parameters, modes and ``.grad`` are left as they were. Under
+    torch.distributed each rank passes its shard: losses are all-reduced, and the ascent steps follow the
+    all-reduced gradients, so every rank computes the same sharpness.
 
     Parameters
     ----------
@@ -92,10 +113,15 @@ def sharpness(model, loader, eps=1e-4, loss_fn=None, *, method="sgd-ascent", epo
             return float(_dataset_loss(model, op))
 
     def ascend(loss, z, step_of):
-        grads = torch.autograd.grad(loss, params)  # leaves .grad alone
+        grads = _global_grads(torch.autograd.grad(loss, params))  # leaves .grad alone
         with torch.no_grad():
             return [torch.maximum(torch.minimum(dz + step_of(g, b), b), -b) for dz, g, b in zip(z, grads, box)]
 
+    world = 1
+    if distributed():
+        import torch.distributed as dist
+
+        world = dist.get_world_size()
     try:
         with eval_mode(model):
             base = best = full_loss()
@@ -104,7 +130,8 @@ def sharpness(model, loader, eps=1e-4, loss_fn=None, *, method="sgd-ascent", epo
                 for _ in range(epochs):
                     for x, y in op.batches():
                         with torch.enable_grad():
-                            loss = op.loss_and_targets(model(x), y)
+                            # DDP's convention: the step follows the mean over ranks of their batch-mean gradients
+                            loss = op.loss_and_targets(model(x), y) / world
                         z = ascend(loss, z, lambda g, b: lr * g)
                         move_to(z)
                         best = max(best, full_loss())

@@ -212,7 +212,7 @@ def _snapshot(model):
 
 @pytest.mark.parametrize("call,exc,match", [
     (lambda m, b: flatfast.hvp(m, [], torch.zeros(1, 1)), None, None),
-    (lambda m, b: flatfast.hessian_trace(m, [], probes=3), ValueError, "loader: yielded no batches"),
+    (lambda m, b: flatfast.hessian_trace(m, [], probes=6), ValueError, "loader: yielded no batches"),
     (lambda m, b: flatfast.hvp(m, [(b[0][0], b[0][1][:3])], torch.zeros(2, 107, dtype=torch.float64)), ValueError,
      "loader: integer targets of shape"),
     (lambda m, b: flatfast.hvp(m, [(b[0][0], torch.randn(16, 2, dtype=torch.float64))],
@@ -269,8 +269,9 @@ def _distributed_worker(rank, world, port, out_path):
         shard = batches[rank::world]  # each rank reads its own shard
         V = torch.randn(3, 107, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
         HV = flatfast.hvp(model, shard, V)
+        sharp = flatfast.sharpness(model, shard, eps=1e-3, method="sign-ascent")
         if rank == 0:
-            torch.save(HV, out_path)
+            torch.save((HV, sharp), out_path)
     finally:
         dist.destroy_process_group()
 
@@ -287,4 +288,127 @@ def test_data_parallel_with_gloo(tmp_path):
     mp.spawn(_distributed_worker, args=(2, port, out), nprocs=2, join=True)
     V = torch.randn(3, 107, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
     expected = flatfast.hvp(mlp(), data("mlp"), V)
-    assert torch.allclose(torch.load(out), expected, atol=1e-12)
+    HV, sharp = torch.load(out)
+    assert torch.allclose(HV, expected, atol=1e-12)
+    assert sharp == pytest.approx(flatfast.sharpness(mlp(), data("mlp"), eps=1e-3, method="sign-ascent"), rel=1e-10)
+
+
+def _diagonal_operator(eigenvalues):
+    d = torch.tensor(eigenvalues, dtype=torch.float64)
+    return lambda V: V * d
+
+
+def test_lanczos_with_few_iterations_warns_and_bounds_from_below():
+    from flatfast.errors import ConvergenceWarning
+    from flatfast.estimators import lanczos_eigenvalues
+
+    eigenvalues = np.linspace(1.0, 2.0, 400) ** 3  # a slowly decaying top: 8 iterations cannot resolve it
+    with pytest.warns(ConvergenceWarning, match="Ritz values have residuals above tol"):
+        res = lanczos_eigenvalues(_diagonal_operator(eigenvalues), 400, k=3, max_iter=8, tol=1e-8)
+    top = np.sort(eigenvalues)[::-1][:3]
+    assert res.iterations == 8 and np.all(res.values <= top + 1e-12) and np.all(res.residuals > 0)
+    # with room it converges, across several basis blocks, without a warning
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        full = lanczos_eigenvalues(_diagonal_operator(eigenvalues), 400, k=3, max_iter=400, tol=1e-8)
+    np.testing.assert_allclose(full.values, top, rtol=1e-8)
+
+
+def test_lanczos_finds_a_repeated_eigenvalue_once():
+    from flatfast.errors import ConvergenceWarning
+    from flatfast.estimators import lanczos_eigenvalues
+
+    eigenvalues = [5.0, 5.0, 3.0, 1.0, 0.5]
+    res = lanczos_eigenvalues(_diagonal_operator(eigenvalues), 5, k=2, tol=1e-10)
+    np.testing.assert_allclose(res.values, [5.0, 3.0], rtol=1e-10)  # the top k *distinct* values, as documented
+    with pytest.warns(ConvergenceWarning, match="Krylov space is exhausted"):
+        fewer = lanczos_eigenvalues(_diagonal_operator(eigenvalues), 5, k=5, tol=1e-10)
+    np.testing.assert_allclose(fewer.values, [5.0, 3.0, 1.0, 0.5], rtol=1e-10)
+
+
+def test_probe_budgets_that_leave_no_standard_error_are_refused():
+    model, batches = mlp(), data("mlp")
+    with pytest.raises(ValueError, match="probes: must be >= 6"):
+        flatfast.hessian_trace(model, batches, probes=3)
+    from flatfast.estimators import hutchinson, hutchpp
+
+    with pytest.raises(ValueError, match="probes: Hutch\\+\\+ needs at least 6"):
+        hutchpp(_diagonal_operator([1.0, 2.0]), 2, probes=5)
+    with pytest.raises(ValueError, match="probes: Hutchinson needs at least 2"):
+        hutchinson(_diagonal_operator([1.0, 2.0]), 2, probes=1)
+    res = flatfast.hessian_trace(model, batches, probes=6)
+    assert res.probes == 6 and np.isfinite(res.stderr)
+
+
+class ScaledLinear(torch.nn.Linear):
+    def forward(self, x):
+        return 2.0 * super().forward(x)
+
+
+def test_fast_path_only_for_plain_linear_and_relu():
+    """A Linear subclass, a hook or a parametrization changes the function; the R-operator would differentiate
+    the plain one. Such models take the generic path, and their products are still the dense Hessian's."""
+    from torch.nn.utils import parametrize
+
+    class Doubled(torch.nn.Module):
+        def forward(self, w):
+            return 2.0 * w
+
+    batches = data("mlp")
+    torch.manual_seed(0)
+    subclass = torch.nn.Sequential(torch.nn.Flatten(), ScaledLinear(6, 7), torch.nn.ReLU(), torch.nn.Linear(7, 5),
+                                   torch.nn.ReLU(), torch.nn.Linear(5, 3)).double()
+    hooked = mlp()
+    hooked[1].register_forward_hook(lambda module, inputs, output: output * 3.0)
+    param = mlp()
+    parametrize.register_parametrization(param[1], "weight", Doubled())
+    for name, model in {"subclass": subclass, "hook": hooked, "parametrization": param}.items():
+        assert HessianOperator(model, batches).backend == "reference", name
+        H = dense_hessian(model, batches)
+        V = torch.randn(2, H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        assert torch.allclose(flatfast.hvp(model, batches, V), V @ H, atol=1e-10 * float(H.abs().max())), name
+    assert HessianOperator(mlp(), batches).backend == "torch"
+
+
+def test_class_targets_out_of_range_and_empty_batches_are_named():
+    model, batches = mlp(), data("mlp")
+    x, y = batches[0]
+    outputs = model(x).shape[1]
+    with pytest.raises(ValueError, match=f"loader: class target {outputs} is out of range for a model with {outputs}"):
+        flatfast.hvp(model, [(x, torch.full_like(y, outputs))], torch.zeros(1, 107, dtype=torch.float64))
+    with pytest.raises(ValueError, match="loader: class target -1"):
+        flatfast.hessian_trace(model, [(x, torch.full_like(y, -1))], method="exact")
+    with pytest.raises(ValueError, match="loader: its 2 batch\\(es\\) hold no examples"):
+        flatfast.hvp(model, [(x[:0], y[:0])] * 2, torch.zeros(1, 107, dtype=torch.float64))
+    # empty batches among real ones are skipped, not counted
+    V = torch.randn(1, 107, dtype=torch.float64)
+    assert torch.allclose(flatfast.hvp(model, [(x[:0], y[:0])] + batches, V), flatfast.hvp(model, batches, V))
+
+
+def test_double_backward_fallback_only_for_torch_func_limits():
+    model, batches = mlp(), data("mlp", "regression")
+
+    def failing(outputs, targets):
+        raise RuntimeError("boom: a bug in the user's loss")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        flatfast.hvp(model, batches, torch.zeros(1, 107, dtype=torch.float64), loss_fn=failing, backend="generic")
+    op = HessianOperator(model, batches, backend="generic")
+    assert not op._use_double_backward
+
+    from flatfast import _generic_hvp
+
+    _generic_hvp._WARNED_FALLBACK.clear()
+    mse = torch.nn.MSELoss()  # under forward-over-reverse torch.func raises "ZeroTensors are immutable"
+    H = dense_hessian(model, batches, "regression")
+    V = torch.randn(2, H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    with pytest.warns(RuntimeWarning, match="using double backward"):
+        HV = flatfast.hvp(model, batches, V, loss_fn=mse)
+    assert torch.allclose(HV, V @ H, atol=1e-10 * float(H.abs().max()))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # said once
+        flatfast.hvp(model, batches, V, loss_fn=mse)
