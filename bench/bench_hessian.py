@@ -1,8 +1,8 @@
 """Hessian engine on an MLP 784-512-512-10, cross-entropy, 2,000 inputs in batches of 500, float32.
 
 (a) one HVP and 16 batched HVPs against one forward+backward pass over the same data;
-(b) trace with 100 Rademacher probes against PyHessian's ``hessian(...).trace(maxIter=100)`` (its stop test is
-    disabled with tol=-inf so that it runs all 100 probes; see the note in the issue);
+(b) trace with 100 Rademacher probes, and the exact trace, against each other (the peers' rows are in
+    bench_peers.py);
 (c) the top eigenvalue by Lanczos.
 """
 import numpy as np
@@ -11,25 +11,7 @@ import torch
 
 import flatfast
 
-N, BATCH, PROBES = 2000, 500, 100
-
-
-@pytest.fixture(scope="module")
-def setup():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(784, 512), torch.nn.ReLU(), torch.nn.Linear(512, 512),
-                                torch.nn.ReLU(), torch.nn.Linear(512, 10))
-    X = torch.rand(N, 784)
-    y = torch.randint(0, 10, (N,))
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=BATCH)
-    P = sum(p.numel() for p in model.parameters())
-    return model, loader, P
-
-
-def _forward_backward(model, loader):
-    model.zero_grad()
-    for x, y in loader:
-        (torch.nn.functional.cross_entropy(model(x), y) * x.shape[0] / N).backward()
+from conftest import N, PROBES, forward_backward as _forward_backward
 
 
 def test_forward_backward_floor(benchmark, setup):
@@ -57,7 +39,6 @@ def test_trace_flatfast(benchmark, setup):
     model, loader, _ = setup
     benchmark.group = "hessian-trace"
     benchmark.name = "trace-flatfast-hutchinson-100"
-    benchmark.extra_info["baseline"] = ["trace-pyhessian-100"]
     res = benchmark.pedantic(flatfast.hessian_trace, args=(model, loader),
                              kwargs=dict(probes=PROBES, method="hutchinson", block=25, progress=False),
                              rounds=1, iterations=1)
@@ -69,33 +50,12 @@ def test_trace_flatfast(benchmark, setup):
 setup_results = {}
 
 
-def test_trace_pyhessian(benchmark, setup):
-    pyhessian = pytest.importorskip("pyhessian")
-    model, loader, _ = setup
-    benchmark.group = "hessian-trace"
-    benchmark.name = "trace-pyhessian-100"
-    model.eval()
-
-    def run():
-        h = pyhessian.hessian(model, torch.nn.CrossEntropyLoss(), dataloader=loader, cuda=False)
-        return h.trace(maxIter=PROBES, tol=float("-inf"))
-
-    samples = benchmark.pedantic(run, rounds=1, iterations=1)
-    value, stderr = float(np.mean(samples)), float(np.std(samples, ddof=1) / np.sqrt(len(samples)))
-    benchmark.extra_info["value"] = round(value, 4)
-    benchmark.extra_info["stderr"] = round(stderr, 4)
-    assert len(samples) == PROBES
-    ours = setup_results.get("flatfast")
-    if ours is not None:  # the two estimates agree within their combined standard error
-        assert abs(ours.value - value) < 4 * np.hypot(ours.stderr, stderr)
-
-
 def test_trace_exact(benchmark, setup):
     """Not a Rademacher estimate: the exact trace of a ReLU MLP (Hessian diagonal = Gauss-Newton diagonal)."""
     model, loader, _ = setup
     benchmark.group = "hessian-trace"
     benchmark.name = "trace-flatfast-exact"
-    benchmark.extra_info["baseline"] = ["trace-pyhessian-100", "trace-flatfast-hutchinson-100"]
+    benchmark.extra_info["baseline"] = ["trace-flatfast-hutchinson-100"]
     res = benchmark.pedantic(flatfast.hessian_trace, args=(model, loader), kwargs=dict(method="exact"),
                              rounds=3, iterations=1)
     benchmark.extra_info["value"] = round(res.value, 4)

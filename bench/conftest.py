@@ -8,6 +8,33 @@ import platform
 
 import pytest
 
+N, BATCH, PROBES = 2000, 500, 100
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """The benchmarks' model and data: MLP 784-512-512-10, cross-entropy, 2,000 inputs in batches of 500,
+    float32 (returns model, loader, number of parameters)."""
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(784, 512), torch.nn.ReLU(), torch.nn.Linear(512, 512),
+                                torch.nn.ReLU(), torch.nn.Linear(512, 10))
+    X = torch.rand(N, 784)
+    y = torch.randint(0, 10, (N,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=BATCH)
+    P = sum(p.numel() for p in model.parameters())
+    return model, loader, P
+
+
+def forward_backward(model, loader):
+    """One forward+backward pass of the dataset-mean loss: the floor the Hessian rows are measured against."""
+    import torch
+
+    model.zero_grad()
+    for x, y in loader:
+        (torch.nn.functional.cross_entropy(model(x), y) * x.shape[0] / N).backward()
+
 
 def pytest_benchmark_update_machine_info(config, machine_info):
     import numpy as np

@@ -125,5 +125,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("threading", []() { return std::string(threading_backend()); },
         "What the tile loops run on: 'openmp' or 'std::thread'.");
   m.def("num_threads", &max_threads, "Worker threads per kernel call (FLATFAST_NUM_THREADS overrides).");
+  m.def("set_num_threads", &set_num_threads, py::arg("threads"),
+        "Worker threads for later calls (>= 1); 0 restores the default.");
   m.def("blas_check", &blas_check, "Largest error of a small GEMM through scipy's BLAS (0 when it works).");
 }

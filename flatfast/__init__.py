@@ -6,6 +6,7 @@ prior of the function, log P(f), under the NNGP of an infinitely wide ReLU netwo
 Importing flatfast never needs torch, Triton, CUDA or the compiled extension; :func:`backends` reports what
 can run here and why not.
 """
+from flatfast._native import set_num_threads
 from flatfast._registry import backends
 from flatfast.bounds import pac_bayes_bound
 from flatfast.errors import BackendFallbackWarning, BackendUnavailableError, ConvergenceWarning, NotPSDError
@@ -48,5 +49,6 @@ __all__ = [
     "nngp_kernel",
     "pac_bayes_bound",
     "rescale",
+    "set_num_threads",
     "sharpness",
 ]

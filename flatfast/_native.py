@@ -9,6 +9,7 @@ import contextlib
 import functools
 import importlib
 import os
+import threading
 
 
 @functools.lru_cache(maxsize=None)
@@ -119,15 +120,51 @@ def _blas_controller():
     return ThreadpoolController()
 
 
+_BLAS_LOCK = threading.Lock()
+_BLAS_STATE = {"users": 0, "limiter": None}
+
+
 @contextlib.contextmanager
 def single_threaded_blas():
-    """Limit every loaded BLAS to one thread while native code calls BLAS from its own OpenMP threads.
+    """Limit every loaded BLAS to one thread while native code calls BLAS from its own worker threads.
 
-    Without it, OpenBLAS's idle threads spin on the same cores as the OpenMP workers and halve throughput.
+    Without it, OpenBLAS's idle threads spin on the same cores as the workers and halve throughput. The limit is
+    process-wide, so it is reference-counted: the first caller in sets it, the last one out restores the
+    original, and Python threads calling the kernels concurrently cannot leave numpy single-threaded.
     """
     controller = _blas_controller()
     if controller is None:
         yield
         return
-    with controller.limit(limits=1, user_api="blas"):
+    with _BLAS_LOCK:
+        if _BLAS_STATE["users"] == 0:
+            _BLAS_STATE["limiter"] = controller.limit(limits=1, user_api="blas")
+        _BLAS_STATE["users"] += 1
+    try:
         yield
+    finally:
+        with _BLAS_LOCK:
+            _BLAS_STATE["users"] -= 1
+            if _BLAS_STATE["users"] == 0:
+                _BLAS_STATE["limiter"].restore_original_limits()
+                _BLAS_STATE["limiter"] = None
+
+
+def set_num_threads(threads=None):
+    """Set how many threads the C++ kernels use (None: the default -- FLATFAST_NUM_THREADS, else OpenMP's or the
+    hardware's count). Returns the count in force before. Without the C++ core it does nothing and returns None.
+
+    Examples
+    --------
+    >>> import flatfast
+    >>> previous = flatfast.set_num_threads(1)
+    >>> _ = flatfast.set_num_threads(None)   # back to the default
+    """
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads: expected a positive integer or None, got {threads!r}")
+    module = load_cpp()[0]
+    if module is None:
+        return None
+    previous = module.num_threads()
+    module.set_num_threads(0 if threads is None else threads)
+    return previous

@@ -33,11 +33,9 @@ def _masked_matmul_kernel(A, B, C, MASK, OUT, M, N, K, mask_rows, stride_am, str
     tl.store(OUT + rows[:, None] * N + cols[None, :], acc, mask=tile)
 
 
-def masked_matmul_triton(A, B, mask, C=None, block_m=64, block_n=64, block_k=32):
-    """(A @ B + C) * mask. A: (..., R, K) (leading dimensions are stacked directions), B: (K, N) (any strides),
-    mask: (R, N) bool, broadcast over A's leading dimensions; C: A @ B's shape or None."""
-    lead = A.shape[:-2]
-    R, K = A.shape[-2:]
+def _masked_matmul_launch(A, B, mask, C=None, block_m=64, block_n=64, block_k=32):
+    """(grid, args, kwargs, out) of the kernel's launch for (A @ B + C) * mask (see masked_matmul_triton)."""
+    K = A.shape[-1]
     N = B.shape[1]
     A2 = A.reshape(-1, K).contiguous()
     M = A2.shape[0]
@@ -45,6 +43,15 @@ def masked_matmul_triton(A, B, mask, C=None, block_m=64, block_n=64, block_k=32)
     C2 = C.reshape(M, N).contiguous() if C is not None else out
     mask_u8 = mask.contiguous().view(torch.uint8)
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
-    _masked_matmul_kernel[grid](A2, B, C2, mask_u8, out, M, N, K, R, A2.stride(0), B.stride(0), B.stride(1),
-                                HAS_C=C is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    args = (A2, B, C2, mask_u8, out, M, N, K, mask.shape[0], A2.stride(0), B.stride(0), B.stride(1))
+    kwargs = dict(HAS_C=C is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    return grid, args, kwargs, out
+
+
+def masked_matmul_triton(A, B, mask, C=None, block_m=64, block_n=64, block_k=32):
+    """(A @ B + C) * mask. A: (..., R, K) (leading dimensions are stacked directions), B: (K, N) (any strides),
+    mask: (R, N) bool, broadcast over A's leading dimensions; C: A @ B's shape or None."""
+    lead, R, N = A.shape[:-2], A.shape[-2], B.shape[1]
+    grid, args, kwargs, out = _masked_matmul_launch(A, B, mask, C, block_m, block_n, block_k)
+    _masked_matmul_kernel[grid](*args, **kwargs)
     return out.reshape(*lead, R, N)

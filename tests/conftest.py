@@ -12,17 +12,44 @@ def rng():
     return np.random.default_rng(12345)
 
 
+def devices_here():
+    """The devices this machine has: always "cpu", and "cuda" when torch sees a GPU. Backend tests run once per
+    device present, so on a GPU machine the same suite checks the CUDA paths against the same references."""
+    try:
+        import torch
+    except ImportError:
+        return ["cpu"]
+    return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+
+
 def nngp_backends_here():
-    """Every nngp backend that can run on CPU data in this process, as pytest params (skips name the reason)."""
+    """(backend, device) pytest params for every nngp backend on every device present that it runs on; one that
+    cannot run here is skipped with its reason (never silently dropped)."""
     import flatfast._registry  # noqa: F401  (registers the backends)
     from flatfast._dispatch import _REGISTRY
 
     params = []
-    for impl in _REGISTRY["nngp"]:
-        reason = impl.unavailable_reason("cpu")
-        marks = [pytest.mark.skip(reason=reason)] if reason else []
-        params.append(pytest.param(impl.name, marks=marks, id=impl.name))
+    for device in devices_here():
+        for impl in _REGISTRY["nngp"]:
+            if device not in impl.devices:
+                continue
+            reason = impl.unavailable_reason(device)
+            marks = [pytest.mark.skip(reason=reason)] if reason else []
+            params.append(pytest.param(impl.name, device, marks=marks, id=f"{impl.name}-{device}"))
     return params
+
+
+def on_device(array, device):
+    """A numpy array as the kernel should see it on ``device``: numpy on the CPU, a torch tensor on CUDA."""
+    if array is None or device == "cpu":
+        return array
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(array)).to(device)
+
+
+def to_numpy(result):
+    return result if isinstance(result, np.ndarray) else result.detach().cpu().numpy()
 
 
 def native_module_or_skip():

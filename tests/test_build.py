@@ -123,40 +123,50 @@ def test_import_reports_without_gpu():
 
 _COMPILE_SCRIPT = """
 import sys
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from flatfast.kernels.nngp_triton import _nngp_tile_kernel
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
+from flatfast.kernels.nngp_triton import _nngp_launch, _nngp_tile_kernel
+from flatfast.kernels.mlp_hvp_triton import _masked_matmul_launch, _masked_matmul_kernel
 
-pointers = {name: "*fp64" for name in ("X", "Z", "SQX", "SQZ", "QDIAG", "OUT", "COEF")}
-ints = {name: "i32" for name in ("n", "m", "d", "stride_x", "stride_z", "stride_o")}
-floats = {name: "fp64" for name in ("sw2_over_d", "sw2", "sb2")}
-consts = {"DEPTH": 2, "SYMMETRIC": True, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}
-signature = {**pointers, **ints, **floats, **{k: "constexpr" for k in consts}}
-compiled = triton.compile(ASTSource(fn=_nngp_tile_kernel, signature=signature, constexprs=consts),
-                          target=GPUTarget("cuda", int(sys.argv[1]), 32))
-assert compiled.asm["cubin"]
-print("cubin bytes", len(compiled.asm["cubin"]))
+target = GPUTarget("cuda", int(sys.argv[1]), 32)
+backend = make_backend(target)
 
-from flatfast.kernels.mlp_hvp_triton import _masked_matmul_kernel
 
-for dtype in ("fp32", "fp64"):
-    signature = {"A": "*" + dtype, "B": "*" + dtype, "C": "*" + dtype, "MASK": "*u8", "OUT": "*" + dtype,
-                 **{name: "i32" for name in ("M", "N", "K", "mask_rows", "stride_am", "stride_bk", "stride_bn")},
-                 "HAS_C": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
-    consts = {"HAS_C": True, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}
-    compiled = triton.compile(ASTSource(fn=_masked_matmul_kernel, signature=signature, constexprs=consts),
-                              target=GPUTarget("cuda", int(sys.argv[1]), 32))
+def compile_as_launched(kernel, args, kwargs):
+    # Triton's own launch-time specialisation of these very arguments: the signature a GPU launch would compile.
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    _, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target)
     assert compiled.asm["cubin"]
-    print("masked matmul", dtype, "cubin bytes", len(compiled.asm["cubin"]))
+    return signature, len(compiled.asm["cubin"])
+
+
+for dtype in (torch.float64, torch.float32):
+    X = torch.rand(100, 30, dtype=dtype)
+    for Z in (None, torch.rand(70, 30, dtype=dtype)):
+        _, args, kwargs, _ = _nngp_launch(X, Z, 2, 2.0, 1.0)
+        signature, size = compile_as_launched(_nngp_tile_kernel, args, kwargs)
+        assert all(signature[name] == "fp64" for name in ("sw2_over_d", "sw2", "sb2")), signature
+        print("nngp", dtype, "symmetric" if Z is None else "general", "cubin bytes", size)
+    A, B = torch.rand(3, 50, 20, dtype=dtype), torch.rand(40, 20, dtype=dtype).T
+    mask, C = torch.rand(50, 40) > 0.5, torch.rand(3, 50, 40, dtype=dtype)
+    for addend in (C, None):
+        _, args, kwargs, _ = _masked_matmul_launch(A, B, mask, addend)
+        signature, size = compile_as_launched(_masked_matmul_kernel, args, kwargs)
+        print("masked matmul", dtype, "with C" if addend is not None else "without C", "cubin bytes", size)
 """
 
 
 @pytest.mark.parametrize("capability", [80, 90])
 def test_triton_kernels_compile_for_gpu(capability):
-    """The interpreter accepts code the GPU compiler rejects; compile a real cubin for sm_80 / sm_90. This runs in
-    a fresh process without TRITON_INTERPRET, which the test session sets and which turns kernels into
-    interpreted functions that cannot be compiled."""
+    """The interpreter accepts code the GPU compiler rejects; compile real cubins for sm_80 / sm_90, with the
+    signatures Triton's launcher derives from the arguments our launchers really pass (so a float scalar typed
+    fp32 by the JIT is caught). This runs in a fresh process without TRITON_INTERPRET, which the test session
+    sets and which turns kernels into interpreted functions that cannot be compiled."""
     import subprocess
     import sys
 
@@ -165,7 +175,7 @@ def test_triton_kernels_compile_for_gpu(capability):
     out = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, str(capability)], env=env, capture_output=True,
                          text=True)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "cubin bytes" in out.stdout and "masked matmul fp64" in out.stdout
+    assert out.stdout.count("cubin bytes") == 8, out.stdout
 
 
 def test_command_line_info_and_demo():
@@ -177,3 +187,58 @@ def test_command_line_info_and_demo():
     demo = subprocess.run([sys.executable, "-m", "flatfast", "demo", "--n", "300"], capture_output=True, text=True,
                           check=True)
     assert "BLAS floor" in demo.stdout and "log P(f)" in demo.stdout
+
+
+def _blas_threads():
+    from threadpoolctl import threadpool_info
+
+    return sorted({pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"})
+
+
+def test_blas_thread_limit_is_restored_after_overlapping_callers():
+    """The limit is process-wide: with two overlapping users (two Python threads calling the kernels) the one
+    that leaves first must not lift it, and the last one out must restore the original count."""
+    import threading
+
+    pytest.importorskip("threadpoolctl")
+    from flatfast._native import single_threaded_blas
+
+    original = _blas_threads()
+    first, second = single_threaded_blas(), single_threaded_blas()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert _blas_threads() == [1]  # the second user is still inside
+    second.__exit__(None, None, None)
+    assert _blas_threads() == original
+
+    X = np.random.default_rng(0).random((700, 300))  # above the size at which the kernels limit BLAS
+    errors = []
+
+    def work():
+        try:
+            for _ in range(5):
+                flatfast.nngp_kernel(X)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and _blas_threads() == original
+
+
+def test_set_num_threads():
+    module = native_module_or_skip()
+    default = module.num_threads()
+    try:
+        assert flatfast.set_num_threads(1) == default and module.num_threads() == 1
+        K1 = flatfast.nngp_kernel(np.random.default_rng(1).random((600, 50)))
+    finally:
+        flatfast.set_num_threads(None)
+    assert module.num_threads() == default
+    np.testing.assert_allclose(flatfast.nngp_kernel(np.random.default_rng(1).random((600, 50))), K1, rtol=1e-15)
+    with pytest.raises(ValueError, match="threads: expected a positive integer"):
+        flatfast.set_num_threads(0)

@@ -7,7 +7,7 @@ import pytest
 import flatfast
 
 MODULES = ["flatfast.nngp", "flatfast.prior", "flatfast.hessian", "flatfast.measures", "flatfast.optim", "flatfast.bounds",
-           "flatfast._registry"]
+           "flatfast._registry", "flatfast._native"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -8,7 +8,7 @@ from torch.func import functional_call
 import flatfast
 from flatfast.hessian import HessianOperator
 
-from conftest import native_module_or_skip
+from conftest import devices_here, native_module_or_skip
 
 
 def mlp():
@@ -61,28 +61,39 @@ def dense_hessian(model, batches, target="class"):
     return H
 
 
-CASES = [("mlp", "class", "torch"), ("mlp", "class", "generic"), ("mlp", "regression", "torch"),
-         ("mlp", "regression", "generic"), ("mlp", "class", "triton"), ("mlp", "regression", "triton"),
-         ("mlp", "class", "cpp"), ("mlp", "regression", "cpp"),
-         ("cnn", "class", "auto")]
+def _hvp_cases():
+    """Every R-operator backend on every device present (CPU: torch, generic, Triton under the interpreter, C++;
+    CUDA: torch, generic, Triton, CUDA C++), both losses, plus a CNN through the generic path."""
+    cases = []
+    for device in devices_here():
+        native = "cpp" if device == "cpu" else "cuda"
+        for backend in ("torch", "generic", "triton", native):
+            for target in ("class", "regression"):
+                cases.append(pytest.param("mlp", target, backend, device, id=f"mlp-{target}-{backend}-{device}"))
+        cases.append(pytest.param("cnn", "class", "auto", device, id=f"cnn-class-auto-{device}"))
+    return cases
 
 
-@pytest.mark.parametrize("kind,target,backend", CASES)
-def test_hvp_matches_dense_hessian(kind, target, backend):
+@pytest.mark.parametrize("kind,target,backend,device", _hvp_cases())
+def test_hvp_matches_dense_hessian(kind, target, backend, device):
     if backend == "triton":  # the Triton kernels run here under TRITON_INTERPRET=1 (tests/conftest.py)
         pytest.importorskip("triton")
     if backend == "cpp":
         native_module_or_skip()
+    if backend == "cuda" and flatfast.backends()["mlp_hvp"]["cuda"].startswith("unavailable"):
+        pytest.skip(flatfast.backends()["mlp_hvp"]["cuda"])
     model = mlp() if kind == "mlp" else cnn()
     batches = data(kind, target)
-    H = dense_hessian(model, batches, target)
+    H = dense_hessian(model, batches, target)  # on the CPU, the oracle for every device
+    model = model.to(device)
+    batches = [(x.to(device), y.to(device)) for x, y in batches]
     V = torch.randn(5, H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    HV = flatfast.hvp(model, batches, V, backend=backend)
+    HV = flatfast.hvp(model, batches, V.to(device), backend=backend).cpu()
     assert torch.allclose(HV, V @ H, rtol=0, atol=1e-10 * float(H.abs().max()))
-    one = flatfast.hvp(model, batches, V[0], backend=backend)
+    one = flatfast.hvp(model, batches, V[0].to(device), backend=backend).cpu()
     assert one.shape == V[0].shape and torch.allclose(one, HV[0], atol=1e-12)
     op = HessianOperator(model, batches, backend=backend)
-    assert torch.allclose(op.quadratic(V), (V * (V @ H)).sum(1), rtol=1e-10, atol=1e-12)
+    assert torch.allclose(op.quadratic(V.to(device)).cpu(), (V * (V @ H)).sum(1), rtol=1e-10, atol=1e-12)
 
 
 def test_fast_path_is_chosen_and_agrees_with_generic():

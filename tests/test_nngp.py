@@ -9,7 +9,7 @@ import flatfast
 from flatfast.reference.nngp import nngp_kernel_reference
 from flatfast.testing import kernel_diagonal, sample_relu_network_outputs, scaled_error
 
-from conftest import native_module_or_skip, nngp_backends_here
+from conftest import native_module_or_skip, nngp_backends_here, on_device, to_numpy
 
 SIZES = (1, 2, 7, 64, 513)
 DIMS = (1, 3, 784, 3072)
@@ -40,47 +40,49 @@ def grid_for(backend):
 
 def _cases():
     for backend_param in nngp_backends_here():
-        backend = backend_param.values[0]
+        backend, device = backend_param.values
         shapes, depths = grid_for(backend)
         for n, m, d in shapes:
-            yield pytest.param(backend, n, m, d, depths, marks=backend_param.marks, id=f"{backend}-{n}x{m}-d{d}")
+            yield pytest.param(backend, device, n, m, d, depths, marks=backend_param.marks,
+                               id=f"{backend}-{device}-{n}x{m}-d{d}")
 
 
-@pytest.mark.parametrize("backend,n,m,d,depths", list(_cases()))
-def test_backend_matches_reference_float64(backend, n, m, d, depths, rng):
+@pytest.mark.parametrize("backend,device,n,m,d,depths", list(_cases()))
+def test_backend_matches_reference_float64(backend, device, n, m, d, depths, rng):
     X, Z = make_inputs(rng, n, m, d)
     for depth in depths:
         qx, qz = kernel_diagonal(X, depth), kernel_diagonal(Z, depth)
-        K = flatfast.nngp_kernel(X, Z, depth=depth, backend=backend)
+        K = to_numpy(flatfast.nngp_kernel(on_device(X, device), on_device(Z, device), depth=depth, backend=backend))
         assert K.dtype == np.float64 and K.shape == (n, m)
         err = scaled_error(K, nngp_kernel_reference(X, Z, depth), qx, qz)
         assert err <= F64_TOL, f"depth {depth}: scaled error {err:.2e}"
         if n == m:  # the symmetric path, Z = X
-            Ks = flatfast.nngp_kernel(X, depth=depth, backend=backend)
+            Ks = to_numpy(flatfast.nngp_kernel(on_device(X, device), depth=depth, backend=backend))
             err = scaled_error(Ks, nngp_kernel_reference(X, None, depth), qx, qx)
             assert err <= F64_TOL, f"symmetric, depth {depth}: scaled error {err:.2e}"
             np.testing.assert_allclose(np.diag(Ks), qx, rtol=1e-14)  # the closed-form diagonal
             np.testing.assert_array_equal(Ks, Ks.T)
 
 
-@pytest.mark.parametrize("backend", nngp_backends_here())
+@pytest.mark.parametrize("backend,device", nngp_backends_here())
 @pytest.mark.parametrize("d", [3, 784, 3072])
-def test_float32_within_stated_tolerance(backend, d, rng):
+def test_float32_within_stated_tolerance(backend, device, d, rng):
     X, Z = make_inputs(rng, 64, 7, d)
     for depth in (0, 2, 10):
-        K32 = flatfast.nngp_kernel(X.astype(np.float32), Z.astype(np.float32), depth=depth, backend=backend,
-                                   dtype=np.float32)
+        K32 = to_numpy(flatfast.nngp_kernel(on_device(X.astype(np.float32), device),
+                                            on_device(Z.astype(np.float32), device), depth=depth, backend=backend,
+                                            dtype=np.float32))
         assert K32.dtype == np.float32
         err = scaled_error(K32, nngp_kernel_reference(X, Z, depth), kernel_diagonal(X, depth), kernel_diagonal(Z, depth))
         assert err <= F32_TOL, f"depth {depth}: float32 scaled error {err:.2e}"
 
 
-@pytest.mark.parametrize("backend", nngp_backends_here())
-def test_zero_bias_variance_and_zero_rows(backend):
+@pytest.mark.parametrize("backend,device", nngp_backends_here())
+def test_zero_bias_variance_and_zero_rows(backend, device):
     # sigma_b2 = 0 and a zero row: q = 0 for that point, whose covariances are exactly 0.
     X = np.array([[0.0, 0.0], [1.0, 2.0], [-1.0, 0.5]])
     for depth in (0, 1, 3):
-        K = flatfast.nngp_kernel(X, depth=depth, sigma_b2=0.0, backend=backend)
+        K = to_numpy(flatfast.nngp_kernel(on_device(X, device), depth=depth, sigma_b2=0.0, backend=backend))
         ref = nngp_kernel_reference(X, None, depth, 2.0, 0.0)
         np.testing.assert_allclose(K, ref, rtol=1e-13, atol=1e-300)
         assert np.all(K[0] == 0.0) and np.all(np.isfinite(K))

@@ -235,3 +235,17 @@ def test_warm_start_reaches_the_same_value_in_fewer_sweeps(rng):
                                                                             return_info=True))
     with pytest.raises(ValueError, match="warm_start: expected an EPResult"):
         flatfast.ep_log_evidence(K[:10, :10], y[:10], warm_start=first)
+
+
+def test_ep_on_cupy_matches_numpy(rng):
+    """The same EP solver over cupy (the GPU array module) as over numpy; runs wherever cupy sees a device."""
+    cupy = pytest.importorskip("cupy")
+    if not cupy.cuda.is_available():
+        pytest.skip("cupy is installed but sees no CUDA device")
+    X = rng.random((400, 30))
+    K = flatfast.nngp_kernel(X)
+    y = np.where(X[:, :15].sum(1) > X[:, 15:].sum(1), 1, -1)
+    for likelihood in ("heaviside", "probit"):
+        ref = ep_log_evidence(K, y, likelihood=likelihood, return_info=True)
+        got = ep_log_evidence(cupy.asarray(K), y, likelihood=likelihood, return_info=True)
+        assert got.converged and abs(got.log_z - ref.log_z) <= 1e-8 * abs(ref.log_z)

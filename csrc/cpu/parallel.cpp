@@ -1,5 +1,6 @@
 #include "cpu/parallel.h"
 
+#include <atomic>
 #include <cstdlib>
 #include <thread>
 
@@ -20,9 +21,14 @@ int positive_env(const char* name) {
   return value != nullptr && std::atoi(value) > 0 ? std::atoi(value) : 0;
 }
 
+std::atomic<int> g_requested_threads{0};  // set_num_threads; 0 = not set
+
 }  // namespace
 
+void set_num_threads(int threads) { g_requested_threads.store(threads > 0 ? threads : 0); }
+
 int max_threads() {
+  if (const int requested = g_requested_threads.load()) return requested;
   if (const int requested = positive_env("FLATFAST_NUM_THREADS")) return requested;
 #if defined(_OPENMP)
   return omp_get_max_threads();

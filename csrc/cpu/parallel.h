@@ -17,9 +17,12 @@ namespace flatfast {
 
 // "openmp" or "std::thread": what this build runs its tile loops on.
 const char* threading_backend();
-// Worker threads a parallel_for uses: FLATFAST_NUM_THREADS if set (either build), else OpenMP's own count
+// Worker threads a parallel_for uses: set_num_threads's value, else FLATFAST_NUM_THREADS if set (either build),
+// else OpenMP's own count
 // (OMP_NUM_THREADS), else -- without OpenMP -- OMP_NUM_THREADS or the hardware's thread count.
 int max_threads();
+// Overrides the count (threads >= 1) for every later call; 0 goes back to the default above.
+void set_num_threads(int threads);
 
 // body(i) for every i in [0, count), items handed out one at a time to whichever worker is free (tiles differ
 // in cost: the diagonal tiles of a symmetric kernel do half the work). body must not throw.
