@@ -691,6 +691,11 @@ def _parse_shard(text):
 
 
 def main(args) -> int:
+    temporal_only = [flag for field, flag in (("post_epochs", "--post-epochs"), ("every", "--every"))
+                     if getattr(args, field, None) is not None]
+    if temporal_only:
+        print(f"flatfast reproduce: {', '.join(temporal_only)} apply to --experiment temporal only", file=sys.stderr)
+        return 2
     try:
         if getattr(args, "merge", None):
             t0 = time.perf_counter()

@@ -274,7 +274,16 @@ def plot_temporal(rows, path, config):
     plt.close(fig)
 
 
+_MAIN_ONLY = {"attack_sizes": "--attack-sizes", "seeds": "--seeds", "optimizers": "--optimizers",
+              "likelihood": "--likelihood", "sharpness_method": "--sharpness", "shard": "--shard"}
+
+
 def main(args) -> int:
+    given = [flag for field, flag in _MAIN_ONLY.items() if getattr(args, field, None) is not None]
+    if given:
+        print(f"flatfast reproduce: {', '.join(given)} apply to the main experiment, not to --experiment temporal "
+              "(which records both likelihoods and the SGD-ascent sharpness of one SGD network)", file=sys.stderr)
+        return 2
     overrides = {}
     for field in ("data", "data_dir", "n_train", "n_test", "max_epochs", "lr", "post_epochs", "every",
                   "sharpness_epochs", "out"):

@@ -187,6 +187,9 @@ def test_runs_that_never_fit_S_are_left_out_of_the_statistics():
     (["--optimizers", "rmsprop"], "--optimizers: unknown optimizer 'rmsprop'"),
     (["--shard", "2/2"], "--shard: must be i/N"),
     (["--data", "mnist"], "data_dir"),
+    (["--post-epochs", "10"], "--post-epochs apply to --experiment temporal only"),
+    (["--experiment", "temporal", "--attack-sizes", "100"], "--attack-sizes apply to the main experiment"),
+    (["--experiment", "temporal", "--every", "0"], "--every: must be >= 1"),
 ])
 def test_bad_arguments_say_which_and_write_nothing(tmp_path, args, message):
     target = tmp_path / "out"
