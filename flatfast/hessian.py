@@ -109,9 +109,11 @@ def hessian_trace(model, loader, loss_fn=None, *, probes=None, rtol=0.01, method
     ``method="hutchinson"`` is plain Hutchinson with Rademacher probes, :math:`\mathrm{tr} H \approx
     \frac1m\sum_j v_j^\top H v_j` (each :math:`v^\top H v` a second directional derivative). Probes are drawn
     in blocks of ``block`` (one data pass per block). Stops when ``stderr <= rtol * |value|``, or after exactly
-    ``probes`` operator products when given. ``method="exact"`` (nn.Sequential Linear/ReLU models with the default
-    loss only) is the exact trace with zero standard error in about two forward+backward passes: such a network
-    is piecewise linear in each single parameter, so the Hessian's diagonal is the Gauss-Newton diagonal.
+    ``probes`` operator products (>= 6 for Hutch++, >= 2 for Hutchinson) when given. ``method="exact"``
+    (nn.Sequential Linear/ReLU models with the default loss only) is the exact trace with zero standard error:
+    such a network is piecewise linear in each single parameter, so the Hessian's diagonal is the Gauss-Newton
+    diagonal. It costs one forward pass and a backward pass of C vectors (C = the number of outputs), about C
+    backward passes -- cheap for classifiers with few classes (10 classes: ~0.03x a 100-probe estimate here).
 
     Returns
     -------
