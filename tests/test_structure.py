@@ -59,3 +59,21 @@ def test_dispatcher_and_loaders_know_no_clients():
     graph = import_graph()
     for low_level in ("flatfast._dispatch", "flatfast._native"):
         assert graph[low_level] <= {"flatfast.errors"}, (low_level, graph[low_level])
+
+
+def test_auto_ranks_the_measured_safe_paths_first_on_cuda():
+    """No GPU has measured the hand-written CUDA C++ kernels, so on CUDA tensors 'auto' tries cuBLAS (torch) for
+    the R-operator and Triton for the NNGP kernel before them; on the CPU the measured order stands."""
+    import flatfast._registry  # noqa: F401
+    from flatfast._dispatch import _REGISTRY
+
+    def auto_order(op, device):
+        return [impl.name for impl in _REGISTRY[op] if device in (impl.auto_devices or impl.devices)]
+
+    assert auto_order("mlp_hvp", "cuda")[0] == "torch"
+    assert auto_order("mlp_hvp", "cuda").index("torch") < auto_order("mlp_hvp", "cuda").index("cuda")
+    assert auto_order("mlp_vhv", "cuda")[0] == "torch"
+    assert auto_order("nngp", "cuda")[0] == "triton"
+    assert auto_order("nngp", "cuda").index("triton") < auto_order("nngp", "cuda").index("cuda")
+    assert auto_order("nngp", "cpu")[0] == "cpp" and auto_order("mlp_hvp", "cpu")[0] == "torch"
+    assert "triton" not in auto_order("nngp", "cpu")  # Triton runs CPU tensors only under its interpreter
