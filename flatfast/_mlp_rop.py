@@ -25,7 +25,7 @@ def plain_mlp_layers(model, params) -> Optional[List]:
     (which then takes the generic path)."""
     import torch.nn as nn
 
-    if type(model) is not nn.Sequential or not _plain(model, nn.Sequential):
+    if not _plain(model, nn.Sequential):
         return None
     modules = list(model)
     if modules and _plain(modules[0], nn.Flatten):
