@@ -83,7 +83,7 @@ def log_prior(X, y, *, depth=2, sigma_w2=2.0, sigma_b2=1.0, likelihood="heavisid
     X = as_float_matrix(X, "X", allow_empty=False)
     labels = _labels(y, X.shape[0])
     n = X.shape[0]
-    memory_guard(2 * 8.0 * n * n, f"log_prior on n = {n} points (the kernel and one workspace)")
+    _guard_memory(n, likelihood, method, "log_prior")
     K = to_numpy(nngp_kernel(X, depth=depth, sigma_w2=sigma_w2, sigma_b2=sigma_b2, backend=backend))
     return _evidence(K, labels, y_was_2d=np.ndim(y) == 2, likelihood=likelihood, method=method, tol=tol,
                      max_sweeps=max_sweeps, return_info=return_info, n_samples=n_samples, seed=seed)
@@ -96,6 +96,11 @@ def ep_log_evidence(K, y, *, likelihood="heaviside", method="ep", tol=1e-6, max_
     The same estimator as :func:`log_prior` (see there for ``likelihood``, ``method``, ``tol``, ``max_sweeps``,
     ``return_info``, ``n_samples``, ``seed``). K must be symmetric positive semi-definite; ``check_psd=True``
     verifies that with one Cholesky of K + 1e-10 mean(diag K) I, and raises :class:`flatfast.NotPSDError`.
+    EP runs in float64: a K of another dtype is converted once (one copy of K).
+
+    Under the Heaviside likelihood some labellings have probability exactly 0: a point with K_ii = 0, or two
+    points with correlation +1 (duplicate inputs) given different labels. Those return -inf with a warning
+    naming the points, instead of running EP into a NaN.
 
     ``warm_start``: an :class:`flatfast.EPResult` of an earlier call on the same K and likelihood (e.g. the
     previous epoch's labelling of the same inputs); EP starts from its sites instead of from zero. The fixed
@@ -115,11 +120,14 @@ def ep_log_evidence(K, y, *, likelihood="heaviside", method="ep", tol=1e-6, max_
         raise ValueError(f"K: expected a square 2-D matrix, got shape {tuple(K.shape)}")
     if K.shape[0] == 0:
         raise ValueError("K: is empty (n = 0)")
-    if K.dtype.kind != "f":
+    if K.dtype != xp.float64:
+        # EP runs in float64 (the standard for EP and the oracles); convert once, here, rather than let LAPACK
+        # copy a float32 K silently on every sweep.
         K = K.astype(xp.float64)
     if not bool(xp.isfinite(K).all()):
         raise ValueError("K: contains NaN or infinite values")
     n = K.shape[0]
+    _guard_memory(n, likelihood, method, "ep_log_evidence")
     scale = float(xp.max(xp.abs(K)))
     if float(xp.max(xp.abs(K - K.T))) > 1e-10 * max(scale, 1e-300):
         raise NotPSDError("K: is not symmetric")
@@ -166,6 +174,49 @@ def _labels(y, n):
     return np.atleast_2d(signs)
 
 
+def _guard_memory(n, likelihood, method, caller):
+    """Fail before allocating: float64 n x n arrays alive at once -- K and EP's workspace, K + I for probit, and
+    for ep-is the sampler's B, its factor, the solve, Sigma and its eigenvectors."""
+    arrays = 2 + (likelihood == "probit") + 5 * (method == "ep-is")
+    memory_guard(arrays * 8.0 * n * n, f"{caller} on n = {n} points ({arrays} float64 n x n arrays: K, EP's "
+                 "workspace" + (", K + I" if likelihood == "probit" else "") +
+                 (", the importance sampler's five" if method == "ep-is" else "") + ")")
+
+
+def _impossible_points(K, labels, xp):
+    """For each labelling, why its Heaviside orthant probability is exactly 0, or None. A point with K_ii = 0 (a blank input
+    with sigma_b2 = 0) has g_i = 0, whose sign is never strictly positive or negative; two points with
+    correlation +1 (duplicates) carry one g between them and cannot take different labels, nor points with
+    correlation -1 the same label."""
+    diag = xp.diagonal(K)
+    scale = float(xp.max(diag)) if diag.size else 0.0
+    zero = xp.nonzero(diag <= 1e-14 * scale)[0]
+    if zero.size:
+        listed = [int(i) for i in zero[:10]]
+        reason = (f"point(s) {listed}{' ...' if zero.size > 10 else ''} have zero prior variance (K_ii = 0, e.g. a "
+                  "blank input with sigma_b2 = 0): g_i = 0 there, so no labelling of them has positive probability")
+        return [reason] * len(labels)
+    root = xp.sqrt(diag)
+    corr = K / root[:, None] / root[None, :]
+    tied, opposed = xp.triu(corr >= 1.0 - 1e-12, 1), xp.triu(corr <= -1.0 + 1e-12, 1)
+    if not (bool(tied.any()) or bool(opposed.any())):
+        return [None] * len(labels)
+    reasons = []
+    for row in labels:
+        y = xp.asarray(row)
+        same = y[:, None] == y[None, :]
+        pairs = xp.argwhere((tied & ~same) | (opposed & same))
+        if pairs.shape[0] == 0:
+            reasons.append(None)
+            continue
+        i, j = (int(v) for v in pairs[0])
+        kind = "duplicates (correlation +1) with different" if bool(corr[i, j] > 0) else \
+            "antipodal (correlation -1) with equal"
+        reasons.append(f"points {i} and {j} are {kind} labels, which no function drawn from the prior can give "
+                       f"them ({pairs.shape[0]} such pair(s) in all)")
+    return reasons
+
+
 def _check_psd(K, xp):
     jitter = 1e-10 * float(xp.mean(xp.diagonal(K)))
     work = K + jitter * xp.eye(K.shape[0], dtype=K.dtype)
@@ -191,8 +242,15 @@ def _evidence(K, labels, *, y_was_2d, likelihood, method, tol, max_sweeps, retur
         # Phi(y g) = P(y (g + e) > 0), e ~ N(0, 1): the Heaviside problem for the kernel K + I.
         K = K + xp.eye(K.shape[0], dtype=K.dtype)
     results = []
-    for row in labels:
+    impossible = _impossible_points(K, labels, xp) if likelihood == "heaviside" else [None] * len(labels)
+    for row, reason in zip(labels, impossible):
         y = xp.asarray(row)
+        if reason is not None:
+            warnings.warn(f"log P(f) = -inf: {reason}", RuntimeWarning, stacklevel=3)
+            results.append(EPResult(log_z=-math.inf, sweeps=0, converged=True, damping=1.0, max_site_change=0.0,
+                                    log_z_history=[], seconds=0.0, likelihood=likelihood, method=method,
+                                    ep_log_z=-math.inf))
+            continue
         res = expectation_propagation(K, y, tol=tol, max_sweeps=max_sweeps, init=init)
         res.likelihood = likelihood
         if method == "ep-is":
@@ -238,7 +296,7 @@ def expectation_propagation(K, y, *, tol=1e-6, max_sweeps=200, site_tol=None, in
             if saved is None or damping < 1e-6:
                 raise FloatingPointError("EP: a cavity precision became non-positive and damping cannot fix it")
             tau, nu, post_var, post_mean, half_log_det = saved
-            damping *= 0.5
+            damping = next_damping(damping, "cavity")
             saved = None  # the proposal tau_new, nu_new that led here is retried with half the step
         else:
             nu_cav = post_mean / post_var - nu
@@ -256,7 +314,7 @@ def expectation_propagation(K, y, *, tol=1e-6, max_sweeps=200, site_tol=None, in
                     break
                 if abs(delta) > tol and len(history) >= 3 and delta * (history[-2] - history[-3]) < 0 and \
                         abs(delta) >= 0.5 * abs(history[-2] - history[-3]):
-                    damping = max(damping * 0.5, 1e-3)  # oscillating and not shrinking
+                    damping = next_damping(damping, "oscillation")
             if steps >= max_sweeps:
                 break
         saved = (tau, nu, post_var, post_mean, half_log_det)
@@ -272,6 +330,18 @@ def expectation_propagation(K, y, *, tol=1e-6, max_sweeps=200, site_tol=None, in
                     max_site_change=change, log_z_history=[float(v) for v in history],
                     seconds=time.perf_counter() - t0, likelihood="heaviside", ep_log_z=float(history[-1]),
                     site_precision=tau, site_natural_mean=nu)
+
+
+_OSCILLATION_FLOOR = 1e-3
+
+
+def next_damping(damping, cause):
+    """One monotone schedule: damping never grows. A non-positive cavity halves it (down to 1e-6, where EP gives
+    up); an oscillating log Z halves it too, but not below 1e-3 -- and never raises it back to 1e-3 after
+    cavity retries took it lower."""
+    if cause == "cavity":
+        return 0.5 * damping
+    return min(damping, max(0.5 * damping, _OSCILLATION_FLOOR))
 
 
 def _site_change(tau, nu, tau_new, nu_new, diag_k, xp):

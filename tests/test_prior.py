@@ -249,3 +249,109 @@ def test_ep_on_cupy_matches_numpy(rng):
         ref = ep_log_evidence(K, y, likelihood=likelihood, return_info=True)
         got = ep_log_evidence(cupy.asarray(K), y, likelihood=likelihood, return_info=True)
         assert got.converged and abs(got.log_z - ref.log_z) <= 1e-8 * abs(ref.log_z)
+
+
+# --- probit, checked independently of the "Heaviside on K + I" identity ----------------------------------------
+
+@pytest.mark.parametrize("n", [50, 200])
+@pytest.mark.parametrize("labels", ["random", "structured"])
+def test_probit_matches_the_oracles_own_probit_update(n, labels):
+    rng = np.random.default_rng(n + 7)
+    X, K, y = _problem(n, 20, rng, labels)
+    oracle = sequential_ep_log_z(K, y, likelihood="probit")
+    res = ep_log_evidence(K, y, likelihood="probit", tol=1e-9, return_info=True)
+    assert res.converged and abs(res.log_z - oracle) <= 1e-8 * abs(oracle), (res.log_z, oracle)
+
+
+@pytest.mark.parametrize("X,y", list(_random_problems()))
+def test_probit_against_genz_on_k_plus_identity(X, y):
+    K = flatfast.nngp_kernel(X, depth=2)
+    exact = _exact_log_orthant(K + np.eye(len(y)), y)
+    # measured on these 12 problems: EP within 0.009 nats (probit is smoother than Heaviside, EP closer)
+    assert abs(ep_log_evidence(K, y, likelihood="probit", tol=1e-9) - exact) < 0.02
+
+
+def _probit_by_quadrature(K, y, order=80):
+    """log of the integral of prod_i Phi(y_i g_i) N(g; 0, K) dg by tensor Gauss-Hermite quadrature (n <= 3)."""
+    from scipy.stats import norm
+
+    n = len(y)
+    L = np.linalg.cholesky(K)
+    nodes, weights = np.polynomial.hermite_e.hermegauss(order)
+    weights = weights / np.sqrt(2 * np.pi)
+    U = np.stack([g.ravel() for g in np.meshgrid(*([nodes] * n), indexing="ij")])
+    W = np.prod(np.stack([g.ravel() for g in np.meshgrid(*([weights] * n), indexing="ij")]), axis=0)
+    return float(np.log(np.sum(W * np.prod(norm.cdf(y[:, None] * (L @ U)), axis=0))))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_probit_against_direct_quadrature(n):
+    rng = np.random.default_rng(30 + n)
+    X = rng.standard_normal((n, 3))
+    y = np.where(rng.random(n) < 0.5, -1.0, 1.0)
+    K = flatfast.nngp_kernel(X)
+    exact = _probit_by_quadrature(K, y)
+    # the identity probit(K) = Heaviside(K + I), checked by two exact methods that share nothing
+    assert exact == pytest.approx(_exact_log_orthant(K + np.eye(n), y), abs=1e-6)
+    if n == 1:
+        assert exact == pytest.approx(np.log(0.5), abs=1e-12)
+    # EP's own error: 0 at n = 1, measured 0.005 and 0.013 nats at n = 2, 3
+    assert abs(ep_log_evidence(K, y, likelihood="probit", tol=1e-10) - exact) < 0.03
+
+
+# --- robustness -------------------------------------------------------------------------------------------------
+
+def test_zero_prior_variance_point_gives_minus_infinity_with_a_reason():
+    X = np.array([[0.0, 0.0], [1.0, 2.0], [-1.0, 0.5]])  # a blank input and sigma_b2 = 0: K_00 = 0
+    with pytest.warns(RuntimeWarning, match=r"point\(s\) \[0\] have zero prior variance"):
+        assert log_prior(X, [1, 1, -1], sigma_b2=0.0) == -np.inf
+    assert np.isfinite(log_prior(X, [1, 1, -1], sigma_b2=0.0, likelihood="probit"))  # the noise makes it possible
+    K = flatfast.nngp_kernel(X, sigma_b2=0.0)
+    with pytest.warns(RuntimeWarning, match="zero prior variance"):
+        res = ep_log_evidence(K, [1, 1, -1], return_info=True)
+    assert res.log_z == -np.inf and res.sweeps == 0
+
+
+def test_duplicates_with_contradicting_labels_give_minus_infinity():
+    X = np.array([[0.3, 0.2], [1.0, 2.0], [0.3, 0.2], [0.5, -0.1]])
+    with pytest.warns(RuntimeWarning, match="points 0 and 2 are duplicates"):
+        values = log_prior(X, np.array([[1, -1, -1, 1], [1, -1, 1, 1]]))
+    assert values[0] == -np.inf and np.isfinite(values[1])  # per labelling: the consistent one is computed
+    assert np.isfinite(log_prior(X, [1, -1, -1, 1], likelihood="probit"))
+
+
+def test_damping_schedule_never_rises():
+    from flatfast.prior import next_damping
+
+    damping = 1.0
+    history = [damping]
+    for cause in ["oscillation"] * 4 + ["cavity"] * 12 + ["oscillation"] * 3 + ["cavity", "oscillation"]:
+        damping = next_damping(damping, cause)
+        history.append(damping)
+    assert all(b <= a for a, b in zip(history, history[1:]))
+    assert history[4] == 0.0625 and min(history) < 1e-3  # oscillation halves; cavities may go below its floor
+    assert next_damping(2e-3, "oscillation") == 1e-3 and next_damping(1e-3, "oscillation") == 1e-3
+
+
+def test_float32_kernel_is_converted_to_float64(rng):
+    X = rng.random((80, 6))
+    K = flatfast.nngp_kernel(X)
+    y = np.where(X[:, 0] > 0.5, 1, -1)
+    K32 = K.astype(np.float32)
+    # EP on the float32-rounded K, in float64: the same as on that K cast by hand
+    assert ep_log_evidence(K32, y) == ep_log_evidence(K32.astype(np.float64), y)
+    assert ep_log_evidence(K32, y) == pytest.approx(ep_log_evidence(K, y), rel=1e-5)
+
+
+def test_memory_guard_counts_what_each_method_allocates(monkeypatch):
+    import flatfast.prior as prior
+
+    asked = []
+    monkeypatch.setattr(prior, "memory_guard", lambda n_bytes, what: asked.append((n_bytes, what)))
+    X = np.random.default_rng(0).random((30, 4))
+    y = np.where(X[:, 0] > 0.5, 1, -1)
+    log_prior(X, y)
+    log_prior(X, y, likelihood="probit")
+    log_prior(X, y, method="ep-is", n_samples=100)
+    assert [a for a, _ in asked] == [2 * 8.0 * 900, 3 * 8.0 * 900, 7 * 8.0 * 900]
+    assert "K + I" in asked[1][1] and "importance sampler" in asked[2][1]
