@@ -183,11 +183,14 @@ def _guard_memory(n, likelihood, method, caller):
                  (", the importance sampler's five" if method == "ep-is" else "") + ")")
 
 
-def _impossible_points(K, labels, xp):
-    """For each labelling, why its Heaviside orthant probability is exactly 0, or None. A point with K_ii = 0 (a blank input
-    with sigma_b2 = 0) has g_i = 0, whose sign is never strictly positive or negative; two points with
-    correlation +1 (duplicates) carry one g between them and cannot take different labels, nor points with
-    correlation -1 the same label."""
+def _impossible_points(K, labels, xp, block=512):
+    """For each labelling, why its Heaviside orthant probability is exactly 0, or None.
+
+    A point with K_ii = 0 (a blank input with sigma_b2 = 0) has g_i = 0, whose sign is never strictly positive
+    or negative; two points with correlation +1 (duplicates) carry one g between them and cannot take different
+    labels, nor points with correlation -1 the same label. K is scanned in blocks of ``block`` rows, so the check
+    allocates no n x n temporary beside the ones EP already counts.
+    """
     diag = xp.diagonal(K)
     scale = float(xp.max(diag)) if diag.size else 0.0
     zero = xp.nonzero(diag <= 1e-14 * scale)[0]
@@ -197,23 +200,30 @@ def _impossible_points(K, labels, xp):
                   "blank input with sigma_b2 = 0): g_i = 0 there, so no labelling of them has positive probability")
         return [reason] * len(labels)
     root = xp.sqrt(diag)
-    corr = K / root[:, None] / root[None, :]
-    tied, opposed = xp.triu(corr >= 1.0 - 1e-12, 1), xp.triu(corr <= -1.0 + 1e-12, 1)
-    if not (bool(tied.any()) or bool(opposed.any())):
+    first, second, positive = [], [], []
+    for start in range(0, K.shape[0], block):
+        corr = K[start: start + block] / root[start: start + block, None] / root[None, :]
+        i, j = xp.nonzero(xp.abs(corr) >= 1.0 - 1e-12)
+        upper = j > i + start
+        first.append(i[upper] + start)
+        second.append(j[upper])
+        positive.append(corr[i[upper], j[upper]] > 0)
+    first, second, positive = xp.concatenate(first), xp.concatenate(second), xp.concatenate(positive)
+    if first.size == 0:
         return [None] * len(labels)
     reasons = []
     for row in labels:
         y = xp.asarray(row)
-        same = y[:, None] == y[None, :]
-        pairs = xp.argwhere((tied & ~same) | (opposed & same))
-        if pairs.shape[0] == 0:
+        clash = xp.nonzero((y[first] == y[second]) != positive)[0]  # +1 with different labels, -1 with equal
+        if clash.size == 0:
             reasons.append(None)
             continue
-        i, j = (int(v) for v in pairs[0])
-        kind = "duplicates (correlation +1) with different" if bool(corr[i, j] > 0) else \
+        k = int(clash[0])
+        i, j = int(first[k]), int(second[k])
+        kind = "duplicates (correlation +1) with different" if bool(positive[k]) else \
             "antipodal (correlation -1) with equal"
         reasons.append(f"points {i} and {j} are {kind} labels, which no function drawn from the prior can give "
-                       f"them ({pairs.shape[0]} such pair(s) in all)")
+                       f"them ({clash.size} such pair(s) in all)")
     return reasons
 
 
