@@ -14,6 +14,21 @@ def torch_masked_matmul(A, B, mask, C=None):
     return out * mask
 
 
+def _flat_operands(A, B, mask, C):
+    """The 2-D, contiguous operands the C++ and CUDA kernels take: A as (rows, K); B as itself, or as W when it
+    is a transposed weight W.T (no copy); C as (rows, N) or None; the mask as uint8 bytes."""
+    import torch
+
+    K, N = A.shape[-1], B.shape[1]
+    if B.T.is_contiguous():
+        b, transposed = B.T, True
+    else:
+        b, transposed = B.contiguous(), False
+    a = A.reshape(-1, K).contiguous()
+    c = None if C is None else C.reshape(-1, N).contiguous()
+    return a, b, transposed, mask.contiguous().view(torch.uint8), c
+
+
 def cpp_masked_matmul(A, B, mask, C=None):
     """(A @ B + C) * mask by the C++ kernel on numpy views of the CPU tensors (no copies for contiguous ones)."""
     import torch
@@ -21,21 +36,11 @@ def cpp_masked_matmul(A, B, mask, C=None):
     from flatfast import _native
 
     module = _native.load_cpp()[0]
-    lead, (R, K), N = A.shape[:-2], A.shape[-2:], B.shape[1]
-    if B.T.is_contiguous():  # a transposed weight, W.T: hand over W itself
-        b, transposed = B.T.numpy(), True
-    else:
-        b, transposed = B.contiguous().numpy(), False
-    a = A.reshape(-1, K).contiguous().numpy()
-    c = None if C is None else C.reshape(-1, N).contiguous().numpy()
+    a, b, transposed, keep, c = _flat_operands(A, B, mask, C)
     fn = module.masked_matmul_f64 if A.dtype == torch.float64 else module.masked_matmul_f32
-    keep = mask.contiguous().view(torch.uint8).numpy()
-    if a.shape[0] * N * K >= 2_000_000:
-        with _native.single_threaded_blas():
-            out = fn(a, b, transposed, keep, c)
-    else:
-        out = fn(a, b, transposed, keep, c)
-    return torch.from_numpy(out).reshape(*lead, R, N)
+    out = _native.run_with_blas_limited(a.shape[0] * b.numel(), fn, a.numpy(), b.numpy(), transposed, keep.numpy(),
+                                        None if c is None else c.numpy())
+    return torch.from_numpy(out).reshape(*A.shape[:-1], B.shape[1])
 
 
 def cuda_masked_matmul(A, B, mask, C=None):
@@ -45,19 +50,13 @@ def cuda_masked_matmul(A, B, mask, C=None):
     from flatfast import _native
 
     module = _native.load_cuda()[0]
-    lead, (R, K), N = A.shape[:-2], A.shape[-2:], B.shape[1]
-    if B.T.is_contiguous():
-        b, transposed = B.T, True
-    else:
-        b, transposed = B.contiguous(), False
-    a = A.reshape(-1, K).contiguous()
-    c = None if C is None else C.reshape(-1, N).contiguous()
-    keep = mask.contiguous().view(torch.uint8)
+    a, b, transposed, keep, c = _flat_operands(A, B, mask, C)
+    N = B.shape[1]
     out = torch.empty((a.shape[0], N), dtype=A.dtype, device=A.device)
-    module.masked_matmul(a.data_ptr(), a.shape[0], K, b.data_ptr(), N, transposed, keep.data_ptr(), R,
-                         0 if c is None else c.data_ptr(), out.data_ptr(), A.dtype == torch.float64,
+    module.masked_matmul(a.data_ptr(), a.shape[0], a.shape[1], b.data_ptr(), N, transposed, keep.data_ptr(),
+                         mask.shape[0], 0 if c is None else c.data_ptr(), out.data_ptr(), A.dtype == torch.float64,
                          torch.cuda.current_stream(A.device).cuda_stream)
-    return out.reshape(*lead, R, N)
+    return out.reshape(*A.shape[:-1], N)
 
 
 def triton_masked_matmul(A, B, mask, C=None):

@@ -150,6 +150,19 @@ def single_threaded_blas():
                 _BLAS_STATE["limiter"] = None
 
 
+# Below this many multiply-adds the threadpoolctl round trip (~1 ms) costs more than BLAS threads could.
+_SINGLE_THREAD_BLAS_MIN_WORK = 2_000_000
+
+
+def run_with_blas_limited(work, fn, *args):
+    """``fn(*args)``, a C++ kernel whose worker threads call BLAS, with BLAS limited to one thread when the
+    multiply-add count ``work`` makes the limit worth its cost."""
+    if work < _SINGLE_THREAD_BLAS_MIN_WORK:
+        return fn(*args)
+    with single_threaded_blas():
+        return fn(*args)
+
+
 def set_num_threads(threads=None):
     """Set how many threads the C++ kernels use (None: the default -- FLATFAST_NUM_THREADS, else OpenMP's or the
     hardware's count). Returns the count in force before. Without the C++ core it does nothing and returns None.

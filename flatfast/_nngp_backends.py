@@ -8,8 +8,7 @@ from flatfast import _native
 from flatfast._validate import device_of, is_torch, same_kind, to_numpy
 from flatfast.reference.nngp import nngp_kernel_reference
 
-# Below this many multiply-adds the threadpoolctl round trip (~1 ms) costs more than BLAS threads could.
-_SINGLE_THREAD_BLAS_MIN_WORK = 2_000_000
+
 
 def nngp_cpp(X, Z, depth, sigma_w2, sigma_b2, dtype):
     module = _native.load_cpp()[0]
@@ -17,11 +16,7 @@ def nngp_cpp(X, Z, depth, sigma_w2, sigma_b2, dtype):
     Xn = np.ascontiguousarray(to_numpy(X), dtype=dtype)
     Zn = None if Z is None else np.ascontiguousarray(to_numpy(Z), dtype=dtype)
     m = Xn.shape[0] if Zn is None else Zn.shape[0]
-    if Xn.shape[0] * m * Xn.shape[1] >= _SINGLE_THREAD_BLAS_MIN_WORK:
-        with _native.single_threaded_blas():
-            K = fn(Xn, Zn, depth, sigma_w2, sigma_b2)
-    else:
-        K = fn(Xn, Zn, depth, sigma_w2, sigma_b2)
+    K = _native.run_with_blas_limited(Xn.shape[0] * m * Xn.shape[1], fn, Xn, Zn, depth, sigma_w2, sigma_b2)
     return same_kind(K, X)
 
 
