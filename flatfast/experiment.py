@@ -711,7 +711,6 @@ def main(args) -> int:
         if getattr(args, "shard", None):
             overrides["shard_index"], overrides["shard_count"] = _parse_shard(args.shard)
         config = Config.quick(**overrides) if args.quick else Config(**overrides)
-        config.validate()
         t0 = time.perf_counter()
         run(config, resume=args.resume, log=lambda s: print(s, flush=True))
     except (FileExistsError, FileNotFoundError, ValueError) as exc:
