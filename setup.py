@@ -37,7 +37,12 @@ def _flag(name):
 
 
 class CMakeBuild(build_ext):
-    def build_extension(self, ext):
+    def build_extensions(self):
+        # One CMake run builds every module into the directory of the first; setuptools then copies each
+        # registered module (an editable install copies only registered ones, so _C_cuda is registered too).
+        self.build_with_cmake(self.extensions[0])
+
+    def build_with_cmake(self, ext):
         openmp = os.environ.get("FLATFAST_OPENMP", "").upper()
         if openmp not in OPENMP_CHOICES:
             raise NativeBuildError(f"FLATFAST_OPENMP must be AUTO, ON or OFF (or 1/0), got {openmp!r}")
@@ -72,5 +77,6 @@ class CMakeBuild(build_ext):
 
 
 native = os.environ.get("FLATFAST_NO_NATIVE") != "1"
-setup(ext_modules=[CMakeExtension("flatfast._C")] if native else [],
+modules = ["flatfast._C"] + (["flatfast._C_cuda"] if _flag("FLATFAST_CUDA") == "ON" else [])
+setup(ext_modules=[CMakeExtension(name) for name in modules] if native else [],
       cmdclass={"build_ext": CMakeBuild} if native else {})

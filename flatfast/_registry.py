@@ -24,9 +24,12 @@ from flatfast._nngp_backends import nngp_cpp, nngp_cuda, nngp_reference, nngp_tr
 
 __all__ = ["backends", "dispatch"]
 
+# Triton runs CPU tensors only under its interpreter, which is chosen before triton is imported.
+_TRITON_DEVICES = ("cuda", "cpu") if _native.triton_interpreted() else ("cuda",)
+
 # --- nngp ----------------------------------------------------------------------------------------------------
 register("nngp", "cpp", nngp_cpp, devices=("cpu",), priority=30, probe=_native.cpp_unavailable)
-register("nngp", "triton", nngp_triton, devices=("cuda", "cpu"), priority=20, probe=_native.triton_unavailable,
+register("nngp", "triton", nngp_triton, devices=_TRITON_DEVICES, priority=20, probe=_native.triton_unavailable,
          auto_devices=("cuda",))
 register("nngp", "cuda", nngp_cuda, devices=("cuda",), priority=15, probe=_native.cuda_unavailable)
 register("nngp", "reference", nngp_reference, devices=("cpu", "cuda"), priority=0, reference=True)
@@ -34,7 +37,7 @@ register("nngp", "reference", nngp_reference, devices=("cpu", "cuda"), priority=
 # --- mlp_hvp (H V) and mlp_vhv (v^T H v): one R-operator / second-order forward over each masked matmul --------
 _MASKED_MATMUL = [  # name, implementation, devices, rank, probe, where "auto" may pick it
     ("torch", torch_masked_matmul, ("cpu", "cuda"), 10, None, None),
-    ("triton", triton_masked_matmul, ("cuda", "cpu"), 8, _native.triton_unavailable, ("cuda",)),
+    ("triton", triton_masked_matmul, _TRITON_DEVICES, 8, _native.triton_unavailable, ("cuda",)),
     ("cuda", cuda_masked_matmul, ("cuda",), 7, _native.cuda_unavailable, None),
     ("cpp", cpp_masked_matmul, ("cpu",), 5, _native.cpp_unavailable, None),
 ]
