@@ -9,7 +9,8 @@ can run here and why not.
 from flatfast._native import set_num_threads
 from flatfast._registry import backends
 from flatfast.bounds import pac_bayes_bound
-from flatfast.errors import BackendFallbackWarning, BackendUnavailableError, ConvergenceWarning, NotPSDError
+from flatfast.errors import (BackendFallbackWarning, BackendUnavailableError, ConvergenceWarning, NotPSDError,
+                             UnreliableEstimateWarning)
 from flatfast.hessian import hessian_eigenvalues, hessian_operator, hessian_spectrum, hessian_trace, hvp
 from flatfast.measures import FlatnessReport, flatness_report, frobenius_norm, function_of, rescale, sharpness
 from flatfast.nngp import nngp_kernel
@@ -35,6 +36,7 @@ __all__ = [
     "EntropySGD",
     "FlatnessReport",
     "NotPSDError",
+    "UnreliableEstimateWarning",
     "backends",
     "ep_log_evidence",
     "flatness_report",

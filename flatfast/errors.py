@@ -15,3 +15,8 @@ class NotPSDError(ValueError):
 
 class ConvergenceWarning(UserWarning):
     """An iterative method stopped at its iteration limit before meeting its tolerance."""
+
+
+class UnreliableEstimateWarning(RuntimeWarning):
+    """A Monte Carlo estimate's own diagnostics (Pareto k, effective sample size) say that neither the value nor
+    its standard error can be trusted."""

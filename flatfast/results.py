@@ -11,8 +11,12 @@ import numpy as np
 class EPResult:
     """Outcome of one EP run (see :func:`flatfast.ep_log_evidence`).
 
-    log_z: the EP estimate of log P(f) (nats); for method="ep-is", the importance-sampling estimate.
+    log_z: the EP estimate of log P(f) (nats); for method="tilting", the log of the unbiased Monte Carlo estimate
+    of P(f) (so biased low by about stderr**2 / 2).
     stderr: standard error of log_z (0 for plain EP, which is deterministic but biased; see ep_log_z vs log_z).
+    pareto_k: the tail shape of the importance weights (tilting): below 0.5 the stderr is backed, above 0.7
+    neither value nor stderr is (a warning says so). log_upper_bound: Botev's deterministic bound
+    log P(f) <= psi* (tilting; nan where it does not apply).
     sweeps, converged, damping (the final damping factor, 1 = undamped), max_site_change (the last proposed,
     undamped relative change of the site parameters), log_z_history (log Z_EP after each
     sweep), seconds, likelihood, method, ep_log_z (plain EP's value), ess (importance sampling's effective
@@ -32,6 +36,8 @@ class EPResult:
     ep_log_z: Optional[float] = None
     ess: Optional[float] = None
     n_samples: int = 0
+    pareto_k: Optional[float] = None
+    log_upper_bound: Optional[float] = None
     site_precision: Optional[np.ndarray] = dataclasses.field(default=None, repr=False)
     site_natural_mean: Optional[np.ndarray] = dataclasses.field(default=None, repr=False)
 
