@@ -12,6 +12,7 @@
 
 #include "common/check.h"
 #include "cpu/blas.h"
+#include "cpu/ep_cpu.h"
 #include "cpu/mlp_hvp_cpu.h"
 #include "cpu/nngp_cpu.h"
 #include "cpu/parallel.h"
@@ -88,6 +89,39 @@ py::array masked_matmul(const py::array& A, const py::array& B, bool b_transpose
   return std::move(out);
 }
 
+// EP's fused passes: `out` is the caller's workspace (written in place, so no n x n array is allocated per sweep).
+template <typename T>
+void ep_scaled_system(const py::array& K, const py::array& s, py::array& out) {
+  check_matrix<T>(K, "K");
+  check_matrix<T>(out, "out");
+  const int64_t n = K.shape(0);
+  FF_CHECK_ARG(K.shape(1) == n, "K", "must be square");
+  FF_CHECK_ARG(out.shape(0) == n && out.shape(1) == n, "out", "must have K's shape");
+  FF_CHECK_ARG(s.ndim() == 1 && s.shape(0) == n && py::isinstance<carray<double>>(s), "s",
+               "must be a contiguous float64 vector of length n");
+  FF_CHECK_ARG(out.writeable(), "out", "must be writeable");
+  const T* k = static_cast<const T*>(K.data());
+  const double* sp = static_cast<const double*>(s.data());
+  T* o = static_cast<T*>(out.mutable_data());
+  py::gil_scoped_release release;
+  ep_scaled_system_cpu<T>(k, sp, n, o);
+}
+
+template <typename T>
+py::array ep_factor_column_norms(const py::array& W) {
+  check_matrix<T>(W, "W");
+  const int64_t n = W.shape(0);
+  FF_CHECK_ARG(W.shape(1) == n, "W", "must be square");
+  carray<double> norms({n});
+  const T* w = static_cast<const T*>(W.data());
+  double* o = norms.mutable_data();
+  {
+    py::gil_scoped_release release;
+    ep_factor_column_norms_cpu<T>(w, n, o);
+  }
+  return std::move(norms);
+}
+
 // A 2x3 times 3x2 product through the BLAS the kernels borrow, in both precisions: the largest error
 // against the exact answer. scipy.linalg.cython_blas wraps whatever BLAS scipy links (OpenBLAS, MKL,
 // Accelerate) behind one ABI; this checks that the pointers resolve and compute, once, at load time.
@@ -122,6 +156,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("mask"), py::arg("C"));
   m.def("masked_matmul_f32", &masked_matmul<float>, py::arg("A"), py::arg("B"), py::arg("b_transposed"),
         py::arg("mask"), py::arg("C"));
+  m.def("ep_scaled_system_f64", &ep_scaled_system<double>, py::arg("K"), py::arg("s"), py::arg("out"));
+  m.def("ep_scaled_system_f32", &ep_scaled_system<float>, py::arg("K"), py::arg("s"), py::arg("out"));
+  m.def("ep_factor_column_norms_f64", &ep_factor_column_norms<double>, py::arg("W"));
+  m.def("ep_factor_column_norms_f32", &ep_factor_column_norms<float>, py::arg("W"));
   m.def("threading", []() { return std::string(threading_backend()); },
         "What the tile loops run on: 'openmp' or 'std::thread'.");
   m.def("num_threads", &max_threads, "Worker threads per kernel call (FLATFAST_NUM_THREADS overrides).");

@@ -11,6 +11,7 @@ from flatfast._registry import backends
 from flatfast.bounds import pac_bayes_bound
 from flatfast.errors import (BackendFallbackWarning, BackendUnavailableError, ConvergenceWarning, NotPSDError,
                              UnreliableEstimateWarning)
+from flatfast.empirical import empirical_nngp_kernel
 from flatfast.hessian import hessian_eigenvalues, hessian_operator, hessian_spectrum, hessian_trace, hvp
 from flatfast.measures import FlatnessReport, flatness_report, frobenius_norm, function_of, rescale, sharpness
 from flatfast.nngp import nngp_kernel
@@ -38,6 +39,7 @@ __all__ = [
     "NotPSDError",
     "UnreliableEstimateWarning",
     "backends",
+    "empirical_nngp_kernel",
     "ep_log_evidence",
     "flatness_report",
     "frobenius_norm",

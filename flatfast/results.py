@@ -20,7 +20,7 @@ class EPResult:
     sweeps, converged, damping (the final damping factor, 1 = undamped), max_site_change (the last proposed,
     undamped relative change of the site parameters), log_z_history (log Z_EP after each
     sweep), seconds, likelihood, method, ep_log_z (plain EP's value), ess (importance sampling's effective
-    sample size), n_samples.
+    sample size), n_samples, float32_sweeps (of ``sweeps``, how many ran in float32 under precision="mixed").
     """
 
     log_z: float
@@ -36,6 +36,7 @@ class EPResult:
     ep_log_z: Optional[float] = None
     ess: Optional[float] = None
     n_samples: int = 0
+    float32_sweeps: int = 0
     pareto_k: Optional[float] = None
     log_upper_bound: Optional[float] = None
     site_precision: Optional[np.ndarray] = dataclasses.field(default=None, repr=False)
