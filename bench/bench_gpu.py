@@ -1,7 +1,6 @@
 """GPU rows, each against its GPU floor measured in the same run: the NNGP kernel against a cuBLAS GEMM
 (X @ X.T), EP against a cuSOLVER Cholesky (cupy), one HVP and a 100-probe trace against a forward+backward pass.
-Without a CUDA device the whole module is skipped, saying so; nothing here has run yet (no GPU was lent to the
-sessions that wrote it), so the first GPU run of `pytest bench/ --benchmark-only` is also its first check."""
+Without a CUDA device the whole module is skipped, saying so; first run on an H100 with `.ci/gpu`."""
 import numpy as np
 import pytest
 
@@ -49,7 +48,8 @@ def test_gpu_nngp(benchmark, points, backend):
     assert np.allclose(K[:200, :200].cpu().numpy(), ref, rtol=1e-10)
 
 
-def test_gpu_ep_against_cholesky(benchmark):
+@pytest.mark.parametrize("precision", ["float64", "mixed"])
+def test_gpu_ep_against_cholesky(benchmark, precision):
     cupy = pytest.importorskip("cupy")
     n = 10000
     X = np.random.default_rng(0).random((n, D))
@@ -61,7 +61,7 @@ def test_gpu_ep_against_cholesky(benchmark):
         cupy.cuda.Device().synchronize()
 
     def ep():
-        res = flatfast.ep_log_evidence(K, y, check_psd=False, return_info=True)
+        res = flatfast.ep_log_evidence(K, y, check_psd=False, return_info=True, precision=precision)
         cupy.cuda.Device().synchronize()
         return res
 
@@ -73,10 +73,10 @@ def test_gpu_ep_against_cholesky(benchmark):
         cholesky()
         floor.append(time.perf_counter() - t0)
     benchmark.group = "gpu ep"
-    benchmark.name = f"gpu-ep-n{n}"
+    benchmark.name = f"gpu-ep-{precision}-n{n}"
     res = benchmark.pedantic(ep, rounds=3, iterations=1, warmup_rounds=1)
     benchmark.extra_info["cholesky_equivalents"] = round(benchmark.stats.stats.median / float(np.median(floor[1:])), 2)
-    benchmark.extra_info["sweeps"] = res.sweeps
+    benchmark.extra_info["sweeps"] = f"{res.sweeps} ({res.float32_sweeps} in float32)"
 
 
 @pytest.fixture(scope="module")

@@ -63,6 +63,16 @@ def test_mlp_kernel_converges_like_one_over_sqrt_m_to_the_arc_cosine_kernel():
     assert errors[1] < output / 10, (errors[1], output)
 
 
+@pytest.mark.parametrize("device", __import__("conftest").devices_here())
+def test_kernel_on_each_device_present(device):
+    """The model's device is where the draws run (a GPU when the model is on one); K comes back float64 numpy."""
+    X = np.random.default_rng(5).standard_normal((16, 6))
+    net = _mlp(6, 1024, depth=2).double().to(device)
+    K = flatfast.empirical_nngp_kernel(net, torch.as_tensor(X, device=device), 64, seed=2)
+    assert isinstance(K, np.ndarray) and K.dtype == np.float64
+    assert _relative_error(K, flatfast.nngp_kernel(X, depth=2)) < 0.01
+
+
 def test_stderr_matches_the_spread_between_seeds():
     X = np.random.default_rng(1).random((12, 6))
     net = _mlp(6, 64, depth=1).double()

@@ -249,8 +249,11 @@ def test_ep_on_cupy_matches_numpy(rng):
     y = np.where(X[:, :15].sum(1) > X[:, 15:].sum(1), 1, -1)
     for likelihood in ("heaviside", "probit"):
         ref = ep_log_evidence(K, y, likelihood=likelihood, return_info=True)
-        got = ep_log_evidence(cupy.asarray(K), y, likelihood=likelihood, return_info=True)
-        assert got.converged and abs(got.log_z - ref.log_z) <= 1e-8 * abs(ref.log_z)
+        for precision in ("float64", "mixed"):
+            got = ep_log_evidence(cupy.asarray(K), y, likelihood=likelihood, return_info=True, precision=precision)
+            assert got.converged and abs(got.log_z - ref.log_z) <= 1e-8 * abs(ref.log_z), (precision, got.log_z)
+    Y = np.array([y, -y, np.where(rng.random(400) < 0.05, -y, y)])  # warm starts between labellings on cupy
+    np.testing.assert_allclose(ep_log_evidence(cupy.asarray(K), Y), ep_log_evidence(K, Y), rtol=1e-8)
 
 
 # --- probit, checked independently of the "Heaviside on K + I" identity ----------------------------------------
