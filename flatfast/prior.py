@@ -111,18 +111,18 @@ def log_prior(X, y, *, depth=2, sigma_w2=2.0, sigma_b2=1.0, likelihood="heavisid
         raise ValueError("kernel, model: give one of them (model's kernel is computed), not both")
     if (model is None) != (samples is None):
         raise ValueError("model, samples: the empirical kernel needs both (samples = number of random draws)")
-    if model is None:
+    if model is None and kernel is None:
         X = as_float_matrix(X, "X", allow_empty=False)
     n = len(X)
     labels = _labels(y, n)
     _check_method(method)
-    _guard_memory(n, likelihood, method, "log_prior")
-    if kernel is not None:
+    if kernel is not None:  # X only says how many points there are; it may have any shape
         K = to_numpy(kernel)
         if K.shape != (n, n):
             raise ValueError(f"kernel: expected shape ({n}, {n}) for the {n} points of X, got {K.shape}")
         return ep_log_evidence(K, y, likelihood=likelihood, method=method, tol=tol, max_sweeps=max_sweeps,
                                return_info=return_info, n_samples=n_samples, seed=seed, precision=precision)
+    _guard_memory(n, likelihood, method, "log_prior")
     if model is not None:
         from flatfast.empirical import empirical_nngp_kernel
 
@@ -139,7 +139,8 @@ def ep_log_evidence(K, y, *, likelihood="heaviside", method="ep", tol=1e-6, max_
     r"""log P(sign g = y) for g ~ N(0, K), by EP, for a precomputed covariance matrix K.
 
     The same estimator as :func:`log_prior` (see there for ``likelihood``, ``method``, ``tol``, ``max_sweeps``,
-    ``return_info``, ``n_samples``, ``seed``). K must be symmetric positive semi-definite; ``check_psd=True``
+    ``return_info``, ``n_samples``, ``seed``, ``precision``). For 2-D y every labelling after the first starts
+    from the fixed point of the nearest one already solved (same values within ``tol``, fewer sweeps). K must be symmetric positive semi-definite; ``check_psd=True``
     verifies that with one Cholesky of K + 1e-10 mean(diag K) I, and raises :class:`flatfast.NotPSDError`.
     EP runs in float64: a K of another dtype is converted once (one copy of K).
 

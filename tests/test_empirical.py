@@ -116,6 +116,8 @@ def test_log_prior_from_a_model_and_from_a_kernel():
     from_model = flatfast.log_prior(X, y, model=net, samples=64)
     K = flatfast.empirical_nngp_kernel(net, X, 64)
     assert flatfast.log_prior(X, y, kernel=K) == pytest.approx(from_model, rel=1e-12)
+    images = torch.rand(30, 1, 4, 4)  # with a kernel, X only counts the points: any shape
+    assert flatfast.log_prior(images, y, kernel=K) == pytest.approx(from_model, rel=1e-12)
     assert from_model == pytest.approx(flatfast.log_prior(X, y), abs=0.5)  # the analytic kernel's value
 
 
