@@ -37,7 +37,7 @@ class NumpyLinalg:
     def scaled_system(self, K, s, out):
         """out = diag(s) K diag(s) + I, in K's precision, written where POTRF reads it (see class doc).
         One pass over the triangle in the C++ core; two full passes in numpy without it."""
-        if self._fused is not None:
+        if self._fused is not None and K.flags.c_contiguous and out.flags.c_contiguous:
             kind = "f64" if K.dtype == np.float64 else "f32"
             getattr(self._fused, f"ep_scaled_system_{kind}")(K, np.ascontiguousarray(s, dtype=np.float64), out)
             return out

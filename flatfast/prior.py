@@ -140,8 +140,9 @@ def ep_log_evidence(K, y, *, likelihood="heaviside", method="ep", tol=1e-6, max_
 
     The same estimator as :func:`log_prior` (see there for ``likelihood``, ``method``, ``tol``, ``max_sweeps``,
     ``return_info``, ``n_samples``, ``seed``, ``precision``). For 2-D y every labelling after the first starts
-    from the fixed point of the nearest one already solved (same values within ``tol``, fewer sweeps). K must be symmetric positive semi-definite; ``check_psd=True``
-    verifies that with one Cholesky of K + 1e-10 mean(diag K) I, and raises :class:`flatfast.NotPSDError`.
+    from the fixed point of the nearest one already solved (same values within ``tol``, fewer sweeps).
+    K must be symmetric positive semi-definite; ``check_psd=True`` verifies that with one Cholesky of
+    K + 1e-10 mean(diag K) I, and raises :class:`flatfast.NotPSDError`.
     EP runs in float64: a K of another dtype is converted once (one copy of K).
 
     Under the Heaviside likelihood some labellings have probability exactly 0: a point with K_ii = 0, or two
@@ -323,6 +324,8 @@ def _evidence(K, labels, *, y_was_2d, likelihood, method, tol, max_sweeps, retur
     n_samples = check_int(n_samples, "n_samples", minimum=2)
     seed = check_int(seed, "seed", minimum=0)
     xp = xp_of(K)
+    if not K.flags.c_contiguous:  # EP's LAPACK and fused passes work on C-ordered K; symmetric, so K.T is K
+        K = K.T if K.flags.f_contiguous else xp.ascontiguousarray(K)
     if likelihood == "probit":
         # Phi(y g) = P(y (g + e) > 0), e ~ N(0, 1): the Heaviside problem for the kernel K + I.
         K = K + xp.eye(K.shape[0], dtype=K.dtype)
@@ -378,11 +381,12 @@ def expectation_propagation(K, y, *, tol=1e-6, max_sweeps=200, site_tol=None, in
     sites have settled to site_tol (default sqrt(tol): log Z is stationary, so its error is second order in the
     sites' error).
 
-    ``precision="mixed"``: the sweeps run in float32 (half the LAPACK time) until the site changes stop
-    falling, i.e. reach float32's noise floor, plus two (or at once when float32 rounding forces damping); then
-    float64 sweeps from those sites until the rule above holds in float64. The value is float64 EP's fixed point to within tol; float32 only shortens the
-    way there. If a float32 sweep fails (B not positive definite in float32), EP restarts in float64. On cupy
-    (GPU) it runs float64 only: float32 EP did not settle there (measured on an H100).
+    ``precision="mixed"``: the sweeps run in float32 (half the LAPACK time) until the site changes stall at
+    float32's rounding floor (see _stalled; two more sweeps when that floor is below 0.1, none above), or float32
+    needs damping, or after _MAX_FLOAT32_SWEEPS; then float64 sweeps from those sites until the rule above holds
+    in float64. The value is float64 EP's fixed point to within tol; float32 only shortens the way there. If a
+    float32 sweep fails (B not positive definite in float32), EP restarts in float64. On cupy (GPU) it runs
+    float64 only: float32 EP did not settle there (measured on an H100).
     """
     t0 = time.perf_counter()
     low_sweeps = 0
@@ -390,7 +394,7 @@ def expectation_propagation(K, y, *, tol=1e-6, max_sweeps=200, site_tol=None, in
     # where float64 needs 10), so "mixed" runs float64 there; on the CPU float32 settles to ~0.02 in 7 sweeps.
     if precision == "mixed" and init is None and xp_of(K) is np and K.dtype == np.float64:
         try:
-            rough = _ep_sweeps(K.astype(xp_of(K).float32), y, tol=tol, max_sweeps=max_sweeps,
+            rough = _ep_sweeps(K.astype(np.float32), y, tol=tol, max_sweeps=max_sweeps,
                                site_tol=site_tol, init=None, rough=True)
             init, low_sweeps = (rough.site_precision, rough.site_natural_mean), rough.sweeps
         except (NotPSDError, FloatingPointError):
@@ -403,8 +407,8 @@ def expectation_propagation(K, y, *, tol=1e-6, max_sweeps=200, site_tol=None, in
 
 
 def _ep_sweeps(K, y, *, tol, max_sweeps, site_tol, init, rough=False):
-    """The EP loop in K's precision. rough=True (float32): stop two sweeps after the site changes (once below 0.1,
-    where float32 noise can show) stop halving in two sweeps."""
+    """The EP loop in K's precision. rough=True: the float32 phase of precision="mixed", which stops as
+    expectation_propagation's docstring says and never warns."""
     site_tol = math.sqrt(tol) if site_tol is None else site_tol
     t0 = time.perf_counter()
     xp = xp_of(K)

@@ -418,3 +418,13 @@ def test_fused_ep_passes_match_numpy(dtype):
 def test_precision_must_be_named():
     with pytest.raises(ValueError, match="precision"):
         ep_log_evidence(np.eye(2), [1, 1], precision="half")
+
+
+def test_any_memory_layout_of_k_gives_the_same_value():
+    rng = np.random.default_rng(9)
+    X, K, y = _problem(120, 30, rng, "structured")
+    base = ep_log_evidence(K, y)
+    big = np.zeros((130, 130))
+    big[:120, :120] = K
+    for layout in (np.asfortranarray(K), big[:120, :120], K[::-1, ::-1][::-1, ::-1]):
+        assert ep_log_evidence(layout, y) == base
