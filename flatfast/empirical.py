@@ -78,6 +78,8 @@ def empirical_nngp_kernel(model, X, samples=64, *, readout="penultimate", sigma_
     """
     import torch
 
+    from flatfast.hessian import _progress_counter
+
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     samples = check_int(samples, "samples", minimum=2)
@@ -113,9 +115,9 @@ def empirical_nngp_kernel(model, X, samples=64, *, readout="penultimate", sigma_
     generator.manual_seed(seed)
     total = torch.zeros(n, n, dtype=torch.float64, device=device)
     squares = torch.zeros_like(total) if return_stderr else None
-    bar = _progress_bar(samples, progress)
+    update, bar = _progress_counter(samples, "flatfast empirical NNGP", progress)
     with torch.no_grad():
-        for _ in range(samples):
+        for drawn in range(1, samples + 1):
             if init is None:
                 _draw_from_prior(net, generator, sigma_w2, sigma_b2)
             else:
@@ -129,8 +131,8 @@ def empirical_nngp_kernel(model, X, samples=64, *, readout="penultimate", sigma_
             total += draw
             if squares is not None:
                 squares.addcmul_(draw, draw)
-            if bar is not None:
-                bar.update(1)
+            if update is not None:
+                update(drawn)
     if bar is not None:
         bar.close()
     K = total / samples
@@ -212,14 +214,4 @@ def _features(net, X, last_linear, batch_size):
             handle.remove()
         out.append(captured[0].reshape(chunk.shape[0], -1))
     return out[0] if len(out) == 1 else torch.cat(out)
-
-
-def _progress_bar(total, enabled):
-    import sys
-
-    if not (enabled if enabled is not None else sys.stderr.isatty()):
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="flatfast empirical NNGP", file=sys.stderr, leave=False)
 
