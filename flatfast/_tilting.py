@@ -47,9 +47,8 @@ def ordered_factor(Sigma):
     n = Sigma.shape[0]
     order = np.arange(n)
     L = np.zeros((n, n))
-    residual = Sigma.diagonal().astype(np.float64).copy()  # conditional variances of the unplaced variables
+    residual = Sigma.diagonal().astype(np.float64)  # conditional variances of the unplaced variables (a copy)
     shift = np.zeros(n)  # conditional means, sum_{j<k} L_ij z_j, of the unplaced variables
-    z = np.zeros(n)
     original_diag = residual.copy()
     for k in range(n):
         rest = slice(k, n)
@@ -72,9 +71,8 @@ def ordered_factor(Sigma):
             column = Sigma[below, order[k]] - L[k + 1:, :k] @ L[k, :k]
             L[k + 1:, k] = column / pivot
             residual[k + 1:] -= L[k + 1:, k] ** 2
-        z[k] = float(_mills(np.array(-shift[k] / pivot)))
-        if k + 1 < n:
-            shift[k + 1:] += L[k + 1:, k] * z[k]
+        if k + 1 < n:  # the placed variable at its truncated mean, E[Z_k | Z_k > -shift_k / pivot]
+            shift[k + 1:] += L[k + 1:, k] * float(_mills(np.array(-shift[k] / pivot)))
     return order, L
 
 

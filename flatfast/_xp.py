@@ -41,11 +41,7 @@ class NumpyLinalg:
             kind = "f64" if K.dtype == np.float64 else "f32"
             getattr(self._fused, f"ep_scaled_system_{kind}")(K, np.ascontiguousarray(s, dtype=np.float64), out)
             return out
-        s_low = s.astype(K.dtype)
-        np.multiply(K, s_low[:, None], out=out)
-        out *= s_low[None, :]
-        out[np.arange(K.shape[0]), np.arange(K.shape[0])] += 1.0
-        return out
+        return _scaled_system(np, K, s, out)
 
     def inverse_cholesky_inplace(self, B):
         """Overwrite symmetric positive definite B with W = L^{-1}, B = L L^T. Returns (W, sum log diag L), or
@@ -64,11 +60,8 @@ class NumpyLinalg:
         if self._fused is not None and W.flags.f_contiguous:
             kind = "f64" if W.dtype == np.float64 else "f32"
             return getattr(self._fused, f"ep_factor_column_norms_{kind}")(W.T)
-        if W.dtype != np.float64:
-            return np.fromiter((np.dot(c, c) for c in (W[i:, i].astype(np.float64) for i in range(W.shape[0]))),
-                               dtype=np.float64, count=W.shape[0])
-        return np.fromiter((np.dot(W[i:, i], W[i:, i]) for i in range(W.shape[0])), dtype=np.float64,
-                           count=W.shape[0])
+        columns = (W[i:, i].astype(np.float64, copy=False) for i in range(W.shape[0]))
+        return np.fromiter((np.dot(c, c) for c in columns), dtype=np.float64, count=W.shape[0])
 
     def sym_matvec(self, K, x):
         """K x for symmetric K, in K's precision, through scipy's BLAS like the LAPACK calls. numpy's own
@@ -95,11 +88,7 @@ class CupyLinalg:  # pragma: no cover - exercised only on a GPU
         self.erfcx, self.log_ndtr = erfcx, log_ndtr
 
     def scaled_system(self, K, s, out):
-        s_low = s.astype(K.dtype)
-        self.cp.multiply(K, s_low[:, None], out=out)
-        out *= s_low[None, :]
-        out[self.cp.arange(K.shape[0]), self.cp.arange(K.shape[0])] += 1.0
-        return out
+        return _scaled_system(self.cp, K, s, out)
 
     def inverse_cholesky_inplace(self, B):
         cp = self.cp
@@ -121,6 +110,15 @@ class CupyLinalg:  # pragma: no cover - exercised only on a GPU
 
     def tri_matmul(self, W, X):
         return W @ X.astype(W.dtype, copy=False)
+
+
+def _scaled_system(xp, K, s, out):
+    """out = diag(s) K diag(s) + I in K's precision, whole matrix (the array-module version of the fused pass)."""
+    s_low = s.astype(K.dtype)
+    xp.multiply(K, s_low[:, None], out=out)
+    out *= s_low[None, :]
+    out[xp.arange(K.shape[0]), xp.arange(K.shape[0])] += 1.0
+    return out
 
 
 def linalg_for(xp):
