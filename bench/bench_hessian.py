@@ -3,7 +3,9 @@
 (a) one HVP and 16 batched HVPs against one forward+backward pass over the same data;
 (b) trace with 100 Rademacher probes, and the exact trace, against each other (the peers' rows are in
     bench_peers.py);
-(c) the top eigenvalue by Lanczos.
+(c) the top eigenvalue by Lanczos;
+(d) on a small ReLU ResNet (BatchNorm in eval mode, pooling), the exact trace against 100-probe Hutchinson and
+    against one forward+backward pass.
 """
 import numpy as np
 import pytest
@@ -74,3 +76,75 @@ def test_top_eigenvalue(benchmark, setup):
     benchmark.extra_info["top_eigenvalue"] = float(res.values[0])
     benchmark.extra_info["lanczos_iterations"] = res.iterations
     benchmark.extra_info["residual"] = float(res.residuals[0])
+
+
+# --- (d) the exact trace of a ReLU ResNet ----------------------------------------------------------------------
+
+RESNET_N, RESNET_BATCH, RESNET_CLASSES = 256, 64, 10
+
+
+class _BasicBlock(torch.nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(channels)
+        self.conv2 = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = torch.nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))) + x)
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    """A small ReLU ResNet (stem conv, two basic blocks with BatchNorm in eval mode, max and adaptive average
+    pooling, 10 classes; about 10k parameters) on 256 random 3x16x16 images in batches of 64, float32."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), _BasicBlock(16),
+                                torch.nn.MaxPool2d(2), _BasicBlock(16), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(16, RESNET_CLASSES)).eval()
+    X = torch.randn(RESNET_N, 3, 16, 16)
+    y = torch.randint(0, RESNET_CLASSES, (RESNET_N,))
+    return model, [(X[i:i + RESNET_BATCH], y[i:i + RESNET_BATCH]) for i in range(0, RESNET_N, RESNET_BATCH)]
+
+
+def _resnet_forward_backward(model, loader):
+    model.zero_grad()
+    for x, y in loader:
+        (torch.nn.functional.cross_entropy(model(x), y) * x.shape[0] / RESNET_N).backward()
+
+
+resnet_results = {}
+
+
+def test_resnet_forward_backward_floor(benchmark, resnet):
+    benchmark.group = "resnet-trace"
+    benchmark.name = "resnet-forward-backward"
+    benchmark.pedantic(_resnet_forward_backward, args=resnet, rounds=5, iterations=1, warmup_rounds=1)
+
+
+def test_resnet_trace_hutchinson(benchmark, resnet):
+    model, loader = resnet
+    benchmark.group = "resnet-trace"
+    benchmark.name = "resnet-trace-hutchinson-100"
+    benchmark.extra_info["baseline"] = ["resnet-forward-backward"]
+    res = benchmark.pedantic(flatfast.hessian_trace, args=(model, loader),
+                             kwargs=dict(probes=PROBES, method="hutchinson", block=25, progress=False),
+                             rounds=3, iterations=1, warmup_rounds=1)
+    benchmark.extra_info["value"] = round(res.value, 4)
+    benchmark.extra_info["stderr"] = round(res.stderr, 4)
+    resnet_results["hutchinson"] = res
+
+
+def test_resnet_trace_exact(benchmark, resnet):
+    """About C = 10 backward passes with per-example gradient norms, against the floor and the estimate."""
+    model, loader = resnet
+    benchmark.group = "resnet-trace"
+    benchmark.name = "resnet-trace-exact"
+    benchmark.extra_info["baseline"] = ["resnet-forward-backward", "resnet-trace-hutchinson-100"]
+    res = benchmark.pedantic(flatfast.hessian_trace, args=(model, loader), kwargs=dict(method="exact"),
+                             rounds=3, iterations=1, warmup_rounds=1)
+    benchmark.extra_info["value"] = round(res.value, 4)
+    estimate = resnet_results.get("hutchinson")
+    if estimate is not None:  # the estimate must cover the exact value
+        assert abs(estimate.value - res.value) < 4 * estimate.stderr

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from typing import List, Optional
 
-from flatfast._model_util import check_finite, distributed, eval_mode
+from flatfast._exact_trace import curvature_factors
+from flatfast._model_util import check_finite, eval_mode, mean_over_ranks
 
 
 def _plain(module, kind) -> bool:
@@ -181,24 +182,12 @@ def mlp_exact_trace(op) -> float:
                     masks.append(mask)
                     sq_norms.append((a * a).sum(dim=1))
             check_finite(op.loss_and_targets(z, y))
-            classes = z.shape[1]
-            if not y.is_floating_point():
-                p = torch.softmax(z, dim=1)
-                eye = torch.eye(classes, dtype=op.dtype, device=z.device)
-                delta = torch.sqrt(p).T[:, :, None] * (eye[:, None, :] - p[None, :, :])  # (C, B, C)
-            else:
-                eye = torch.eye(classes, dtype=op.dtype, device=z.device)
-                delta = (2.0 / classes) ** 0.5 * eye[:, None, :].expand(classes, z.shape[0], classes)
+            factors, _ = curvature_factors(op, None, z, y)  # (B, C, C); the default losses' signs are all +1
+            delta = factors.transpose(0, 1)  # (C, B, C): the C factor vectors back-propagated together
             for i in range(len(layers) - 1, -1, -1):
                 per_example = (delta * delta).sum(dim=(0, 2))  # sum over c of |delta_{i,c}|^2
                 total += float(((sq_norms[i] + 1.0) * per_example).sum())
                 if i > 0:
                     delta = torch.matmul(delta, layers[i].weight) * masks[i - 1]
             count += int(x.shape[0])
-    if distributed():
-        import torch.distributed as dist
-
-        buf = torch.tensor([total, float(count)], dtype=torch.float64, device=op.device)
-        dist.all_reduce(buf)
-        total, count = float(buf[0]), int(buf[1])
-    return total / count
+    return mean_over_ranks(total, count, op.device)

@@ -12,6 +12,18 @@ def distributed():
     return dist.is_available() and dist.is_initialized()
 
 
+def mean_over_ranks(total, count, device):
+    """total / count, with both summed over the ranks first under torch.distributed (each rank holds a shard)."""
+    if distributed():
+        import torch
+        import torch.distributed as dist
+
+        buf = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
+        dist.all_reduce(buf)
+        total, count = float(buf[0]), int(buf[1])
+    return total / count
+
+
 @contextlib.contextmanager
 def eval_mode(model):
     modes = [(m, m.training) for m in model.modules()]

@@ -14,6 +14,7 @@ import sys
 
 import numpy as np
 
+from flatfast._exact_trace import exact_trace
 from flatfast._mlp_rop import mlp_exact_trace
 from flatfast._operator import HessianOperator
 from flatfast._validate import check_float, check_int
@@ -109,11 +110,28 @@ def hessian_trace(model, loader, loss_fn=None, *, probes=None, rtol=0.01, method
     ``method="hutchinson"`` is plain Hutchinson with Rademacher probes, :math:`\mathrm{tr} H \approx
     \frac1m\sum_j v_j^\top H v_j` (each :math:`v^\top H v` a second directional derivative). Probes are drawn
     in blocks of ``block`` (one data pass per block). Stops when ``stderr <= rtol * |value|``, or after exactly
-    ``probes`` operator products (>= 6 for Hutch++, >= 2 for Hutchinson) when given. ``method="exact"``
-    (nn.Sequential Linear/ReLU models with the default loss only) is the exact trace with zero standard error:
-    such a network is piecewise linear in each single parameter, so the Hessian's diagonal is the Gauss-Newton
-    diagonal. It costs one forward pass and a backward pass of C vectors (C = the number of outputs), about C
-    backward passes -- cheap for classifiers with few classes (10 classes: ~0.03x a 100-probe estimate here).
+    ``probes`` operator products (>= 6 for Hutch++, >= 2 for Hutchinson) when given.
+
+    ``method="exact"`` is the exact trace, with zero standard error, of any network that is piecewise linear in
+    each single parameter -- built from Linear, Conv1d/2d/3d (and transposed), ReLU, LeakyReLU, Hardtanh/ReLU6,
+    max/average/adaptive pooling, Flatten and reshapes, Dropout and BatchNorm in eval mode, residual additions
+    and concatenations, in any nn.Module (not only nn.Sequential). For such a network the second derivative of
+    the outputs in one parameter is 0, so the Hessian's diagonal is the Gauss-Newton diagonal and
+    :math:`\mathrm{tr} H = \frac1N \sum_i \sum_k w_k \lVert J_i^\top s_{ik} \rVert^2`, where
+    :math:`H_{out,i} = \sum_k w_k s_{ik} s_{ik}^\top` factors the loss's Hessian in example i's outputs:
+    cross-entropy :math:`s_k = \sqrt{p_k}(e_k - p)`, MSE (mean over C outputs) :math:`\sqrt{2/C}\, e_k`,
+    BCE-with-logits :math:`\sqrt{\sigma(1-\sigma)/C}\, e_k` (the default loss and torch's CrossEntropyLoss,
+    MSELoss, BCEWithLogitsLoss with default settings); any other ``loss_fn`` that is a mean of per-example losses
+    is factored by the eigendecomposition of its autograd output Hessian (up to 256 outputs). One forward pass
+    on the first batch checks the network: a smooth nonlinearity on parameter-dependent values (tanh, GELU,
+    softplus, LayerNorm, softmax), BatchNorm on batch statistics, dropout in training mode, or a product of two
+    values that depend on the same parameter (a weight applied twice in sequence, gating, attention) raises
+    ValueError naming the module. Cost: one forward pass, then per example a backward pass for each of the K
+    factor vectors (K = C for cross-entropy and MSE, so about C backward passes with per-example gradient
+    norms; bench/bench_hessian.py measures it on a small ResNet against one forward+backward pass and a 100-probe
+    Hutchinson estimate); the per-example gradients are held at most 256 MiB at a time,
+    chunked over examples and factor vectors, so C = 1000 classes fits. nn.Sequential Linear/ReLU models with
+    the default loss take a batched fast path with the same result.
 
     Returns
     -------
@@ -127,6 +145,12 @@ def hessian_trace(model, loader, loss_fn=None, *, probes=None, rtol=0.01, method
     >>> res = flatfast.hessian_trace(model, data, probes=64, method="hutchinson")
     >>> res.probes
     64
+    >>> cnn = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+    ...                           torch.nn.Flatten(), torch.nn.Linear(16, 1))
+    >>> images, labels = torch.randn(32, 1, 6, 6), torch.randint(0, 2, (32, 1)).float()
+    >>> exact = flatfast.hessian_trace(cnn, [(images, labels)], torch.nn.BCEWithLogitsLoss(), method="exact")
+    >>> exact.stderr
+    0.0
     """
     if method not in ("hutch++", "hutchinson", "exact"):
         raise ValueError(f"method: expected 'hutch++', 'hutchinson' or 'exact', got {method!r}")
@@ -137,9 +161,8 @@ def hessian_trace(model, loader, loss_fn=None, *, probes=None, rtol=0.01, method
     block = check_int(block, "block", minimum=1)
     op = HessianOperator(model, loader, loss_fn, backend=backend)
     if method == "exact":
-        if op.linears is None:
-            raise ValueError("method: 'exact' needs an nn.Sequential of Linear and ReLU layers with the default loss")
-        return TraceResult(mlp_exact_trace(op), 0.0, 0, "exact")
+        value = mlp_exact_trace(op) if op.linears is not None else exact_trace(op)
+        return TraceResult(value, 0.0, 0, "exact")
     update, bar = _progress_counter(probes or max_probes, f"flatfast trace ({method})", progress)
     estimator = hutchpp if method == "hutch++" else hutchinson
     try:
