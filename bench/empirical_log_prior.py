@@ -1,8 +1,14 @@
 """How the Monte Carlo error of an empirical NNGP kernel moves log P(f): log P(f) (EP) from kernels of M draws,
-four seeds each, against the analytic arc-cosine kernel's value, for an FCN 784-512-512-1 (width 512, depth 2)
-on n MNIST-like inputs with linear-rule labels.
+several seeds each.
 
-    python bench/empirical_log_prior.py            # n = 200, M = 8..256 (about 1 minute on 2 cores)
+--arch fcn (default): an FCN 784-512-512-1 (width 512, depth 2) on n MNIST-like inputs with linear-rule labels,
+    against the analytic arc-cosine kernel's value.
+--arch cnn: the CNN of ``flatfast reproduce --arch cnn`` on S u E of its default run (the digits as 8x8 images,
+    |S| = 500, |E| = 797, n = 1297), for the true labelling and one with 20 % of E flipped (probit likelihood): the spread of each over
+    seeds, and of their difference -- what separates two trained networks, since one run uses one kernel.
+
+    python bench/empirical_log_prior.py                      # n = 200, M = 8..256 (about 1 minute on 2 cores)
+    python bench/empirical_log_prior.py --arch cnn --seeds 3 # M = 32..1024 (about 5 minutes on 2 cores)
 """
 import argparse
 import warnings
@@ -13,13 +19,13 @@ import torch
 import flatfast
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=200)
-    parser.add_argument("--width", type=int, default=512)
-    parser.add_argument("--seeds", type=int, default=4)
-    parser.add_argument("--draws", type=int, nargs="*", default=[8, 16, 32, 64, 128, 256])
-    args = parser.parse_args(argv)
+def log_evidence(K, f):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return flatfast.ep_log_evidence(K, f, likelihood="probit", check_psd=False)
+
+
+def fcn(args):
     rng = np.random.default_rng(0)
     X = rng.random((args.n, 784))
     y = np.where(X[:, :392].sum(1) > X[:, 392:].sum(1), 1, -1)
@@ -30,7 +36,7 @@ def main(argv=None):
                               torch.nn.Linear(args.width, 1)).double()
     print(f"n = {args.n}, width {args.width}: analytic-kernel log P(f) = {analytic:.3f}")
     print(f"{'M':>5} {'mean log P(f)':>14} {'spread (sd over seeds)':>23} {'mean - analytic':>16}")
-    for M in args.draws:
+    for M in args.draws or [8, 16, 32, 64, 128, 256]:
         values = []
         for seed in range(args.seeds):
             with warnings.catch_warnings():
@@ -39,6 +45,43 @@ def main(argv=None):
         values = np.array(values)
         print(f"{M:>5} {values.mean():>14.3f} {values.std(ddof=1):>23.3f} {values.mean() - analytic:>16.3f}",
               flush=True)
+
+
+def cnn(args):
+    from flatfast.experiment import IMAGE_SHAPES, Config, load_data, make_cnn
+
+    config = Config(arch="cnn")
+    X_pool, y_pool, X_test, y_test = load_data(config)
+    X = np.concatenate([X_pool[: config.n_train], X_test])
+    f_true = 2 * np.concatenate([y_pool[: config.n_train], y_test]) - 1
+    flipped = config.n_train + np.random.default_rng(0).choice(len(y_test), len(y_test) // 5, replace=False)
+    f_flipped = f_true.copy()
+    f_flipped[flipped] *= -1
+    net = make_cnn(IMAGE_SHAPES[config.data], config.channels, seed=0)
+    print(f"CNN ({config.channels} channels) on the digits, n = {len(X)} (|S| = {config.n_train}, "
+          f"|E| = {len(y_test)}); the authors' M = n/10 = {len(X) // 10}; {args.seeds} seeds per M")
+    print(f"{'M':>5} {'log P(f_true)':>14} {'sd':>6} {'log P(f_20%)':>13} {'sd':>6} {'difference':>11} {'sd':>6}")
+    for M in args.draws or [32, 64, 128, 256, 512, 1024]:
+        true, other = [], []
+        for seed in range(args.seeds):
+            K = flatfast.empirical_nngp_kernel(net, X, samples=M, seed=seed, progress=False)
+            true.append(log_evidence(K, f_true))
+            other.append(log_evidence(K, f_flipped))
+        true, other = np.array(true), np.array(other)
+        diff = true - other
+        print(f"{M:>5} {true.mean():>14.2f} {true.std(ddof=1):>6.2f} {other.mean():>13.2f} "
+              f"{other.std(ddof=1):>6.2f} {diff.mean():>11.2f} {diff.std(ddof=1):>6.2f}", flush=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", choices=["fcn", "cnn"], default="fcn")
+    parser.add_argument("--n", type=int, default=200, help="fcn: number of inputs")
+    parser.add_argument("--width", type=int, default=512, help="fcn: hidden width")
+    parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--draws", type=int, nargs="*", help="the values of M")
+    args = parser.parse_args(argv)
+    (cnn if args.arch == "cnn" else fcn)(args)
 
 
 if __name__ == "__main__":

@@ -69,9 +69,24 @@ def main(argv=None) -> int:
                           "after it fits S, alpha-scaled half-way (the paper's Fig. 5)")
     rep.add_argument("--quick", action="store_true",
                      help="a reduced run: main under 10 minutes on 2 cores (4 attack sizes, 2 seeds, sharpness ascent "
-                          "20 epochs instead of 100); temporal under 3 minutes (100 epochs after fitting S)")
-    rep.add_argument("--data", choices=["digits", "mnist"], help="built-in scikit-learn digits (default) or MNIST")
-    rep.add_argument("--data-dir", dest="data_dir", help="directory with the MNIST IDX files (--data mnist)")
+                          "20 epochs instead of 100; --arch cnn: |S| = 200, |A| in 0 100 200, 2 seeds, Frobenius norm to "
+                          "10 %%); "
+                          "temporal under 3 minutes (100 epochs after fitting S)")
+    rep.add_argument("--data", choices=["digits", "mnist", "cifar10"],
+                     help="built-in scikit-learn digits (default), MNIST, or CIFAR-10 cat vs car (the paper's E3 task)")
+    rep.add_argument("--data-dir", dest="data_dir",
+                     help="directory with the MNIST IDX files (--data mnist) or the CIFAR-10 python batches "
+                          "data_batch_1..5 and test_batch (--data cifar10); nothing is downloaded")
+    rep.add_argument("--arch", choices=["fcn", "cnn"],
+                     help="fcn: the d-40-40-1 ReLU network with the analytic NNGP kernel (default); cnn: a small ReLU "
+                          "CNN (conv-ReLU-conv-ReLU-maxpool-linear) with its empirical NNGP kernel, alpha-scale on the "
+                          "conv pair")
+    rep.add_argument("--channels", type=int, help="cnn: channels of both convolutions (default 16)")
+    rep.add_argument("--kernel-samples", dest="kernel_samples", type=int,
+                     help="cnn: draws M of the empirical NNGP kernel (default: the authors' n/10 for n = |S| + |E|)")
+    rep.add_argument("--trace", dest="trace_method", choices=["exact", "hutch++"],
+                     help="Hessian trace: exact (default; both networks are piecewise linear in each parameter) or "
+                          "the Hutch++ estimate to 2 %%")
     rep.add_argument("--n-train", dest="n_train", type=int, help="|S| (default 500)")
     rep.add_argument("--n-test", dest="n_test", type=int,
                      help="|E| (main: the rest of digits, 1000 for MNIST; temporal: 100)")
@@ -100,6 +115,15 @@ def main(argv=None) -> int:
     rep.add_argument("--resume", action="store_true", help="continue an interrupted run in --out (same settings only)")
     args = parser.parse_args(argv)
     if args.command == "reproduce":
+        main_only = [flag for flag, value in (("--arch", args.arch), ("--channels", args.channels),
+                                              ("--kernel-samples", args.kernel_samples), ("--trace", args.trace_method))
+                     if value is not None]
+        if args.data == "cifar10":
+            main_only.append("--data cifar10")
+        if args.experiment == "temporal" and main_only:
+            print(f"flatfast reproduce: {', '.join(main_only)} apply to --experiment main only (the temporal run is "
+                  "the paper's FCN on digits or MNIST)", file=sys.stderr)
+            return 2
         if args.experiment == "temporal" and not args.merge:
             from flatfast.temporal import main as reproduce
         else:

@@ -11,6 +11,12 @@ top eigenvalue, Frobenius norm and Keskar's epsilon-sharpness (SGD ascent, their
 also alpha-scaled (W1, b1 / 5.9; W2 * 5.9) and measured again: same function, same log P(f), much sharper.
 The PAC-Bayes bound of Valle-Pérez et al. from log P(U) of S's labels stands beside the measured error.
 
+``--arch cnn`` is their third experiment's recipe (a CNN with a Monte Carlo NNGP kernel) on a small ReLU CNN:
+conv3x3 -> ReLU -> conv3x3 -> ReLU -> 2x2 max pool -> one logit, the same prior; log P(f) from the empirical
+kernel of the architecture (penultimate readout, M draws); the alpha-scale on the Conv -> ReLU -> Conv pair; the
+trace exact (the network is piecewise linear in each parameter). ``--data cifar10`` reads the CIFAR-10 python
+batches for their car-vs-cat task.
+
 Rows are appended to results.csv as each network finishes, so a killed run loses nothing and ``--resume``
 continues it (with the same settings only). ``--shard i/N`` runs every N-th configuration of the grid and
 ``--merge`` combines shard directories. ``--experiment temporal`` is the paper's Fig. 5 (flatfast.temporal).
@@ -34,6 +40,12 @@ from typing import List, Optional
 import numpy as np
 
 OPTIMIZERS = ("sgd", "adam", "entropy-sgd")
+ARCHS = ("fcn", "cnn")
+DATASETS = ("digits", "mnist", "cifar10")
+# (channels, height, width) of each data set's images; the networks take them flattened.
+IMAGE_SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+# CIFAR-10 class indices of the paper's binary task (cat vs car): automobile -> label 1, cat -> label 0.
+CIFAR_CLASSES = {1: 1, 3: 0}
 FIELDS = ["data", "optimizer", "attack_size", "seed", "rescaled", "alpha", "weight_factors", "bias_factors",
           "epochs", "reached_100_on_S", "accuracy_S", "accuracy_A", "test_error",
           "log_p_heaviside", "log_p_probit", "ep_converged_heaviside", "ep_converged_probit", "ep_sweeps",
@@ -53,6 +65,9 @@ _NOT_COMPARED = {"out": "resume and merge", "shard_index": "merge"}
 class Config:
     data: str = "digits"
     data_dir: Optional[str] = None
+    arch: str = "fcn"
+    channels: int = 16
+    kernel_samples: Optional[int] = None
     n_train: int = 500
     n_test: Optional[int] = None
     attack_sizes: List[int] = dataclasses.field(default_factory=lambda: list(range(0, 501, 50)))
@@ -69,7 +84,9 @@ class Config:
     sharpness_method: str = "sgd-ascent"
     sharpness_epochs: int = 100
     sharpness_lr: float = 1e-3
+    trace_method: str = "exact"
     trace_rtol: float = 0.02
+    frobenius_rtol: float = 0.05
     pac_bayes_delta: float = 2.0 ** -10
     shard_index: int = 0
     shard_count: int = 1
@@ -77,7 +94,13 @@ class Config:
 
     @classmethod
     def quick(cls, **overrides):
+        """Under 10 minutes on 2 cores. SGD at the authors' lr = 0.01 needs ~1400 epochs to fit |S| = 200 beside
+        |A| = 200 with the CNN (a float64 CNN step costs ~2 ms here), and its Hessian-vector products ~4 forward+
+        backward passes, so the CNN's quick run is smaller: |S| = 200, |A| in {0, 100, 200}, two seeds, the
+        Frobenius norm to 10 %."""
         base = dict(attack_sizes=[0, 150, 300, 500], seeds=2, max_epochs=2000, sharpness_epochs=20)
+        if overrides.get("arch") == "cnn":
+            base.update(n_train=200, attack_sizes=[0, 100, 200], seeds=2, frobenius_rtol=0.1)
         base.update(overrides)
         return cls(**base)
 
@@ -87,7 +110,13 @@ class Config:
             if not ok:
                 raise ValueError(f"{option}: {message}")
 
-        need(self.data in ("digits", "mnist"), "--data", f"expected digits or mnist, got {self.data!r}")
+        need(self.data in DATASETS, "--data", f"expected one of {', '.join(DATASETS)}, got {self.data!r}")
+        need(self.arch in ARCHS, "--arch", f"expected one of {', '.join(ARCHS)}, got {self.arch!r}")
+        need(self.channels >= 1, "--channels", f"must be >= 1, got {self.channels}")
+        need(self.kernel_samples is None or self.kernel_samples >= 2, "--kernel-samples",
+             f"must be >= 2, got {self.kernel_samples}")
+        need(self.trace_method in ("exact", "hutch++"), "--trace",
+             f"must be exact or hutch++, got {self.trace_method!r}")
         need(self.n_train >= 1, "--n-train", f"must be >= 1, got {self.n_train}")
         need(self.n_test is None or self.n_test >= 1, "--n-test", f"must be >= 1, got {self.n_test}")
         need(len(self.attack_sizes) >= 1, "--attack-sizes", "needs at least one size")
@@ -159,7 +188,51 @@ def load_data(config):
                              f"the files hold {len(ytr)} and {len(yte)}")
         idx = order[:pool]
         return Xtr[idx], (ytr[idx] >= 5).astype(np.int64), Xte[:n_test], (yte[:n_test] >= 5).astype(np.int64)
-    raise ValueError(f"data: expected 'digits' or 'mnist', got {config.data!r}")
+    if config.data == "cifar10":
+        if not config.data_dir:
+            raise ValueError("data_dir: --data cifar10 needs --data-dir with the CIFAR-10 python batches "
+                             "(data_batch_1 .. data_batch_5, test_batch)")
+        Xtr, ytr = read_cifar10(config.data_dir, [f"data_batch_{i}" for i in range(1, 6)])
+        Xte, yte = read_cifar10(config.data_dir, ["test_batch"])
+        order = np.random.default_rng(0).permutation(len(ytr))
+        pool = config.n_train + max(config.attack_sizes)
+        n_test = min(2000, len(yte)) if config.n_test is None else config.n_test
+        if pool > len(ytr) or n_test > len(yte):
+            raise ValueError(f"--n-train/--attack-sizes/--n-test: {pool} training and {n_test} test images of cats "
+                             f"and cars asked, the files hold {len(ytr)} and {len(yte)}")
+        idx = order[:pool]
+        return Xtr[idx], ytr[idx], Xte[:n_test], yte[:n_test]
+    raise ValueError(f"data: expected one of {', '.join(DATASETS)}, got {config.data!r}")
+
+
+def read_cifar10(directory, names):
+    """The cat and car images of the named CIFAR-10 python batches (pickled dicts with b"data", uint8 of shape
+    (m, 3072) in channel-major order, and b"labels"), as float64 in [0, 1] of shape (m', 3072) and labels 1 (car)
+    / 0 (cat). The files are read from ``directory`` or its ``cifar-10-batches-py`` subfolder. Pickle runs code
+    from the file: read only batches you trust (the official archive's)."""
+    import pickle
+
+    base = Path(directory)
+    if not (base / names[0]).exists() and (base / "cifar-10-batches-py" / names[0]).exists():
+        base = base / "cifar-10-batches-py"
+    images, labels = [], []
+    for name in names:
+        path = base / name
+        if not path.exists():
+            raise FileNotFoundError(f"data_dir: no CIFAR-10 batch {name} in {directory}")
+        with open(path, "rb") as fh:
+            batch = pickle.load(fh, encoding="bytes")
+        if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+            raise ValueError(f"{path}: not a CIFAR-10 python batch (a dict with b'data' and b'labels')")
+        data = np.asarray(batch[b"data"], dtype=np.uint8)
+        classes = np.asarray(batch[b"labels"], dtype=np.int64)
+        if data.ndim != 2 or data.shape[1] != 3072 or len(classes) != len(data):
+            raise ValueError(f"{path}: expected b'data' of shape (m, 3072) and m labels, got {data.shape} and "
+                             f"{len(classes)}")
+        keep = np.isin(classes, list(CIFAR_CLASSES))
+        images.append(data[keep].astype(np.float64) / 255.0)
+        labels.append(np.array([CIFAR_CLASSES[c] for c in classes[keep]], dtype=np.int64))
+    return np.concatenate(images), np.concatenate(labels)
 
 
 def _read_idx_pair(directory, prefix):
@@ -187,6 +260,32 @@ def _read_idx(path):
 
 
 # --- one run -----------------------------------------------------------------------------------------------
+
+def make_model(config, d, seed):
+    """The network of ``config.arch`` for d-dimensional (flattened) inputs, drawn from the paper's prior."""
+    if config.arch == "cnn":
+        return make_cnn(IMAGE_SHAPES[config.data], config.channels, seed)
+    return make_network(d, config.width, seed)
+
+
+def make_cnn(image_shape, channels, seed):
+    """A small ReLU CNN on flattened images of ``image_shape`` (c, h, w): unflatten -> conv3x3(c -> channels) ->
+    ReLU -> conv3x3(channels -> channels) -> ReLU -> 2x2 max pool -> flatten -> Linear(-> 1), padding 1, float64;
+    weights N(0, 2/fan_in), biases N(0, 1) (one draw of the prior its empirical NNGP kernel averages over).
+    The two convolutions are the Conv -> ReLU -> Conv pair the alpha-scale acts on."""
+    import torch
+    import torch.nn as nn
+
+    from flatfast.empirical import _draw_from_prior
+
+    c, h, w = image_shape
+    model = nn.Sequential(nn.Unflatten(1, image_shape), nn.Conv2d(c, channels, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(channels * (h // 2) * (w // 2), 1)).double()
+    with torch.no_grad():
+        _draw_from_prior(model, torch.Generator().manual_seed(seed), 2.0, 1.0)
+    return model
+
 
 def make_network(d, width, seed):
     """d-width-width-1 ReLU network, weights N(0, 2/fan_in), biases N(0, 1) (float64)."""
@@ -280,7 +379,8 @@ def train(model, S, A, optimizer_name, config, seed):
 def flatness_on(model, S, config, seed):
     """Trace, top eigenvalue, Frobenius norm and both sharpness ascents of the mean BCE loss on S alone.
 
-    ``config`` supplies batch_size, trace_rtol and the sharpness_* settings (a Config or a TemporalConfig)."""
+    ``config`` supplies batch_size, trace_method (exact, or Hutch++ to trace_rtol), frobenius_rtol and the
+    sharpness_* settings (a Config or a TemporalConfig)."""
     import torch
 
     import flatfast
@@ -288,9 +388,12 @@ def flatness_on(model, S, config, seed):
     Xs, ys = torch.from_numpy(S[0]), torch.from_numpy(S[1].astype(np.float64))[:, None]
     whole = [(Xs, ys)]
     bce = torch.nn.BCEWithLogitsLoss()
-    trace = flatfast.hessian_trace(model, whole, bce, rtol=config.trace_rtol, seed=seed, progress=False)
+    if config.trace_method == "exact":
+        trace = flatfast.hessian_trace(model, whole, bce, method="exact")
+    else:
+        trace = flatfast.hessian_trace(model, whole, bce, rtol=config.trace_rtol, seed=seed, progress=False)
     eig = flatfast.hessian_eigenvalues(model, whole, k=1, loss_fn=bce, tol=1e-4, seed=seed)
-    frob = flatfast.frobenius_norm(model, whole, bce, rtol=0.05, seed=seed)
+    frob = flatfast.frobenius_norm(model, whole, bce, rtol=config.frobenius_rtol, seed=seed)
     minibatches = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(Xs, ys), batch_size=config.batch_size,
                                               shuffle=True, generator=torch.Generator().manual_seed(seed))
     sgd = flatfast.sharpness(model, minibatches, eps=config.sharpness_eps, loss_fn=bce, method="sgd-ascent",
@@ -324,9 +427,10 @@ def measure(model, S, X_test, y_test, K, config, seed):
     return row
 
 
-def layer_factors(n_linear, divided_layer, alpha):
-    """Per Linear layer, the factor the alpha-scale applied to its weight and to its bias, as ';'-joined text."""
-    weights, biases = [1.0] * n_linear, [1.0] * n_linear
+def layer_factors(n_weighted, divided_layer, alpha):
+    """Per weighted (Linear or Conv) layer, the factor the alpha-scale applied to its weight and to its bias, as
+    ';'-joined text."""
+    weights, biases = [1.0] * n_weighted, [1.0] * n_weighted
     if alpha != 1.0:
         weights[divided_layer] = biases[divided_layer] = 1.0 / alpha
         weights[divided_layer + 1] = alpha
@@ -357,6 +461,28 @@ def prepare_output(config, table, resume):
         json.dump(current, fh, indent=2)
 
 
+def kernel_draws(config, n):
+    """M, the empirical kernel's draws: --kernel-samples, or the authors' n/10 (at least 2)."""
+    return config.kernel_samples if config.kernel_samples is not None else max(2, round(n / 10))
+
+
+def prior_kernel(config, X_prior, log=print):
+    """The NNGP kernel over S u E that log P(f) is computed with: for the FCN the closed-form arc-cosine kernel of
+    depth 2 (sigma_w2 = 2, sigma_b2 = 1); for the CNN the authors' Monte Carlo estimate, M draws of the same
+    prior with the penultimate readout (bench/empirical_log_prior.py --arch cnn measures its error)."""
+    import flatfast
+
+    if config.arch == "fcn":
+        return flatfast.nngp_kernel(X_prior, depth=2, sigma_w2=2.0, sigma_b2=1.0)
+    draws = kernel_draws(config, len(X_prior))
+    net = make_cnn(IMAGE_SHAPES[config.data], config.channels, seed=0)
+    K, stderr = flatfast.empirical_nngp_kernel(net, X_prior, samples=draws, seed=0, return_stderr=True)
+    off_diagonal = ~np.eye(len(K), dtype=bool)
+    log(f"empirical NNGP kernel of the CNN: M = {draws} draws (penultimate readout), Monte Carlo standard error "
+        f"of its entries {np.median(stderr[off_diagonal] / np.abs(K[off_diagonal])):.2%} of their size (median)")
+    return K
+
+
 def run(config: Config, *, resume=False, log=print):
     """Run every (optimizer, attack size, seed) of the grid (or of this shard), appending rows to
     <out>/results.csv; then correlations and plots. Returns the path of the results table."""
@@ -380,13 +506,13 @@ def run(config: Config, *, resume=False, log=print):
     A_X, A_y = X_pool[config.n_train:], 1 - y_pool[config.n_train:]  # deliberately wrong labels
     X_prior = np.concatenate([S[0], X_test])
     grid = config.grid()
-    log(f"flatfast reproduce: {config.data}, |S| = {len(S[1])}, |E| = {len(y_test)}, attack sizes "
+    log(f"flatfast reproduce: {config.arch.upper()} on {config.data}, |S| = {len(S[1])}, |E| = {len(y_test)}, attack sizes "
         f"{config.attack_sizes}, {config.seeds} seed(s), optimizers {config.optimizers}"
         + (f", shard {config.shard_index}/{config.shard_count} ({len(grid)} runs)" if config.shard_count > 1 else "")
         + f"; log P(f) over n = {len(X_prior)} points, reported likelihood: {config.likelihood}; sharpness by "
         f"{config.sharpness_method}" + (f" ({config.sharpness_epochs} epochs; the authors use 100)"
                                         if config.sharpness_method == "sgd-ascent" else ""))
-    K = flatfast.nngp_kernel(X_prior, depth=2, sigma_w2=2.0, sigma_b2=1.0)
+    K = prior_kernel(config, X_prior, log=log)
     n_S = len(S[1])
     log_p_S = flatfast.ep_log_evidence(K[:n_S, :n_S], 2 * S[1] - 1, likelihood="heaviside", check_psd=False)
     bound = flatfast.pac_bayes_bound(log_p_S, n_S, delta=config.pac_bayes_delta)
@@ -401,17 +527,17 @@ def run(config: Config, *, resume=False, log=print):
             t0 = time.perf_counter()
             A = (A_X[:attack], A_y[:attack])
             run_seed = 1000 * seed + attack
-            model = make_network(S[0].shape[1], config.width, run_seed)
+            model = make_model(config, S[0].shape[1], run_seed)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 epochs, reached, accuracy_S, accuracy_A = train(model, S, A, optimizer_name, config, run_seed)
             training_warnings = recorded_warnings(caught)
-            n_linear = sum(isinstance(m, torch.nn.Linear) for m in model)
+            n_weighted = sum(isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) for m in model)
             for rescaled in wanted:
                 if (optimizer_name, attack, seed, rescaled) in done:
                     continue
                 net = flatfast.rescale(model, config.alpha, divided_layer=config.divided_layer) if rescaled else model
-                weight_factors, bias_factors = layer_factors(n_linear, config.divided_layer,
+                weight_factors, bias_factors = layer_factors(n_weighted, config.divided_layer,
                                                              config.alpha if rescaled else 1.0)
                 row = dict(data=config.data, optimizer=optimizer_name, attack_size=attack, seed=seed,
                            rescaled=rescaled, alpha=config.alpha if rescaled else 1.0, weight_factors=weight_factors,
@@ -571,6 +697,13 @@ def correlations(rows, likelihood="probit", n_resamples=1000, seed=0):
     return result
 
 
+def rescale_label(config):
+    """The alpha-scale in words: which layers were divided and multiplied."""
+    k = config.divided_layer + 1
+    name = "conv" if getattr(config, "arch", "fcn") == "cnn" else "W"
+    return f"{name}{k} weight and bias / {config.alpha:g}; {name}{k + 1} weight * {config.alpha:g}"
+
+
 def summarise(table, config, log=print):
     """Correlations (printed and saved to correlations.json), the rescaling check, and the PNG plots."""
     rows = read_table(table)
@@ -603,7 +736,7 @@ def summarise(table, config, log=print):
         derr = max(abs(a["test_error"] - b["test_error"]) for a, b in checks)
         growth = {name: [b[name] / a[name] for a, b in checks if a[name] > 0]
                   for name in ("trace", "top_eigenvalue", "sharpness")}
-        log(f"alpha-scale (W1, b1 / {config.alpha}; W2 * {config.alpha}) of {len(checks)} SGD networks, each "
+        log(f"alpha-scale ({rescale_label(config)}) of {len(checks)} SGD networks, each "
             f"measured again from scratch: max |d test error| = {derr:.2g}, max |d log P(f)| = {dlogp:.2g} (log P(f) "
             "recomputed from the rescaled network's own predictions: the equality is checked, not assumed); "
             + ", ".join(f"{name} x{min(v):.3g} .. x{max(v):.3g}" for name, v in growth.items() if v))
@@ -703,8 +836,9 @@ def main(args) -> int:
             print(f"done in {time.perf_counter() - t0:.0f} s")
             return 0
         overrides = {}
-        for field in ("data", "data_dir", "n_train", "n_test", "attack_sizes", "seeds", "optimizers", "max_epochs",
-                      "lr", "likelihood", "out", "sharpness_method", "sharpness_epochs"):
+        for field in ("data", "data_dir", "arch", "channels", "kernel_samples", "trace_method", "n_train", "n_test",
+                      "attack_sizes", "seeds", "optimizers", "max_epochs", "lr", "likelihood", "out",
+                      "sharpness_method", "sharpness_epochs"):
             value = getattr(args, field, None)
             if value is not None:
                 overrides[field] = value

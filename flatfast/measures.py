@@ -230,24 +230,25 @@ def flatness_report(model, loader, loss_fn=None, *, eps=1e-4, rtol=0.02, seed=0,
 
 def rescale(model, alpha, *, divided_layer=0, layer=None):
     r"""Dinh et al.'s alpha-scale transformation of a ReLU network, on a copy of ``model``, in Zhang et al.'s
-    direction: the Linear layer ``divided_layer`` (counting only the nn.Linear modules of an nn.Sequential) is
-    **divided** by alpha and the next Linear layer's weight **multiplied** by alpha:
+    direction: the weighted layer ``divided_layer`` (counting the nn.Linear and nn.Conv1d/2d/3d modules of an
+    nn.Sequential) is **divided** by alpha and the next weighted layer's weight **multiplied** by alpha:
 
     .. math::
         W_k \leftarrow W_k / \alpha,\quad b_k \leftarrow b_k / \alpha,\quad W_{k+1} \leftarrow \alpha W_{k+1}
         \qquad (b_{k+1} \text{ and every other layer unchanged}).
 
-    ReLU is positively homogeneous, so the network computes the same function (and has the same log P(f)). The
-    Hessian block of layer k grows by :math:`\alpha^2` and that of layer k+1's weight shrinks by
-    :math:`\alpha^2`; with the paper's alpha = 5.9 on the first (largest) layer the network gets much sharper.
-    For the opposite direction pass ``1 / alpha``.
+    Everything between the two layers must be positively homogeneous (ReLU, LeakyReLU, max or average pooling,
+    Flatten, Dropout, Identity), so the network computes the same function (and has the same log P(f)); a Linear
+    pair and a Conv -> ReLU -> Conv pair both qualify. The Hessian block of layer k grows by :math:`\alpha^2` and
+    that of layer k+1's weight shrinks by :math:`\alpha^2`; with the paper's alpha = 5.9 on the first layer the
+    network gets much sharper. For the opposite direction pass ``1 / alpha``.
 
     Parameters
     ----------
-    model : torch.nn.Sequential of Linear layers separated by ReLU (Dropout and Identity are allowed between)
+    model : torch.nn.Sequential of Linear/Conv layers separated by positively homogeneous modules
     alpha : float > 0
     divided_layer : int
-        Index k among the Linear layers; layer k + 1 must exist.
+        Index k among the weighted (Linear and Conv) layers; layer k + 1 must exist.
 
     Returns
     -------
@@ -271,17 +272,23 @@ def rescale(model, alpha, *, divided_layer=0, layer=None):
                         "next multiplied), as Zhang et al. did; for the old direction pass 1 / alpha")
     alpha = check_float(alpha, "alpha", positive=True)
     divided_layer = check_int(divided_layer, "divided_layer", minimum=0)
-    if not isinstance(model, torch.nn.Sequential):
-        raise TypeError("model: rescale needs an nn.Sequential of Linear layers separated by ReLU")
-    positions = [i for i, m in enumerate(model) if isinstance(m, torch.nn.Linear)]
+    nn = torch.nn
+    if not isinstance(model, nn.Sequential):
+        raise TypeError("model: rescale needs an nn.Sequential of Linear/Conv layers separated by ReLU")
+    weighted = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    homogeneous = (nn.ReLU, nn.LeakyReLU, nn.Identity, nn.Dropout, nn.Flatten, nn.MaxPool1d, nn.MaxPool2d,
+                   nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+                   nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+    positions = [i for i, m in enumerate(model) if isinstance(m, weighted)]
     if divided_layer + 1 >= len(positions):
-        raise ValueError(f"divided_layer: must index a Linear layer that has a next one (0..{len(positions) - 2}), "
-                         f"got {divided_layer}")
+        raise ValueError(f"divided_layer: must index a Linear/Conv layer that has a next one "
+                         f"(0..{len(positions) - 2}), got {divided_layer}")
     first, second = positions[divided_layer], positions[divided_layer + 1]
     between = list(model)[first + 1: second]
-    if not between or not all(isinstance(m, (torch.nn.ReLU, torch.nn.Identity, torch.nn.Dropout)) for m in between):
-        raise ValueError(f"divided_layer: Linear {divided_layer} and the next one must be separated by ReLU only, "
-                         f"found {between}")
+    if not any(isinstance(m, (nn.ReLU, nn.LeakyReLU)) for m in between) or \
+            not all(isinstance(m, homogeneous) for m in between):
+        raise ValueError(f"divided_layer: layer {divided_layer} and the next weighted layer must be separated by a "
+                         f"ReLU and positively homogeneous modules only, found {between}")
     scaled = copy.deepcopy(model)
     with torch.no_grad():
         scaled[first].weight.div_(alpha)

@@ -45,7 +45,9 @@ class TemporalConfig:
     sharpness_eps: float = 1e-4
     sharpness_epochs: int = 100
     sharpness_lr: float = 1e-3
+    trace_method: str = "exact"
     trace_rtol: float = 0.05
+    frobenius_rtol: float = 0.05
     warm_start: bool = True
     seed: int = 0
     out: str = "flatfast-temporal"

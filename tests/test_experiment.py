@@ -137,9 +137,11 @@ def test_flatness_is_of_the_loss_on_S_alone(reference_table):
     on_S = [(torch.from_numpy(S[0]), torch.from_numpy(S[1].astype(np.float64))[:, None])]
     XA, yA = np.concatenate([S[0], A[0]]), np.concatenate([S[1], A[1]])
     on_SA = [(torch.from_numpy(XA), torch.from_numpy(yA.astype(np.float64))[:, None])]
-    trace_S = flatfast.hessian_trace(model, on_S, bce, rtol=config.trace_rtol, seed=1, progress=False).value
-    trace_SA = flatfast.hessian_trace(model, on_SA, bce, rtol=config.trace_rtol, seed=1, progress=False).value
-    assert row["trace"] == trace_S and abs(trace_SA - trace_S) > 0.1 * trace_S
+    trace_S = flatfast.hessian_trace(model, on_S, bce, method="exact").value
+    trace_SA = flatfast.hessian_trace(model, on_SA, bce, method="exact").value
+    assert row["trace"] == trace_S and row["trace_stderr"] == 0.0 and abs(trace_SA - trace_S) > 0.1 * trace_S
+    estimate = flatfast.hessian_trace(model, on_S, bce, rtol=config.trace_rtol, seed=1, progress=False)
+    assert abs(estimate.value - trace_S) <= 4 * estimate.stderr  # the exact trace is what Hutch++ estimates
     assert row["top_eigenvalue"] == pytest.approx(
         flatfast.hessian_eigenvalues(model, on_S, loss_fn=bce, tol=1e-4, seed=1).values[0], rel=1e-12)
     assert row["sharpness_sign_ascent"] == flatfast.sharpness(model, on_S, eps=config.sharpness_eps, loss_fn=bce,
@@ -187,6 +189,10 @@ def test_runs_that_never_fit_S_are_left_out_of_the_statistics():
     (["--optimizers", "rmsprop"], "--optimizers: unknown optimizer 'rmsprop'"),
     (["--shard", "2/2"], "--shard: must be i/N"),
     (["--data", "mnist"], "data_dir"),
+    (["--data", "cifar10"], "data_dir: --data cifar10 needs --data-dir"),
+    (["--arch", "cnn", "--kernel-samples", "1"], "--kernel-samples: must be >= 2"),
+    (["--arch", "cnn", "--channels", "0"], "--channels: must be >= 1"),
+    (["--experiment", "temporal", "--arch", "cnn"], "--arch apply to --experiment main only"),
     (["--post-epochs", "10"], "--post-epochs apply to --experiment temporal only"),
     (["--experiment", "temporal", "--attack-sizes", "100"], "--attack-sizes apply to the main experiment"),
     (["--experiment", "temporal", "--every", "0"], "--every: must be >= 1"),
@@ -248,3 +254,109 @@ def test_temporal_run_rescales_half_way_and_resumes(tmp_path):
         return [{k: v for k, v in r.items() if k not in ("seconds", "ep_seconds")} for r in rows]
 
     assert strip(read_temporal(table)) == strip(rows)
+
+
+# --- the CNN experiment and CIFAR-10 ------------------------------------------------------------------------------
+
+def test_cnn_run_rescales_the_conv_pair_keeps_log_p_and_traces_exactly(tmp_path):
+    lines = []
+    config = _tiny_config(tmp_path / "cnn", arch="cnn", channels=4, optimizers=["sgd"], kernel_samples=16)
+    rows = read_table(run(config, log=lines.append))
+    assert len(rows) == 4
+    assert any("empirical NNGP kernel of the CNN: M = 16 draws" in line for line in lines)
+    assert any("alpha-scale (conv1 weight and bias / 5.9; conv2 weight * 5.9)" in line for line in lines)
+    pairs = {}
+    for r in rows:
+        assert r["data"] == "digits" and r["trace_stderr"] == 0.0
+        pairs.setdefault(r["attack_size"], {})[r["rescaled"]] = r
+    for pair in pairs.values():
+        plain, scaled = pair[False], pair[True]
+        assert scaled["weight_factors"] == f"{1 / 5.9:.6g};5.9;1" and scaled["bias_factors"] == f"{1 / 5.9:.6g};1;1"
+        assert scaled["test_error"] == plain["test_error"]
+        assert abs(scaled["log_p_probit"] - plain["log_p_probit"]) <= 1e-8 * abs(plain["log_p_probit"])
+        assert scaled["trace"] > plain["trace"]  # conv1's Hessian block grows by alpha^2, conv2's weight shrinks
+
+
+def test_cnn_prior_kernel_is_the_empirical_kernel_of_the_same_prior():
+    from flatfast.experiment import kernel_draws, make_cnn, prior_kernel
+
+    assert kernel_draws(Config(arch="cnn"), 1297) == 130  # the authors' M = n / 10
+    assert kernel_draws(Config(arch="cnn", kernel_samples=64), 1297) == 64
+    X = np.random.default_rng(0).random((30, 64))
+    config = Config(arch="cnn", channels=4, kernel_samples=8)
+    K = prior_kernel(config, X, log=lambda s: None)
+    expected = flatfast.empirical_nngp_kernel(make_cnn((1, 8, 8), 4, seed=0), X, samples=8, seed=0, progress=False)
+    np.testing.assert_allclose(K, expected, rtol=1e-12)
+    wide = make_cnn((1, 8, 8), 64, seed=1)  # a network is one draw of that prior: N(0, 2/fan_in), N(0, 1)
+    assert float(wide[3].weight.std()) == pytest.approx((2.0 / (64 * 9)) ** 0.5, rel=0.05)
+    assert float(wide[1].weight.std()) == pytest.approx((2.0 / 9) ** 0.5, rel=0.15)
+    assert float(wide[3].bias.std()) == pytest.approx(1.0, rel=0.25)
+
+
+def _write_cifar_batch(path, classes, rng):
+    """A file in the CIFAR-10 python format; each image's first red pixel holds its class, so labels can be
+    checked after loading."""
+    import pickle
+
+    data = rng.integers(0, 256, (len(classes), 3072), dtype=np.uint8)
+    data[:, 0] = classes
+    with open(path, "wb") as fh:
+        pickle.dump({b"batch_label": b"synthetic", b"labels": [int(c) for c in classes], b"data": data}, fh)
+
+
+@pytest.fixture
+def cifar_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    for i in range(1, 6):
+        _write_cifar_batch(root / f"data_batch_{i}", rng.integers(0, 10, 40), rng)
+    _write_cifar_batch(root / "test_batch", rng.integers(0, 10, 60), rng)
+    return tmp_path
+
+
+def test_cifar10_batches_give_the_cat_vs_car_task(cifar_dir):
+    from flatfast.experiment import load_data, read_cifar10
+
+    X, y = read_cifar10(cifar_dir, [f"data_batch_{i}" for i in range(1, 6)])
+    classes = np.round(X[:, 0] * 255).astype(int)
+    assert set(classes) == {1, 3} and X.shape[1] == 3072 and 0.0 <= X.min() and X.max() <= 1.0
+    np.testing.assert_array_equal(y, (classes == 1).astype(int))  # car -> 1, cat -> 0
+    config = Config(data="cifar10", data_dir=str(cifar_dir), n_train=20, attack_sizes=[0, 5])
+    X_pool, y_pool, X_test, y_test = load_data(config)
+    n_test_available = len(read_cifar10(cifar_dir / "cifar-10-batches-py", ["test_batch"])[1])
+    assert X_pool.shape == (25, 3072) and X_test.shape == (n_test_available, 3072)  # |E| <= the authors' 2000
+    np.testing.assert_array_equal(y_test, (np.round(X_test[:, 0] * 255) == 1).astype(int))
+    with pytest.raises(ValueError, match="--n-train/--attack-sizes/--n-test: 500 training"):
+        load_data(Config(data="cifar10", data_dir=str(cifar_dir), n_train=500, attack_sizes=[0]))
+
+
+def test_cifar10_files_that_are_missing_or_not_batches_are_named(cifar_dir, tmp_path):
+    import pickle
+
+    from flatfast.experiment import read_cifar10
+
+    with pytest.raises(FileNotFoundError, match="no CIFAR-10 batch data_batch_9"):
+        read_cifar10(cifar_dir, ["data_batch_9"])
+    with open(tmp_path / "not_a_batch", "wb") as fh:
+        pickle.dump([1, 2, 3], fh)
+    with pytest.raises(ValueError, match="not a CIFAR-10 python batch"):
+        read_cifar10(tmp_path, ["not_a_batch"])
+    with open(tmp_path / "wrong_shape", "wb") as fh:
+        pickle.dump({b"data": np.zeros((4, 100), np.uint8), b"labels": [1, 3, 1, 3]}, fh)
+    with pytest.raises(ValueError, match="expected b'data' of shape \\(m, 3072\\)"):
+        read_cifar10(tmp_path, ["wrong_shape"])
+
+
+def test_cnn_on_cifar10_from_the_command_line(cifar_dir, tmp_path):
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "flatfast", "reproduce", "--data", "cifar10", "--data-dir",
+                             str(cifar_dir), "--arch", "cnn", "--channels", "4", "--kernel-samples", "8",
+                             "--n-train", "16", "--n-test", "12", "--attack-sizes", "0", "4", "--seeds", "1",
+                             "--optimizers", "sgd", "--max-epochs", "300", "--lr", "0.05", "--sharpness-epochs", "2",
+                             "--out", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "CNN on cifar10, |S| = 16, |E| = 12" in result.stdout
+    rows = read_table(out / "results.csv")
+    assert len(rows) == 4 and all(r["data"] == "cifar10" for r in rows)
+    assert json.loads((out / "config.json").read_text())["arch"] == "cnn"

@@ -145,12 +145,39 @@ def _dense(model, X, y, loss_fn):
     return torch.autograd.functional.hessian(loss, torch.cat([p.detach().reshape(-1) for p in params.values()]))
 
 
+def test_rescale_of_a_conv_relu_conv_pair_keeps_the_function():
+    """Conv -> ReLU -> Conv (with max pooling after) is rescaled like a Linear pair: the same function, the first
+    convolution's Hessian block alpha^2 larger, the second's weight block alpha^2 smaller (exact traces)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(3, 2, 3),
+                                torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten(),
+                                torch.nn.Linear(8, 1)).double()
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(30, 1, 6, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 2, (30, 1), generator=g).double()
+    scaled = flatfast.rescale(model, 5.9)
+    assert torch.allclose(scaled(X), model(X), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(scaled[0].bias, model[0].bias / 5.9, rtol=1e-15, atol=0)
+    torch.testing.assert_close(scaled[2].weight, model[2].weight * 5.9, rtol=1e-15, atol=0)
+    bce = torch.nn.BCEWithLogitsLoss()
+    diag, diag_scaled = torch.diagonal(_dense(model, X, y, bce)), torch.diagonal(_dense(scaled, X, y, bce))
+    sizes = [p.numel() for p in model.parameters()]
+    for block, block_scaled, factor in zip(diag.split(sizes), diag_scaled.split(sizes), [5.9 ** 2, 5.9 ** 2,
+                                                                                         5.9 ** -2, 1.0, 1.0, 1.0]):
+        torch.testing.assert_close(block_scaled, factor * block, rtol=1e-9, atol=1e-14)
+    exact = flatfast.hessian_trace(scaled, [(X, y)], bce, method="exact").value
+    assert exact == pytest.approx(float(diag_scaled.sum()), rel=1e-9)
+
+
 def test_rescale_rejects_bad_arguments():
     model = _binary_mlp()
     with pytest.raises(ValueError, match="alpha: must be > 0"):
         flatfast.rescale(model, -1.0)
-    with pytest.raises(ValueError, match="divided_layer: must index a Linear layer"):
+    with pytest.raises(ValueError, match="divided_layer: must index a Linear/Conv layer"):
         flatfast.rescale(model, 2.0, divided_layer=2)
+    smooth = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
+    with pytest.raises(ValueError, match="separated by a ReLU and positively homogeneous modules only"):
+        flatfast.rescale(smooth, 2.0)
     with pytest.raises(TypeError, match="layer: rescale's `layer` is now `divided_layer`"):
         flatfast.rescale(model, 2.0, layer=0)
     with pytest.raises(TypeError, match="model: rescale needs an nn.Sequential"):
