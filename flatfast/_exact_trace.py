@@ -30,7 +30,7 @@ _PIECEWISE_LINEAR = frozenset("""
     adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d relu leaky_relu hardtanh relu6 threshold
     max_pool1d max_pool2d max_pool3d max_pool1d_with_indices max_pool2d_with_indices max_pool3d_with_indices
     adaptive_max_pool1d adaptive_max_pool2d adaptive_max_pool3d clamp clip abs maximum minimum max min amax amin
-    identity interpolate upsample zero_pad2d
+    identity interpolate upsample zero_pad2d embedding
 """.split())
 # Operations multiplying their factor arguments: piecewise linear in a parameter only if at most one factor
 # depends on it. Values: the positions of the factors (None: every tensor argument is a factor).
@@ -181,36 +181,54 @@ def _loss_kind(op):
 AUTOGRAD_LOSS_MAX_OUTPUTS = 256
 
 
-def curvature_factors(op, kind, out, y):
-    """(S, w): S of shape (B, K, C) and signs w (B, K) with H_out,i = sum_k w_ik s_ik s_ik^T, where H_out,i is the
-    Hessian of example i's loss in its C = out[i].numel() outputs (the dataset-mean convention's per-example
-    loss: the batch mean is their average)."""
-    import torch
+class OutputCurvature:
+    """The loss's Hessian in each example's C outputs as H_out,i = sum_k w_ik s_ik s_ik^T (w = +-1; the (B, C)
+    outputs of a batch flattened per example), with the factor rows s_ik made on demand, k in [start, stop): cross-
+    entropy over C = 1000 classes would otherwise hold B x C x C numbers. ``state`` is a tuple of per-example
+    tensors (leading dimension B) that ``rows`` turns into factor rows, batched or, under vmap, for one example.
 
-    B = out.shape[0]
-    flat = out.reshape(B, -1)
-    C = flat.shape[1]
-    if kind is None:
-        kind = "cross_entropy" if not y.is_floating_point() else "mse"
-    if kind == "cross_entropy":  # H = diag(p) - p p^T = sum_k s_k s_k^T with s_k = sqrt(p_k) (e_k - p)
-        if out.dim() != 2:
-            raise ValueError(f"method: 'exact' with cross-entropy needs (B, C) outputs, got {tuple(out.shape)}")
-        p = torch.softmax(flat, dim=1)
-        eye = torch.eye(C, dtype=flat.dtype, device=flat.device)
-        S = torch.sqrt(p)[:, :, None] * (eye[None] - p[:, None, :])
-    elif kind == "mse":  # mean over the C outputs: H = (2/C) I
-        S = math.sqrt(2.0 / C) * torch.eye(C, dtype=flat.dtype, device=flat.device).expand(B, C, C)
-    elif kind == "bce_with_logits":  # mean over the C logits: H = diag(sigmoid (1 - sigmoid)) / C
-        q = torch.sigmoid(flat)
-        S = torch.diag_embed(torch.sqrt(q * (1.0 - q) / C))
-    else:
-        return _autograd_factors(op, out, y)
-    return S, torch.ones(S.shape[:2], dtype=flat.dtype, device=flat.device)
+    Per-example loss convention: the batch loss is the mean of per-example losses, each the mean over its C
+    outputs for MSE and BCE-with-logits (torch's reduction='mean')."""
+
+    def __init__(self, op, kind, out, y):
+        import torch
+
+        B = out.shape[0]
+        flat = out.reshape(B, -1)
+        self.outputs = C = flat.shape[1]
+        if kind is None:
+            kind = "cross_entropy" if not y.is_floating_point() else "mse"
+        self.kind = kind
+        self.count = C  # K, the number of factor rows per example
+        self._eye = torch.eye(C, dtype=flat.dtype, device=flat.device)
+        if kind == "cross_entropy":  # H = diag(p) - p p^T = sum_k s_k s_k^T with s_k = sqrt(p_k) (e_k - p)
+            if out.dim() != 2:
+                raise ValueError(f"method: 'exact' with cross-entropy needs (B, C) outputs, got {tuple(out.shape)}")
+            self.state = (torch.softmax(flat, dim=1),)
+        elif kind == "mse":  # mean over the C outputs: H = (2/C) I
+            self.state = (torch.full_like(flat, 2.0 / C),)
+        elif kind == "bce_with_logits":  # mean over the C logits: H = diag(sigmoid (1 - sigmoid)) / C
+            q = torch.sigmoid(flat)
+            self.state = (q * (1.0 - q) / C,)
+        else:
+            self.state = _autograd_factors(op, out, y)
+            self.count = self.state[0].shape[-2]
+
+    def rows(self, state, start, stop):
+        """(rows (..., stop - start, C), weights (..., stop - start) or None for all +1)."""
+        if self.kind == "cross_entropy":
+            (p,) = state
+            return p[..., start:stop, None].sqrt() * (self._eye[start:stop] - p[..., None, :]), None
+        if self.kind in ("mse", "bce_with_logits"):  # diagonal H: s_k = sqrt(H_kk) e_k
+            (diagonal,) = state
+            return diagonal[..., start:stop, None].sqrt() * self._eye[start:stop], None
+        factors, signs = state
+        return factors[..., start:stop, :], signs[..., start:stop]
 
 
 def _autograd_factors(op, out, y):
-    """Any other loss: the per-example output Hessian by autograd, factored by its eigendecomposition. The loss
-    must be the mean of per-example losses, which is checked on the batch."""
+    """Any other loss: the per-example output Hessian by autograd, factored by its eigendecomposition: factors
+    (B, C, C) and signs (B, C). The loss must be the mean of per-example losses, which is checked on the batch."""
     import torch
     from torch.func import hessian, vmap
 
@@ -231,8 +249,8 @@ def _autograd_factors(op, out, y):
 
     H = vmap(hessian(one))(out.reshape(B, C), y)  # (B, C, C)
     values, vectors = torch.linalg.eigh(0.5 * (H + H.transpose(1, 2)))
-    S = (vectors * values.abs().sqrt()[:, None, :]).transpose(1, 2)  # rows: sqrt|lambda_k| u_k
-    return S, torch.sign(values)
+    factors = (vectors * values.abs().sqrt()[:, None, :]).transpose(1, 2)  # rows: sqrt|lambda_k| u_k
+    return factors, torch.sign(values)
 
 
 # --- the trace ---------------------------------------------------------------------------------------------------
@@ -261,24 +279,25 @@ def exact_trace(op) -> float:
                 checked = True
             out = op.model(x)
             check_finite(op.loss_and_targets(out, y))
-            S, w = curvature_factors(op, kind, out, y)
-            K = S.shape[1]
+            curvature = OutputCurvature(op, kind, out, y)
+            K = curvature.count
             per_factor = op.dimension * itemsize
             factor_chunk = max(1, min(K, GRADIENT_MEMORY_BYTES // per_factor))
             example_chunk = max(1, GRADIENT_MEMORY_BYTES // (per_factor * factor_chunk))
 
-            def weighted_sq_norms(x_i, S_i, w_i):
+            def weighted_sq_norms(x_i, state_i):
                 _, pullback = vjp(lambda p: functional_call(op.model, {**p, **fixed}, (x_i[None],)).reshape(-1),
                                   params)
                 acc = torch.zeros((), dtype=op.dtype, device=op.device)
                 for start in range(0, K, factor_chunk):
-                    (grads,) = vmap(pullback)(S_i[start: start + factor_chunk])
+                    rows, signs = curvature.rows(state_i, start, min(K, start + factor_chunk))
+                    (grads,) = vmap(pullback)(rows.to(op.dtype))
                     sq = sum(g.reshape(g.shape[0], -1).square().sum(dim=1) for g in grads.values())
-                    acc = acc + (w_i[start: start + factor_chunk] * sq).sum()
+                    acc = acc + (sq if signs is None else signs * sq).sum()
                 return acc
 
             with torch.enable_grad():
-                per_example = vmap(weighted_sq_norms, chunk_size=example_chunk)(x, S.to(op.dtype), w.to(op.dtype))
+                per_example = vmap(weighted_sq_norms, chunk_size=example_chunk)(x, curvature.state)
             total += float(per_example.sum())
             count += int(x.shape[0])
     return mean_over_ranks(total, count, op.device)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import List, Optional
 
-from flatfast._exact_trace import curvature_factors
+from flatfast._exact_trace import OutputCurvature
 from flatfast._model_util import check_finite, eval_mode, mean_over_ranks
 
 
@@ -182,7 +182,8 @@ def mlp_exact_trace(op) -> float:
                     masks.append(mask)
                     sq_norms.append((a * a).sum(dim=1))
             check_finite(op.loss_and_targets(z, y))
-            factors, _ = curvature_factors(op, None, z, y)  # (B, C, C); the default losses' signs are all +1
+            curvature = OutputCurvature(op, None, z, y)  # the default losses: all signs +1
+            factors, _ = curvature.rows(curvature.state, 0, curvature.count)  # (B, C, C)
             delta = factors.transpose(0, 1)  # (C, B, C): the C factor vectors back-propagated together
             for i in range(len(layers) - 1, -1, -1):
                 per_example = (delta * delta).sum(dim=(0, 2))  # sum over c of |delta_{i,c}|^2

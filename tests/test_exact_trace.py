@@ -249,3 +249,17 @@ def test_exact_trace_rejects_a_loss_that_is_not_a_mean_of_per_example_losses():
     with pytest.raises(ValueError, match="loss_fn: the batch loss is not the mean"):
         flatfast.hessian_trace(model, image_batches(), lambda o, t: F.cross_entropy(o, t, reduction="sum"),
                                method="exact")
+
+
+def test_a_thousand_classes_match_the_closed_form_of_one_linear_layer():
+    """For logits W x + b under cross-entropy, tr H = mean_i (|x_i|^2 + 1) (1 - |p_i|^2): an independent check
+    with C = 1000 classes, whose factor rows are made in chunks rather than as a B x C x C array."""
+    torch.manual_seed(7)
+    model = nn.Linear(6, 1000).double()
+    g = torch.Generator().manual_seed(8)
+    X = torch.randn(24, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 1000, (24,), generator=g)
+    p = torch.softmax(model(X), dim=1).detach()
+    expected = float((((X * X).sum(1) + 1.0) * (1.0 - (p * p).sum(1))).mean())
+    assert flatfast.hessian_trace(model, [(X[:16], y[:16]), (X[16:], y[16:])],
+                                  method="exact").value == pytest.approx(expected, rel=1e-11)
