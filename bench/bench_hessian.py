@@ -7,13 +7,12 @@
 (d) on a small ReLU ResNet (BatchNorm in eval mode, pooling), the exact trace against 100-probe Hutchinson and
     against one forward+backward pass.
 """
-import numpy as np
 import pytest
 import torch
 
 import flatfast
 
-from conftest import N, PROBES, forward_backward as _forward_backward
+from conftest import PROBES, forward_backward as _forward_backward
 
 
 def test_forward_backward_floor(benchmark, setup):

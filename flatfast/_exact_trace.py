@@ -17,8 +17,6 @@ refused with the name of the module that did it.
 """
 from __future__ import annotations
 
-import math
-
 from flatfast._model_util import check_finite, eval_mode, mean_over_ranks
 
 # Operations after which the output is piecewise linear in the inputs (and in every parameter they depend on).

@@ -244,6 +244,28 @@ def test_accepted_products_of_independent_parameters_are_exact():
     assert flatfast.hessian_trace(model, batches, method="exact").value == pytest.approx(expected, rel=1e-9)
 
 
+class SharedInParallel(nn.Module):
+    """One Linear layer applied to both halves of the image and the results added: the layer is used twice, but
+    additively, so the network stays piecewise linear in each of its parameters and the trace stays exact."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Linear(18, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        top, bottom = x.flatten(1).split(18, dim=1)
+        return self.head(torch.relu(self.shared(top)) + torch.relu(self.shared(bottom)))
+
+
+def test_a_layer_reused_additively_is_accepted_and_exact():
+    torch.manual_seed(9)
+    model = SharedInParallel().double()
+    batches = image_batches()
+    expected = dense_trace(model, batches, F.cross_entropy)
+    assert flatfast.hessian_trace(model, batches, method="exact").value == pytest.approx(expected, rel=1e-9)
+
+
 def test_exact_trace_rejects_a_loss_that_is_not_a_mean_of_per_example_losses():
     model = small_cnn()
     with pytest.raises(ValueError, match="loss_fn: the batch loss is not the mean"):
