@@ -9,8 +9,8 @@ can run here and why not.
 from flatfast._native import set_num_threads
 from flatfast._registry import backends
 from flatfast.bounds import pac_bayes_bound
-from flatfast.errors import (BackendFallbackWarning, BackendUnavailableError, ConvergenceWarning, NotPSDError,
-                             UnreliableEstimateWarning)
+from flatfast.errors import (BackendFallbackWarning, BackendUnavailableError, ConvergenceWarning,
+                             NotPiecewiseLinearError, NotPSDError, UnreliableEstimateWarning)
 from flatfast.empirical import empirical_nngp_kernel
 from flatfast.hessian import hessian_eigenvalues, hessian_operator, hessian_spectrum, hessian_trace, hvp
 from flatfast.measures import FlatnessReport, flatness_report, frobenius_norm, function_of, rescale, sharpness
@@ -36,6 +36,7 @@ __all__ = [
     "EPResult",
     "EntropySGD",
     "FlatnessReport",
+    "NotPiecewiseLinearError",
     "NotPSDError",
     "UnreliableEstimateWarning",
     "backends",

@@ -18,6 +18,7 @@ refused with the name of the module that did it.
 from __future__ import annotations
 
 from flatfast._model_util import check_finite, eval_mode, mean_over_ranks
+from flatfast.errors import NotPiecewiseLinearError
 
 # Operations after which the output is piecewise linear in the inputs (and in every parameter they depend on).
 # Names are torch's function names with leading underscores and a trailing in-place "_" removed.
@@ -49,11 +50,6 @@ def _op_name(func) -> str:
 
 def _argument(args, kwargs, index, name, default=None):
     return args[index] if len(args) > index else kwargs.get(name, default)
-
-
-class NotPiecewiseLinearError(ValueError):
-    """The model is not piecewise linear in each single parameter, so its Hessian diagonal is not the
-    Gauss-Newton diagonal and the exact trace does not apply."""
 
 
 def check_piecewise_linear(model, x, trainable):

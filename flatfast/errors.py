@@ -13,6 +13,12 @@ class NotPSDError(ValueError):
     """A kernel matrix is not symmetric positive (semi-)definite."""
 
 
+class NotPiecewiseLinearError(ValueError):
+    """``hessian_trace(method="exact")`` met a network that is not piecewise linear in each single parameter (a
+    smooth nonlinearity, batch statistics, a product of two values depending on one parameter), so its Hessian
+    diagonal is not the Gauss-Newton diagonal; the message names the module."""
+
+
 class ConvergenceWarning(UserWarning):
     """An iterative method stopped at its iteration limit before meeting its tolerance."""
 

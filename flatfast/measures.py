@@ -8,6 +8,7 @@ import math
 import numpy as np
 
 from flatfast._validate import check_float, check_int
+from flatfast.errors import NotPiecewiseLinearError
 from flatfast.estimators import TraceResult, hutchinson
 from flatfast._model_util import distributed, eval_mode
 from flatfast.hessian import HessianOperator, hessian_eigenvalues, hessian_spectrum, hessian_trace
@@ -203,7 +204,9 @@ def flatness_report(model, loader, loss_fn=None, *, eps=1e-4, rtol=0.02, seed=0,
     The log-volume is the Laplace-approximation basin volume up to constants,
     :math:`-\frac12\sum_j \log(|\lambda_j| + \delta)` over the Hessian's P eigenvalues, estimated by stochastic
     Lanczos quadrature (P times the quadrature mean of :math:`\log(|\lambda| + \delta)`, stderr over probes).
-    The trace is exact for Linear/ReLU MLPs with the default loss and Hutch++ otherwise.
+    The trace is exact (``hessian_trace(method="exact")``) for networks that are piecewise linear in each
+    parameter -- ReLU MLPs, CNNs, ResNets with eval-mode BatchNorm -- and the Hutch++ estimate to ``rtol``
+    otherwise.
 
     Examples
     --------
@@ -215,8 +218,10 @@ def flatness_report(model, loader, loss_fn=None, *, eps=1e-4, rtol=0.02, seed=0,
     ['frobenius', 'frobenius_stderr', 'log_volume']
     """
     op = HessianOperator(model, loader, loss_fn)
-    method = "exact" if op.linears is not None else "hutch++"
-    trace = hessian_trace(model, loader, loss_fn, method=method, rtol=rtol, seed=seed, progress=False)
+    try:
+        trace = hessian_trace(model, loader, loss_fn, method="exact")
+    except NotPiecewiseLinearError:
+        trace = hessian_trace(model, loader, loss_fn, rtol=rtol, seed=seed, progress=False)
     eig = hessian_eigenvalues(model, loader, k=1, loss_fn=loss_fn, tol=1e-4, seed=seed)
     frob = frobenius_norm(model, loader, loss_fn, rtol=rtol, seed=seed)
     sharp = sharpness(model, loader, eps=eps, loss_fn=loss_fn, seed=seed)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 import flatfast
-from flatfast._exact_trace import NotPiecewiseLinearError
+from flatfast import NotPiecewiseLinearError
 
 
 def dense_trace(model, batches, loss_fn):

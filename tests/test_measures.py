@@ -228,3 +228,18 @@ def test_flatness_report_has_every_measure():
     exact_log_volume = -0.5 * np.sum(np.log(np.abs(evals) + 1e-3))
     assert abs(report.log_volume - exact_log_volume) < 5 * report.log_volume_stderr + 0.05 * abs(exact_log_volume)
     assert set(report.as_dict()) >= {"trace", "top_eigenvalue", "frobenius", "sharpness", "log_volume"}
+
+
+def test_flatness_report_traces_exactly_where_the_network_allows():
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(30, 1, 5, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (30,), generator=g)
+    torch.manual_seed(4)
+    cnn = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(18, 3)).double()
+    smooth = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(25, 4), torch.nn.Tanh(),
+                                 torch.nn.Linear(4, 3)).double()
+    exact = flatfast.flatness_report(cnn, [(X, y)], seed=0, slq_iterations=5).trace
+    assert exact.method == "exact" and exact.stderr == 0.0
+    estimate = flatfast.flatness_report(smooth, [(X, y)], seed=0, slq_iterations=5).trace
+    assert estimate.method == "hutch++" and estimate.stderr > 0
