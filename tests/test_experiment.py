@@ -347,6 +347,10 @@ def test_cifar10_files_that_are_missing_or_not_batches_are_named(cifar_dir, tmp_
         pickle.dump({b"data": np.zeros((4, 100), np.uint8), b"labels": [1, 3, 1, 3]}, fh)
     with pytest.raises(ValueError, match="expected b'data' of shape \\(m, 3072\\)"):
         read_cifar10(tmp_path, ["wrong_shape"])
+    with open(tmp_path / "runs_code", "wb") as fh:
+        pickle.dump({b"data": os.getcwd, b"labels": []}, fh)  # a pickle that names a function
+    with pytest.raises(ValueError, match="names posix.getcwd|names nt.getcwd"):
+        read_cifar10(tmp_path, ["runs_code"])
 
 
 def test_cnn_on_cifar10_from_the_command_line(cifar_dir, tmp_path):
