@@ -48,7 +48,7 @@ def fcn(args):
 
 
 def cnn(args):
-    from flatfast.experiment import IMAGE_SHAPES, Config, load_data, make_cnn
+    from flatfast.experiment import IMAGE_SHAPES, Config, kernel_draws, load_data, make_cnn
 
     config = Config(arch="cnn")
     X_pool, y_pool, X_test, y_test = load_data(config)
@@ -59,7 +59,7 @@ def cnn(args):
     f_flipped[flipped] *= -1
     net = make_cnn(IMAGE_SHAPES[config.data], config.channels, seed=0)
     print(f"CNN ({config.channels} channels) on the digits, n = {len(X)} (|S| = {config.n_train}, "
-          f"|E| = {len(y_test)}); the authors' M = n/10 = {len(X) // 10}; {args.seeds} seeds per M")
+          f"|E| = {len(y_test)}); the authors' M = n/10 = {kernel_draws(config, len(X))}; {args.seeds} seeds per M")
     print(f"{'M':>5} {'log P(f_true)':>14} {'sd':>6} {'log P(f_20%)':>13} {'sd':>6} {'difference':>11} {'sd':>6}")
     for M in args.draws or [32, 64, 128, 256, 512, 1024]:
         true, other = [], []
