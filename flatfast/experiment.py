@@ -499,9 +499,8 @@ def prior_kernel(config, X_prior, log=print):
 def run(config: Config, *, resume=False, log=print):
     """Run every (optimizer, attack size, seed) of the grid (or of this shard), appending rows to
     <out>/results.csv; then correlations and plots. Returns the path of the results table."""
-    import torch
-
     import flatfast
+    from flatfast.measures import weighted_layer_positions
 
     config.validate()
     table = Path(config.out) / "results.csv"
@@ -545,7 +544,7 @@ def run(config: Config, *, resume=False, log=print):
                 warnings.simplefilter("always")
                 epochs, reached, accuracy_S, accuracy_A = train(model, S, A, optimizer_name, config, run_seed)
             training_warnings = recorded_warnings(caught)
-            n_weighted = sum(isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) for m in model)
+            n_weighted = len(weighted_layer_positions(model))
             for rescaled in wanted:
                 if (optimizer_name, attack, seed, rescaled) in done:
                     continue

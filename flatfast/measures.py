@@ -233,6 +233,13 @@ def flatness_report(model, loader, loss_fn=None, *, eps=1e-4, rtol=0.02, seed=0,
     return FlatnessReport(trace, float(eig.values[0]), float(eig.residuals[0]), frob, sharp, log_volume, log_volume_se)
 
 
+def weighted_layer_positions(model):
+    """Indices in an nn.Sequential of the layers ``rescale`` counts: nn.Linear and nn.Conv1d/2d/3d."""
+    import torch.nn as nn
+
+    return [i for i, m in enumerate(model) if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+
+
 def rescale(model, alpha, *, divided_layer=0, layer=None):
     r"""Dinh et al.'s alpha-scale transformation of a ReLU network, on a copy of ``model``, in Zhang et al.'s
     direction: the weighted layer ``divided_layer`` (counting the nn.Linear and nn.Conv1d/2d/3d modules of an
@@ -282,11 +289,10 @@ def rescale(model, alpha, *, divided_layer=0, layer=None):
     nn = torch.nn
     if not isinstance(model, nn.Sequential):
         raise TypeError("model: rescale needs an nn.Sequential of Linear/Conv layers separated by ReLU")
-    weighted = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
     homogeneous = (nn.ReLU, nn.LeakyReLU, nn.Identity, nn.Dropout, nn.Flatten, nn.MaxPool1d, nn.MaxPool2d,
                    nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
                    nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
-    positions = [i for i, m in enumerate(model) if isinstance(m, weighted)]
+    positions = weighted_layer_positions(model)
     if divided_layer + 1 >= len(positions):
         raise ValueError(f"divided_layer: must index a Linear/Conv layer that has a next one "
                          f"(0..{len(positions) - 2}), got {divided_layer}")
