@@ -189,7 +189,7 @@ class OutputCurvature:
 
         B = out.shape[0]
         flat = out.reshape(B, -1)
-        self.outputs = C = flat.shape[1]
+        C = flat.shape[1]
         if kind is None:
             kind = "cross_entropy" if not y.is_floating_point() else "mse"
         self.kind = kind

@@ -181,29 +181,30 @@ def load_data(config):
             raise ValueError("data_dir: --data mnist needs --data-dir with the MNIST IDX files")
         Xtr, ytr = _read_idx_pair(config.data_dir, "train")
         Xte, yte = _read_idx_pair(config.data_dir, "t10k")
-        order = np.random.default_rng(0).permutation(len(ytr))
-        pool = config.n_train + max(config.attack_sizes)
-        n_test = 1000 if config.n_test is None else config.n_test
-        if pool > len(ytr) or n_test > len(yte):
-            raise ValueError(f"--n-train/--attack-sizes/--n-test: {pool} training and {n_test} test images asked, "
-                             f"the files hold {len(ytr)} and {len(yte)}")
-        idx = order[:pool]
-        return Xtr[idx], (ytr[idx] >= 5).astype(np.int64), Xte[:n_test], (yte[:n_test] >= 5).astype(np.int64)
+        binary = lambda digits: (digits >= 5).astype(np.int64)  # noqa: E731
+        return _pool_and_test(config, Xtr, binary(ytr), Xte, binary(yte), default_n_test=1000, what="images")
     if config.data == "cifar10":
         if not config.data_dir:
             raise ValueError("data_dir: --data cifar10 needs --data-dir with the CIFAR-10 python batches "
                              "(data_batch_1 .. data_batch_5, test_batch)")
         Xtr, ytr = read_cifar10(config.data_dir, [f"data_batch_{i}" for i in range(1, 6)])
         Xte, yte = read_cifar10(config.data_dir, ["test_batch"])
-        order = np.random.default_rng(0).permutation(len(ytr))
-        pool = config.n_train + max(config.attack_sizes)
-        n_test = min(2000, len(yte)) if config.n_test is None else config.n_test
-        if pool > len(ytr) or n_test > len(yte):
-            raise ValueError(f"--n-train/--attack-sizes/--n-test: {pool} training and {n_test} test images of cats "
-                             f"and cars asked, the files hold {len(ytr)} and {len(yte)}")
-        idx = order[:pool]
-        return Xtr[idx], ytr[idx], Xte[:n_test], yte[:n_test]
+        return _pool_and_test(config, Xtr, ytr, Xte, yte, default_n_test=min(2000, len(yte)),
+                              what="images of cats and cars")
     raise ValueError(f"data: expected one of {', '.join(DATASETS)}, got {config.data!r}")
+
+
+def _pool_and_test(config, Xtr, ytr, Xte, yte, default_n_test, what):
+    """A file-backed data set's pool (|S| + max |A| training images in a fixed random order) and its first n_test
+    test images, after checking that the files hold that many; labels are already 0/1."""
+    order = np.random.default_rng(0).permutation(len(ytr))
+    pool = config.n_train + max(config.attack_sizes)
+    n_test = default_n_test if config.n_test is None else config.n_test
+    if pool > len(ytr) or n_test > len(yte):
+        raise ValueError(f"--n-train/--attack-sizes/--n-test: {pool} training and {n_test} test {what} asked, the "
+                         f"files hold {len(ytr)} and {len(yte)}")
+    idx = order[:pool]
+    return Xtr[idx], ytr[idx], Xte[:n_test], yte[:n_test]
 
 
 def read_cifar10(directory, names):
@@ -401,10 +402,8 @@ def flatness_on(model, S, config, seed):
     Xs, ys = torch.from_numpy(S[0]), torch.from_numpy(S[1].astype(np.float64))[:, None]
     whole = [(Xs, ys)]
     bce = torch.nn.BCEWithLogitsLoss()
-    if config.trace_method == "exact":
-        trace = flatfast.hessian_trace(model, whole, bce, method="exact")
-    else:
-        trace = flatfast.hessian_trace(model, whole, bce, rtol=config.trace_rtol, seed=seed, progress=False)
+    trace = flatfast.hessian_trace(model, whole, bce, method=config.trace_method, rtol=config.trace_rtol, seed=seed,
+                                   progress=False)
     eig = flatfast.hessian_eigenvalues(model, whole, k=1, loss_fn=bce, tol=1e-4, seed=seed)
     frob = flatfast.frobenius_norm(model, whole, bce, rtol=config.frobenius_rtol, seed=seed)
     minibatches = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(Xs, ys), batch_size=config.batch_size,
@@ -518,8 +517,8 @@ def run(config: Config, *, resume=False, log=print):
     A_X, A_y = X_pool[config.n_train:], 1 - y_pool[config.n_train:]  # deliberately wrong labels
     X_prior = np.concatenate([S[0], X_test])
     grid = config.grid()
-    log(f"flatfast reproduce: {config.arch.upper()} on {config.data}, |S| = {len(S[1])}, |E| = {len(y_test)}, attack sizes "
-        f"{config.attack_sizes}, {config.seeds} seed(s), optimizers {config.optimizers}"
+    log(f"flatfast reproduce: {config.arch.upper()} on {config.data}, |S| = {len(S[1])}, |E| = {len(y_test)}, "
+        f"attack sizes {config.attack_sizes}, {config.seeds} seed(s), optimizers {config.optimizers}"
         + (f", shard {config.shard_index}/{config.shard_count} ({len(grid)} runs)" if config.shard_count > 1 else "")
         + f"; log P(f) over n = {len(X_prior)} points, reported likelihood: {config.likelihood}; sharpness by "
         f"{config.sharpness_method}" + (f" ({config.sharpness_epochs} epochs; the authors use 100)"
@@ -712,7 +711,7 @@ def correlations(rows, likelihood="probit", n_resamples=1000, seed=0):
 def rescale_label(config):
     """The alpha-scale in words: which layers were divided and multiplied."""
     k = config.divided_layer + 1
-    name = "conv" if getattr(config, "arch", "fcn") == "cnn" else "W"
+    name = "conv" if config.arch == "cnn" else "W"
     return f"{name}{k} weight and bias / {config.alpha:g}; {name}{k + 1} weight * {config.alpha:g}"
 
 
