@@ -91,7 +91,7 @@ py::array masked_matmul(const py::array& A, const py::array& B, bool b_transpose
 
 // EP's fused passes: `out` is the caller's workspace (written in place, so no n x n array is allocated per sweep).
 template <typename T>
-void ep_scaled_system(const py::array& K, const py::array& s, py::array& out) {
+void ep_scaled_system(const py::array& K, const py::array& s, py::array& out, double shift) {
   check_matrix<T>(K, "K");
   check_matrix<T>(out, "out");
   const int64_t n = K.shape(0);
@@ -100,11 +100,12 @@ void ep_scaled_system(const py::array& K, const py::array& s, py::array& out) {
   FF_CHECK_ARG(s.ndim() == 1 && s.shape(0) == n && py::isinstance<carray<double>>(s), "s",
                "must be a contiguous float64 vector of length n");
   FF_CHECK_ARG(out.writeable(), "out", "must be writeable");
+  FF_CHECK_ARG(std::isfinite(shift), "shift", "must be finite");
   const T* k = static_cast<const T*>(K.data());
   const double* sp = static_cast<const double*>(s.data());
   T* o = static_cast<T*>(out.mutable_data());
   py::gil_scoped_release release;
-  ep_scaled_system_cpu<T>(k, sp, n, o);
+  ep_scaled_system_cpu<T>(k, sp, shift, n, o);
 }
 
 template <typename T>
@@ -156,8 +157,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("mask"), py::arg("C"));
   m.def("masked_matmul_f32", &masked_matmul<float>, py::arg("A"), py::arg("B"), py::arg("b_transposed"),
         py::arg("mask"), py::arg("C"));
-  m.def("ep_scaled_system_f64", &ep_scaled_system<double>, py::arg("K"), py::arg("s"), py::arg("out"));
-  m.def("ep_scaled_system_f32", &ep_scaled_system<float>, py::arg("K"), py::arg("s"), py::arg("out"));
+  m.def("ep_scaled_system_f64", &ep_scaled_system<double>, py::arg("K"), py::arg("s"), py::arg("out"),
+        py::arg("shift") = 0.0);
+  m.def("ep_scaled_system_f32", &ep_scaled_system<float>, py::arg("K"), py::arg("s"), py::arg("out"),
+        py::arg("shift") = 0.0);
   m.def("ep_factor_column_norms_f64", &ep_factor_column_norms<double>, py::arg("W"));
   m.def("ep_factor_column_norms_f32", &ep_factor_column_norms<float>, py::arg("W"));
   m.def("threading", []() { return std::string(threading_backend()); },

@@ -79,8 +79,11 @@ def ordered_factor(Sigma):
 def tilting_point(Lt, *, tol=1e-10, max_steps=100):
     """Solve G(c) = 0 (step 3 of the module doc) by damped Newton; returns (mu, x, psi, converged, steps)."""
     n = Lt.shape[0]
-    strict = np.tril(Lt, -1)
-    A = Lt @ strict.T + strict  # G(c) = c + A lambda(c)
+    # G(c) = c + A lambda(c), A = Lt S^T + S with S = Lt - I, Lt's strict lower triangle (Lt has a unit
+    # diagonal), so A = Lt Lt^T - I: one n x n array besides Lt and the Newton matrix J.
+    A = Lt @ Lt.T
+    A[np.diag_indices(n)] -= 1.0
+    J_transposed = np.empty_like(A)
     c = np.zeros(n)
     lam = _mills(c)
     residual = c + A @ lam
@@ -92,10 +95,12 @@ def tilting_point(Lt, *, tol=1e-10, max_steps=100):
             converged = True
             break
         dlam = lam * (lam - c)  # lambda'(c)
-        J = A * dlam[None, :]
-        J[np.diag_indices(n)] += 1.0
+        # J = I + A diag(dlam); A is symmetric, so the C-ordered diag(dlam) A + I is J in Fortran order, which
+        # LAPACK overwrites without a copy
+        np.multiply(A, dlam[:, None], out=J_transposed)  # one buffer for every step's J
+        J_transposed[np.diag_indices(n)] += 1.0
         try:
-            step = sla.solve(J, -residual, check_finite=False)
+            step = sla.solve(J_transposed.T, -residual, check_finite=False, overwrite_a=True)
         except (np.linalg.LinAlgError, sla.LinAlgError):
             break
         t = 1.0
@@ -110,7 +115,7 @@ def tilting_point(Lt, *, tol=1e-10, max_steps=100):
         if not np.isfinite(norm_new):
             break
         c, lam, residual, norm = c_new, lam_new, res_new, norm_new
-    mu = strict.T @ lam
+    mu = Lt.T @ lam - lam  # S^T lambda
     x = mu + lam
     psi = float(np.sum(special.log_ndtr(-c) + 0.5 * mu * mu - x * mu))
     return mu, x, psi, converged, steps
@@ -173,8 +178,8 @@ def pareto_k(log_w):
 def log_orthant_probability(Sigma, *, n_samples, seed):
     """log P(Y > 0), Y ~ N(0, Sigma), by minimax tilting. Returns a dict: log_p, stderr (of log_p, delta method),
     ess, pareto_k, log_upper_bound (nan when Botev's bound does not apply), newton_converged, n_samples."""
-    order, L = ordered_factor(Sigma)
-    Lt = L / np.diagonal(L)[:, None]
+    order, Lt = ordered_factor(Sigma)
+    Lt /= np.diagonal(Lt).copy()[:, None]  # in place: the unit-diagonal factor
     mu, x, psi, converged, _ = tilting_point(Lt)
     rng = np.random.default_rng(seed)
     log_w = sample_log_weights(Lt, mu, n_samples, rng)
@@ -182,7 +187,7 @@ def log_orthant_probability(Sigma, *, n_samples, seed):
     w = np.exp(log_w - peak)
     mean_w = float(np.mean(w))
     stderr = float(np.std(w, ddof=1) / math.sqrt(n_samples) / mean_w)
-    lower = -(np.tril(Lt, -1) @ x)
+    lower = -(Lt @ x - x)  # -(S x)
     feasible = bool(np.all(x >= lower - 1e-12))
     return dict(log_p=peak + math.log(mean_w), stderr=stderr, ess=float(np.sum(w) ** 2 / np.sum(w * w)),
                 pareto_k=pareto_k(log_w), log_upper_bound=psi if feasible and converged else float("nan"),

@@ -90,13 +90,17 @@ def float_dtype(dtype: Any, name: str = "dtype") -> np.dtype:
     return resolved
 
 
-def memory_guard(n_bytes: float, what: str, *, fraction: float = 0.8) -> None:
-    """Fail early, with the size, when an allocation would not fit in the machine's available memory."""
-    available = _available_bytes()
+def memory_guard(n_bytes: float, what: str, *, fraction: float = 0.8, available=None) -> None:
+    """Fail early, with the size, when an allocation would not fit in the available memory: the machine's, or
+    ``available`` bytes (a GPU's free memory)."""
+    available = _available_bytes() if available is None else available
     if available is not None and n_bytes > fraction * available:
-        raise MemoryError(
-            f"{what} needs {n_bytes / 2**30:.1f} GiB, more than {fraction:.0%} of the "
-            f"{available / 2**30:.1f} GiB of memory available")
+        raise MemoryError(f"{what} needs {_size(n_bytes)}, more than {fraction:.0%} of the {_size(available)} of "
+                          "memory available")
+
+
+def _size(n_bytes):
+    return f"{n_bytes / 2**30:.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
 
 
 def _available_bytes():

@@ -1,9 +1,11 @@
 """log P(f): the NNGP prior probability of a labelling, by Expectation Propagation.
 
-The EP loop is plain Python over an array module (numpy here, cupy on a GPU): per sweep one Cholesky of
-B = I + S^1/2 K S^1/2 and one triangular inverse (LAPACK POTRF + TRTRI, in place in one n x n workspace), the
-posterior marginal variances from the inverse factor's column norms, the means from two triangular
-matrix-vector products. Nothing else n x n is formed. See shared design note ep.md for the formulas.
+The EP loop is plain Python over an array module (numpy on the CPU, cupy on a GPU): per sweep one Cholesky of
+B = I + S^1/2 K S^1/2 and one triangular inverse (LAPACK or cuSOLVER POTRF + TRTRI, in place in one n x n
+workspace), the posterior marginal variances from the inverse factor's column norms, the means from two
+triangular matrix-vector products. K and that workspace are the only n x n arrays, on either device: the probit
+likelihood's K + I is a diagonal shift applied inside the passes, the PSD check factors in the workspace, and
+mixed precision keeps its float32 K and workspace inside the same workspace.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import warnings
 import numpy as np
 
 from flatfast._validate import check_float, check_int, memory_guard
-from flatfast._xp import linalg_for, xp_of
+from flatfast._xp import ep_array, free_bytes, linalg_for, xp_of
 from flatfast.errors import ConvergenceWarning, NotPSDError, UnreliableEstimateWarning
 from flatfast.results import EPResult
 
@@ -53,7 +55,10 @@ def log_prior(X, y, *, depth=2, sigma_w2=2.0, sigma_b2=1.0, likelihood="heavisid
     Parameters
     ----------
     X : array_like, shape (n, d) (or shaped as ``model`` takes them)
-        Inputs: train and test points together.
+        Inputs: train and test points together: a numpy array, or a torch tensor on the CPU or a CUDA device.
+        For a CUDA tensor the kernel and every EP sweep run on that device (EP through cupy, which shares the
+        kernel's memory by DLPack; no n x n array is copied to the host); without cupy, EP runs on the CPU
+        after one warning naming the package to install.
     y : array_like, shape (n,) or (m, n)
         Labels in {-1, +1} or {0, 1}; a 2-D array holds m labellings of the same X (one kernel, m values).
     depth, sigma_w2, sigma_b2 : the kernel's parameters (see :func:`flatfast.nngp_kernel`).
@@ -87,7 +92,8 @@ def log_prior(X, y, *, depth=2, sigma_w2=2.0, sigma_b2=1.0, likelihood="heavisid
         Importance samples and their seed for ``method="tilting"`` (O(n^2) work each); ``seed`` also seeds the
         draws of ``model``'s kernel.
     kernel : array_like (n, n), optional
-        A precomputed prior covariance of the points (then depth, sigma_w2, sigma_b2, backend are unused).
+        A precomputed prior covariance of the points (then depth, sigma_w2, sigma_b2, backend are unused): numpy,
+        a torch tensor (CPU or CUDA) or a cupy array; EP runs where it is (see X).
     model, samples : torch.nn.Module and int, optional
         Use the empirical NNGP kernel of ``model``'s architecture from ``samples`` random initialisations.
         Its Monte Carlo error moves log P(f): see the README ("Empirical kernels") for how much, by M.
@@ -105,7 +111,7 @@ def log_prior(X, y, *, depth=2, sigma_w2=2.0, sigma_b2=1.0, likelihood="heavisid
     True
     """
     from flatfast.nngp import nngp_kernel
-    from flatfast._validate import as_float_matrix, to_numpy
+    from flatfast._validate import as_float_matrix
 
     if kernel is not None and model is not None:
         raise ValueError("kernel, model: give one of them (model's kernel is computed), not both")
@@ -117,18 +123,19 @@ def log_prior(X, y, *, depth=2, sigma_w2=2.0, sigma_b2=1.0, likelihood="heavisid
     labels = _labels(y, n)
     _check_method(method)
     if kernel is not None:  # X only says how many points there are; it may have any shape
-        K = to_numpy(kernel)
-        if K.shape != (n, n):
-            raise ValueError(f"kernel: expected shape ({n}, {n}) for the {n} points of X, got {K.shape}")
-        return ep_log_evidence(K, y, likelihood=likelihood, method=method, tol=tol, max_sweeps=max_sweeps,
+        shape = tuple(getattr(kernel, "shape", np.shape(kernel)))
+        if shape != (n, n):
+            raise ValueError(f"kernel: expected shape ({n}, {n}) for the {n} points of X, got {shape}")
+        return ep_log_evidence(kernel, y, likelihood=likelihood, method=method, tol=tol, max_sweeps=max_sweeps,
                                return_info=return_info, n_samples=n_samples, seed=seed, precision=precision)
-    _guard_memory(n, likelihood, method, "log_prior")
+    _guard_memory(n, likelihood, method, "log_prior", xp=_module_for_input(X), new_arrays=1, n_samples=n_samples)
     if model is not None:
         from flatfast.empirical import empirical_nngp_kernel
 
         K = empirical_nngp_kernel(model, X, samples, sigma_w2=sigma_w2, sigma_b2=sigma_b2, seed=seed)
     else:
-        K = to_numpy(nngp_kernel(X, depth=depth, sigma_w2=sigma_w2, sigma_b2=sigma_b2, backend=backend))
+        K = nngp_kernel(X, depth=depth, sigma_w2=sigma_w2, sigma_b2=sigma_b2, backend=backend)
+    K = ep_array(K, "the kernel")
     return _evidence(K, labels, y_was_2d=np.ndim(y) == 2, likelihood=likelihood, method=method, tol=tol,
                      max_sweeps=max_sweeps, return_info=return_info, n_samples=n_samples, seed=seed,
                      precision=precision)
@@ -142,7 +149,10 @@ def ep_log_evidence(K, y, *, likelihood="heaviside", method="ep", tol=1e-6, max_
     ``return_info``, ``n_samples``, ``seed``, ``precision``). For 2-D y every labelling after the first starts
     from the fixed point of the nearest one already solved (same values within ``tol``, fewer sweeps).
     K must be symmetric positive semi-definite; ``check_psd=True`` verifies that with one Cholesky of
-    K + 1e-10 mean(diag K) I, and raises :class:`flatfast.NotPSDError`.
+    K + 1e-10 mean(diag K) I (in EP's workspace), and raises :class:`flatfast.NotPSDError`.
+    K may be a numpy array, a torch tensor (CPU or CUDA) or a cupy array; EP runs where K is: on a CUDA device
+    through cupy and cuSOLVER (a CUDA tensor is shared with cupy by DLPack, not copied), on the CPU through
+    LAPACK. Either way EP holds two n x n arrays, K and one workspace, and returns the same float / EPResult.
     EP runs in float64: a K of another dtype is converted once (one copy of K).
 
     Under the Heaviside likelihood some labellings have probability exactly 0: a point with K_ii = 0, or two
@@ -159,26 +169,25 @@ def ep_log_evidence(K, y, *, likelihood="heaviside", method="ep", tol=1e-6, max_
     >>> round(flatfast.ep_log_evidence(np.eye(3), [1, -1, 1]), 10)   # three independent fair signs: 3 log(1/2)
     -2.0794415417
     """
+    K = ep_array(K, "K")
     xp = xp_of(K)
-    if not hasattr(K, "shape"):
-        K = np.asarray(K, dtype=np.float64)
-        xp = np
     if K.ndim != 2 or K.shape[0] != K.shape[1]:
         raise ValueError(f"K: expected a square 2-D matrix, got shape {tuple(K.shape)}")
     if K.shape[0] == 0:
         raise ValueError("K: is empty (n = 0)")
+    if K.dtype.kind != "f" and K.dtype.kind not in "iub":
+        raise TypeError(f"K: expected a real floating-point matrix, got dtype {K.dtype}")
+    _guard_memory(K.shape[0], likelihood, method, "ep_log_evidence", xp=xp,
+                  new_arrays=0 if K.dtype == xp.float64 else 1, n_samples=n_samples)
     if K.dtype != xp.float64:
         # EP runs in float64 (the standard for EP and the oracles); convert once, here, rather than let LAPACK
         # copy a float32 K silently on every sweep.
         K = K.astype(xp.float64)
     n = K.shape[0]
     _check_method(method)
-    _guard_memory(n, likelihood, method, "ep_log_evidence")
     _check_finite_symmetric(K, xp)
     if bool((xp.diagonal(K) < 0).any()):
         raise NotPSDError("K: has negative diagonal entries, so it is not positive semi-definite")
-    if check_psd:
-        _check_psd(K, xp)
     labels = _labels(y, n)
     init = None
     if warm_start is not None:
@@ -192,7 +201,7 @@ def ep_log_evidence(K, y, *, likelihood="heaviside", method="ep", tol=1e-6, max_
         init = sites
     return _evidence(K, labels, y_was_2d=np.ndim(y) == 2, likelihood=likelihood, method=method, tol=tol,
                      max_sweeps=max_sweeps, return_info=return_info, n_samples=n_samples, seed=seed, init=init,
-                     precision=precision)
+                     precision=precision, check_psd=check_psd)
 
 
 # --- validation -------------------------------------------------------------------------------------------
@@ -226,15 +235,35 @@ def _check_method(method):
         raise ValueError(f"method: expected one of {_METHODS}, got {method!r}")
 
 
-def _guard_memory(n, likelihood, method, caller):
-    """Fail before allocating: float64 n x n arrays alive at once -- K, then EP's workspace or (after EP has
-    finished) the tilting estimator's four (the signed K, its ordered factor, the saddle-point system and its
-    Jacobian), and K + I for probit."""
-    working = 4 if method == "tilting" else 1
-    arrays = 1 + working + (likelihood == "probit")
-    memory_guard(arrays * 8.0 * n * n, f"{caller} on n = {n} points ({arrays} float64 n x n arrays: K, " +
-                 ("the tilting estimator's four" if method == "tilting" else "EP's workspace") +
-                 (", K + I" if likelihood == "probit" else "") + ")")
+def _module_for_input(X):
+    """The array module EP will run on for inputs like X (cupy for CUDA tensors when it can run there)."""
+    from flatfast._xp import device_ep_unavailable, is_cuda_tensor
+
+    if (is_cuda_tensor(X) or type(X).__module__.startswith("cupy")) and device_ep_unavailable() is None:
+        import cupy
+
+        return cupy
+    return np
+
+
+def _guard_memory(n, likelihood, method, caller, *, xp=np, new_arrays=0, n_samples=0):
+    """Fail before allocating, against the memory of the device EP runs on. ``new_arrays``: n x n float64 arrays
+    the caller makes before EP (the kernel, or a float64 copy of K); then EP's workspace (its row-block scans add
+    0.1 n^2 at large n, up to 0.25 n^2 at n of a few hundred). Tilting (on the host) adds four (the signed K, its ordered factor, the Newton system and its
+    Jacobian), a block of n x min(2048, n_samples) samples, and for probit its own K + I. The counts are what
+    tracemalloc measures (tests/test_prior_device.py)."""
+    arrays = new_arrays + 1.25
+    what = "EP's workspace"
+    extra = 0.0
+    if method == "tilting":
+        arrays += 4 + (likelihood == "probit")
+        samples = n_samples if isinstance(n_samples, int) else 2048  # validated later, with the other arguments
+        extra = 8.0 * n * min(2048, max(samples, 1))
+        what += ", the tilting estimator's four and its sample block" + (" and K + I" if likelihood == "probit"
+                                                                        else "")
+    where = "" if xp is np else " on the GPU"
+    memory_guard(arrays * 8.0 * n * n + extra, f"{caller} on n = {n} points{where} ({arrays:g} new float64 n x n "
+                 "arrays: " + ("the kernel, " if new_arrays else "") + what + ")", available=free_bytes(xp))
 
 
 def _impossible_points(K, labels, xp):
@@ -271,9 +300,16 @@ def _impossible_points(K, labels, xp):
     return reasons
 
 
-def _degenerate_pairs(K, xp, block=512):
+def _scan_rows(n):
+    """Rows per block of the O(n^2) checks: each of their few temporaries holds 1/32 of an n x n array at most,
+    so they add ~0.1 n^2 to EP's two arrays at any n."""
+    return max(16, -(-n // 32))
+
+
+def _degenerate_pairs(K, xp):
     """Pairs i < j with correlation +-1 (duplicate or antipodal inputs): (first, second, positive) index arrays.
-    K is scanned in blocks of ``block`` rows, so no n x n temporary is allocated beside the counted ones."""
+    K is scanned in blocks of rows, so no n x n temporary is allocated beside the counted ones."""
+    block = _scan_rows(K.shape[0])
     root = xp.sqrt(xp.diagonal(K))
     first, second, positive = [], [], []
     for start in range(0, K.shape[0], block):
@@ -286,9 +322,10 @@ def _degenerate_pairs(K, xp, block=512):
     return xp.concatenate(first), xp.concatenate(second), xp.concatenate(positive)
 
 
-def _check_finite_symmetric(K, xp, block=512):
+def _check_finite_symmetric(K, xp):
     """NaN/inf and asymmetry checks in row blocks: no n x n temporaries (at n = 5000 the whole-matrix version
     cost more than one Cholesky)."""
+    block = _scan_rows(K.shape[0])
     scale = 0.0
     asymmetry = 0.0
     for start in range(0, K.shape[0], block):
@@ -301,19 +338,18 @@ def _check_finite_symmetric(K, xp, block=512):
         raise NotPSDError("K: is not symmetric")
 
 
-def _check_psd(K, xp):
+def _check_psd(K, la, work):
+    """One Cholesky of K + 1e-10 mean(diag K) I, in EP's workspace (no third n x n array), on K's device; a
+    failure (LAPACK's or cuSOLVER's info > 0) raises NotPSDError."""
+    xp = la.xp
     jitter = 1e-10 * float(xp.mean(xp.diagonal(K)))
-    work = K + jitter * xp.eye(K.shape[0], dtype=K.dtype)
-    try:
-        L = xp.linalg.cholesky(work)
-    except Exception:  # numpy raises LinAlgError; cupy returns NaN
-        raise NotPSDError("K: is not positive semi-definite (Cholesky of K + 1e-10 mean(diag K) I failed)") from None
-    if not bool(xp.isfinite(L).all()):
+    la.scaled_system(K, xp.ones(K.shape[0]), work, shift=jitter - 1.0)  # K + (1 + jitter - 1) I
+    if not la.cholesky_inplace(work):
         raise NotPSDError("K: is not positive semi-definite (Cholesky of K + 1e-10 mean(diag K) I failed)")
 
 
 def _evidence(K, labels, *, y_was_2d, likelihood, method, tol, max_sweeps, return_info, n_samples, seed, init=None,
-              precision="float64"):
+              precision="float64", check_psd=False):
     if likelihood not in _LIKELIHOODS:
         raise ValueError(f"likelihood: expected one of {_LIKELIHOODS}, got {likelihood!r}")
     _check_method(method)
@@ -326,9 +362,12 @@ def _evidence(K, labels, *, y_was_2d, likelihood, method, tol, max_sweeps, retur
     xp = xp_of(K)
     if not K.flags.c_contiguous:  # EP's LAPACK and fused passes work on C-ordered K; symmetric, so K.T is K
         K = K.T if K.flags.f_contiguous else xp.ascontiguousarray(K)
-    if likelihood == "probit":
-        # Phi(y g) = P(y (g + e) > 0), e ~ N(0, 1): the Heaviside problem for the kernel K + I.
-        K = K + xp.eye(K.shape[0], dtype=K.dtype)
+    # Phi(y g) = P(y (g + e) > 0), e ~ N(0, 1): the Heaviside problem for the kernel K + I, applied as a shift.
+    shift = 1.0 if likelihood == "probit" else 0.0
+    la = linalg_for(xp)
+    work = xp.empty_like(K)
+    if check_psd:
+        _check_psd(K, la, work)
     results, solved = [], []
     impossible = _impossible_points(K, labels, xp) if likelihood == "heaviside" else [None] * len(labels)
     for row, reason in zip(labels, impossible):
@@ -340,11 +379,12 @@ def _evidence(K, labels, *, y_was_2d, likelihood, method, tol, max_sweeps, retur
                                     ep_log_z=-math.inf))
             continue
         start = init if init is not None else _nearest_fixed_point(row, solved)
-        res = expectation_propagation(K, y, tol=tol, max_sweeps=max_sweeps, init=start, precision=precision)
+        res = expectation_propagation(K, y, tol=tol, max_sweeps=max_sweeps, init=start, precision=precision,
+                                      shift=shift, work=work, linalg=la)
         res.likelihood = likelihood
         solved.append((row, res))
         if method == "tilting":
-            res = _tilting_estimate(K, y, res, n_samples=n_samples, seed=seed)
+            res = _tilting_estimate(K, y, res, n_samples=n_samples, seed=seed, shift=shift)
         results.append(res)
     if return_info:
         return results if y_was_2d else results[0]
@@ -366,8 +406,10 @@ def _nearest_fixed_point(labels, solved):
 
 # --- the solver --------------------------------------------------------------------------------------------
 
-def expectation_propagation(K, y, *, tol=1e-6, max_sweeps=200, site_tol=None, init=None, precision="float64"):
-    """Parallel EP for P(y_i g_i > 0 for all i), g ~ N(0, K). K: (n, n) float64, y: (n,) of +-1.
+def expectation_propagation(K, y, *, tol=1e-6, max_sweeps=200, site_tol=None, init=None, precision="float64",
+                            shift=0.0, work=None, linalg=None):
+    """Parallel EP for P(y_i g_i > 0 for all i), g ~ N(0, K + shift I). K: (n, n) float64, y: (n,) of +-1.
+    ``work``: an n x n float64 workspace (made here when None); ``linalg``: K's array module's linear algebra.
 
     Sweep: cavities from the current posterior marginals; tilted moments of the truncated Gaussians (in log
     space: log Phi by log_ndtr, phi/Phi by erfcx, finite for every z); new sites; posterior refresh. Damping
@@ -385,43 +427,51 @@ def expectation_propagation(K, y, *, tol=1e-6, max_sweeps=200, site_tol=None, in
     float32's rounding floor (see _stalled; two more sweeps when that floor is below 0.1, none above), or float32
     needs damping, or after _MAX_FLOAT32_SWEEPS; then float64 sweeps from those sites until the rule above holds
     in float64. The value is float64 EP's fixed point to within tol; float32 only shortens the way there. If a
-    float32 sweep fails (B not positive definite in float32), EP restarts in float64. On cupy (GPU) it runs
-    float64 only: float32 EP did not settle there (measured on an H100).
+    float32 sweep fails (B not positive definite in float32), EP restarts in float64. The float32 copy of K and
+    the float32 workspace are the two halves of the float64 workspace: no memory beyond EP's two arrays.
+    On cupy (GPU) it runs float64 only: float32 EP did not settle there (measured on an H100 with the earlier
+    out-of-place GPU solver).
     """
     t0 = time.perf_counter()
+    xp = xp_of(K)
+    la = linalg if linalg is not None else linalg_for(xp)
+    n = K.shape[0]
+    work = xp.empty_like(K) if work is None else work
     low_sweeps = 0
     # On cupy the float32 sweeps did not settle (site changes still 0.25 after 20 sweeps at n = 10000 on an H100,
     # where float64 needs 10), so "mixed" runs float64 there; on the CPU float32 settles to ~0.02 in 7 sweeps.
-    if precision == "mixed" and init is None and xp_of(K) is np and K.dtype == np.float64:
+    if precision == "mixed" and init is None and xp is np and K.dtype == np.float64:
+        halves = work.reshape(-1).view(np.float32)
+        work_low, K_low = halves[: n * n].reshape(n, n), halves[n * n:].reshape(n, n)
+        K_low[...] = K
         try:
-            rough = _ep_sweeps(K.astype(np.float32), y, tol=tol, max_sweeps=max_sweeps,
-                               site_tol=site_tol, init=None, rough=True)
+            rough = _ep_sweeps(K_low, y, tol=tol, max_sweeps=max_sweeps, site_tol=site_tol, init=None, rough=True,
+                               shift=shift, work=work_low, la=la)
             init, low_sweeps = (rough.site_precision, rough.site_natural_mean), rough.sweeps
         except (NotPSDError, FloatingPointError):
             init = None
-    res = _ep_sweeps(K, y, tol=tol, max_sweeps=max_sweeps, site_tol=site_tol, init=init)
+    res = _ep_sweeps(K, y, tol=tol, max_sweeps=max_sweeps, site_tol=site_tol, init=init, shift=shift, work=work,
+                     la=la)
     res.sweeps += low_sweeps
     res.float32_sweeps = low_sweeps
     res.seconds = time.perf_counter() - t0
     return res
 
 
-def _ep_sweeps(K, y, *, tol, max_sweeps, site_tol, init, rough=False):
-    """The EP loop in K's precision. rough=True: the float32 phase of precision="mixed", which stops as
-    expectation_propagation's docstring says and never warns."""
+def _ep_sweeps(K, y, *, tol, max_sweeps, site_tol, init, shift, work, la, rough=False):
+    """The EP loop in K's precision, for the kernel K + shift I. rough=True: the float32 phase of
+    precision="mixed", which stops as expectation_propagation's docstring says and never warns."""
     site_tol = math.sqrt(tol) if site_tol is None else site_tol
     t0 = time.perf_counter()
-    xp = xp_of(K)
-    la = linalg_for(xp)
+    xp = la.xp
     n = K.shape[0]
-    diag_k = xp.diagonal(K).astype(xp.float64)
+    diag_k = xp.diagonal(K).astype(xp.float64) + shift
     tau = xp.zeros(n)
     nu = xp.zeros(n)
     post_var, post_mean, half_log_det = diag_k.copy(), xp.zeros(n), 0.0
-    work = xp.empty_like(K)
     if init is not None:
         tau, nu = xp.asarray(init[0], dtype=xp.float64).copy(), xp.asarray(init[1], dtype=xp.float64).copy()
-        post_var, post_mean, half_log_det = _refresh_posterior(K, diag_k, tau, nu, work, la, xp)
+        post_var, post_mean, half_log_det = _refresh_posterior(K, shift, diag_k, tau, nu, work, la, xp)
     damping, history, changes, steps = 1.0, [], [], 0
     saved = None  # sites and posterior before the last step, to retry from with more damping
     converged, change, plateau_at = False, float("inf"), None
@@ -464,7 +514,7 @@ def _ep_sweeps(K, y, *, tol, max_sweeps, site_tol, init, rough=False):
         saved = (tau, nu, post_var, post_mean, half_log_det)
         tau = (1.0 - damping) * tau + damping * tau_new
         nu = (1.0 - damping) * nu + damping * nu_new
-        post_var, post_mean, half_log_det = _refresh_posterior(K, diag_k, tau, nu, work, la, xp)
+        post_var, post_mean, half_log_det = _refresh_posterior(K, shift, diag_k, tau, nu, work, la, xp)
         steps += 1
     if not converged and not rough:
         warnings.warn(f"EP did not converge in {max_sweeps} sweeps (last |d log Z| = "
@@ -532,16 +582,20 @@ def _tilted_moments(y, cav_mean, cav_var, la, xp):
     return log_zhat, mean, var
 
 
-def _refresh_posterior(K, diag_k, tau, nu, work, la, xp):
-    """Posterior marginals of N(mu, Sigma), Sigma = (K^-1 + S)^-1, mu = Sigma nu, S = diag(tau), via
-    B = I + S^1/2 K S^1/2 = L L^T (eigenvalues >= 1) and W = L^-1:
-    Sigma_ii = (1 - (B^-1)_ii) / tau_i with (B^-1)_ii = sum_k W_ki^2, and mu = a - K S^1/2 B^-1 S^1/2 a, a = K nu.
+def _refresh_posterior(K, shift, diag_k, tau, nu, work, la, xp):
+    """Posterior marginals of N(mu, Sigma), Sigma = (C^-1 + S)^-1, mu = Sigma nu, S = diag(tau), for the prior
+    covariance C = K + shift I, via B = I + S^1/2 C S^1/2 = L L^T (eigenvalues >= 1) and W = L^-1:
+    Sigma_ii = (1 - (B^-1)_ii) / tau_i with (B^-1)_ii = sum_k W_ki^2, and mu = a - C S^1/2 B^-1 S^1/2 a, a = C nu.
+    diag_k is diag(C).
     """
-    n = K.shape[0]
     low = K.dtype  # float64, or float32 in mixed precision's early sweeps: the n^2 and n^3 work runs in it
     sqrt_tau = xp.sqrt(tau)
     sqrt_tau_low = sqrt_tau.astype(low)
-    factored = la.inverse_cholesky_inplace(la.scaled_system(K, sqrt_tau, work))
+
+    def prior_matvec(x):
+        return la.sym_matvec(K, x).astype(xp.float64) + shift * x
+
+    factored = la.inverse_cholesky_inplace(la.scaled_system(K, sqrt_tau, work, shift))
     if factored is None:
         raise NotPSDError("K: B = I + S^1/2 K S^1/2 is not positive definite, so K is not positive semi-definite")
     W, half_log_det = factored
@@ -550,12 +604,18 @@ def _refresh_posterior(K, diag_k, tau, nu, work, la, xp):
     safe = scaled >= _CANCELLATION_GUARD[low.itemsize]
     post_var = xp.where(safe, (1.0 - b_inv_diag) / xp.where(safe, tau, 1.0), diag_k)
     guarded = xp.nonzero(~safe)[0]
-    if guarded.size:
-        V = la.tri_matmul(W, sqrt_tau_low[:, None] * K[:, guarded]).astype(xp.float64)
-        post_var[guarded] = diag_k[guarded] - xp.sum(V * V, axis=0)
-    a = la.sym_matvec(K, nu).astype(xp.float64)
+    # in chunks of columns: early float32 sweeps guard most sites, and n x n temporaries would double EP's memory
+    chunk = _scan_rows(K.shape[0])
+    for start in range(0, int(guarded.size), chunk):
+        part = guarded[start:start + chunk]
+        columns = K[:, part].astype(xp.float64)
+        columns[part, xp.arange(part.size)] += shift
+        columns *= sqrt_tau[:, None]
+        V = la.tri_matmul(W, columns.astype(low, copy=False)).astype(xp.float64, copy=False)
+        post_var[part] = diag_k[part] - xp.einsum("ij,ij->j", V, V)
+    a = prior_matvec(nu)
     c = la.tri_matvec(W, la.tri_matvec(W, sqrt_tau * a), transpose=True).astype(xp.float64)
-    post_mean = a - la.sym_matvec(K, sqrt_tau * c).astype(xp.float64)
+    post_mean = a - prior_matvec(sqrt_tau * c)
     return post_var, post_mean, half_log_det
 
 
@@ -573,8 +633,8 @@ def _log_z_ep(log_zhat, tau, nu, tau_cav, cav_mean, post_mean, half_log_det, xp)
 
 # --- minimax tilting ---------------------------------------------------------------------------------------
 
-def _tilting_estimate(K, y, ep, *, n_samples, seed):
-    """P(f) by Botev's minimax-tilting importance sampler (flatfast._tilting) on Sigma = diag(y) K diag(y).
+def _tilting_estimate(K, y, ep, *, n_samples, seed, shift=0.0):
+    """P(f) by Botev's minimax-tilting importance sampler (flatfast._tilting) on Sigma = diag(y) (K + shift I) diag(y).
 
     Exact duplicates (correlation +1, equal labels; the impossible cases returned -inf earlier) carry one
     constraint twice and make Sigma singular, so all but one of each group are dropped first: P is unchanged.
@@ -583,8 +643,15 @@ def _tilting_estimate(K, y, ep, *, n_samples, seed):
     from flatfast import _tilting
     from flatfast._validate import to_numpy
 
+    if xp_of(K) is not np:
+        warnings.warn("method='tilting' runs on the CPU: the GPU kernel is copied to the host for the sampler",
+                      RuntimeWarning, stacklevel=4)
+        K = K.get()
+        y = y.get()
     K = to_numpy(K)
     y = to_numpy(y)
+    if shift:
+        K = K + shift * np.eye(len(K))
     first, second, _ = _degenerate_pairs(K, np)
     keep = np.ones(len(y), dtype=bool)
     keep[second] = False

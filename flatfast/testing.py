@@ -43,3 +43,26 @@ def sample_relu_network_outputs(X, depth, width, draws, rng, sigma_w2=2.0, sigma
             h = rng.standard_normal((b, units, n)) @ np.swapaxes(root, 1, 2)
         outputs.append(h[:, 0, :])
     return np.concatenate(outputs)
+
+
+def cupy_peak_memory(cupy):
+    """A cupy memory hook that records the peak of the bytes cupy's pool hands out while it is active:
+    ``watch = cupy_peak_memory(cupy); with watch.hook: ...; watch.peak``. For measuring EP's device memory."""
+
+    class Watch:
+        current = peak = 0
+
+    watch = Watch()
+
+    class Hook(cupy.cuda.MemoryHook):
+        name = "flatfast-peak"
+
+        def malloc_postprocess(self, **kw):
+            watch.current += kw["mem_size"]
+            watch.peak = max(watch.peak, watch.current)
+
+        def free_postprocess(self, **kw):
+            watch.current -= kw["mem_size"]
+
+    watch.hook = Hook()
+    return watch

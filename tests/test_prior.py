@@ -196,7 +196,7 @@ def test_too_large_fails_early_with_the_size(monkeypatch):
     import flatfast._validate as v
 
     monkeypatch.setattr(v, "_available_bytes", lambda: 10 * 2**20)
-    with pytest.raises(MemoryError, match=r"needs .* GiB"):
+    with pytest.raises(MemoryError, match=r"needs [0-9.]+ (MiB|GiB)"):
         log_prior(np.ones((2000, 2)), np.ones(2000))
 
 
@@ -348,20 +348,6 @@ def test_float32_kernel_is_converted_to_float64(rng):
     # EP on the float32-rounded K, in float64: the same as on that K cast by hand
     assert ep_log_evidence(K32, y) == ep_log_evidence(K32.astype(np.float64), y)
     assert ep_log_evidence(K32, y) == pytest.approx(ep_log_evidence(K, y), rel=1e-5)
-
-
-def test_memory_guard_counts_what_each_method_allocates(monkeypatch):
-    import flatfast.prior as prior
-
-    asked = []
-    monkeypatch.setattr(prior, "memory_guard", lambda n_bytes, what: asked.append((n_bytes, what)))
-    X = np.random.default_rng(0).random((30, 4))
-    y = np.where(X[:, 0] > 0.5, 1, -1)
-    log_prior(X, y)
-    log_prior(X, y, likelihood="probit")
-    log_prior(X, y, method="tilting", n_samples=100)
-    assert [a for a, _ in asked] == [2 * 8.0 * 900, 3 * 8.0 * 900, 5 * 8.0 * 900]
-    assert "K + I" in asked[1][1] and "tilting" in asked[2][1]
 
 
 @pytest.mark.parametrize("n", [300, 800])

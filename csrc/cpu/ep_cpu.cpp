@@ -11,7 +11,7 @@ constexpr int64_t kRowsPerTask = 16;  // rows of decreasing length: small tasks 
 }
 
 template <typename T>
-void ep_scaled_system_cpu(const T* K, const double* s, int64_t n, T* out) {
+void ep_scaled_system_cpu(const T* K, const double* s, double shift, int64_t n, T* out) {
   const int64_t tasks = (n + kRowsPerTask - 1) / kRowsPerTask;
   parallel_for(tasks, [&](int64_t task) {
     const int64_t end = std::min(n, (task + 1) * kRowsPerTask);
@@ -21,7 +21,7 @@ void ep_scaled_system_cpu(const T* K, const double* s, int64_t n, T* out) {
       T* o = out + i * n;
 #pragma omp simd
       for (int64_t j = i; j < n; ++j) o[j] = si * k[j] * static_cast<T>(s[j]);
-      o[i] += T(1);
+      o[i] += static_cast<T>(1.0 + shift * s[i] * s[i]);
     }
   });
 }
@@ -41,8 +41,8 @@ void ep_factor_column_norms_cpu(const T* W, int64_t n, double* norms) {
   });
 }
 
-template void ep_scaled_system_cpu<double>(const double*, const double*, int64_t, double*);
-template void ep_scaled_system_cpu<float>(const float*, const double*, int64_t, float*);
+template void ep_scaled_system_cpu<double>(const double*, const double*, double, int64_t, double*);
+template void ep_scaled_system_cpu<float>(const float*, const double*, double, int64_t, float*);
 template void ep_factor_column_norms_cpu<double>(const double*, int64_t, double*);
 template void ep_factor_column_norms_cpu<float>(const float*, int64_t, double*);
 

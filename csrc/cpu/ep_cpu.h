@@ -5,10 +5,11 @@
 
 namespace flatfast {
 
-// out[i, j] = s_i K[i, j] s_j + (i == j) for j >= i (the upper triangle of the C-ordered out, which is the
-// lower triangle of the Fortran-ordered view that POTRF factors); the rest of out is left untouched.
+// out[i, j] = s_i (K[i, j] + shift (i == j)) s_j + (i == j) for j >= i (the upper triangle of the C-ordered out,
+// which is the lower triangle of the Fortran-ordered view that POTRF factors); the rest of out is left untouched.
+// shift = 1 is the probit likelihood's K + I without a second n x n array.
 template <typename T>
-void ep_scaled_system_cpu(const T* K, const double* s, int64_t n, T* out);
+void ep_scaled_system_cpu(const T* K, const double* s, double shift, int64_t n, T* out);
 
 // norms[i] = sum_{k >= i} W[i, k]^2 in float64: with W the C-ordered buffer whose Fortran view is the lower
 // inverse factor L^-1, these are its column norms, diag(B^-1).
