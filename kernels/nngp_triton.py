@@ -1,5 +1,12 @@
-"""The fused NNGP kernel in Triton: one program per output tile runs the tile's x.z dot products (tl.dot, IEEE
-precision: never TF32) and the whole depth recursion in registers, writing each entry once."""
+"""The NNGP kernel in Triton, two ways.
+
+* GEMM + epilogue (the default): the dot products by one cuBLAS GEMM (torch.matmul) into the output, then one
+  in-place pass over it that runs the whole depth recursion in registers. For K(X, X) only the tiles on and above
+  the diagonal are read; each writes its values and their mirror image, so K is exactly symmetric and the pass
+  reads half the matrix. The GEMM is the floor; the pass adds one read of half and one write of all of K.
+* One fused tile kernel (tl.dot at IEEE precision, then the recursion): used for float32 when torch allows TF32
+  in its matmuls, whose ~1e-3 relative error the kernel must not inherit.
+"""
 from fractions import Fraction
 from math import factorial
 
@@ -88,6 +95,43 @@ def _nngp_tile_kernel(X, Z, SQX, SQZ, QDIAG, OUT, COEF, n, m, d, stride_x, strid
              mask=row_ok[:, None] & col_ok[None, :])
 
 
+@triton.jit
+def _nngp_epilogue_kernel(OUT, SQX, SQZ, QDIAG, COEF, n, m, stride_o,
+                          sw2_over_d: tl.float64, sw2: tl.float64, sb2: tl.float64,
+                          DEPTH: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK: tl.constexpr):
+    """OUT holds x.z (the GEMM); overwrite it with K. SYMMETRIC: tile (i, j) with i <= j writes itself and its
+    transpose at (j, i); tiles below the diagonal do nothing. On a diagonal tile only entries with row <= col are
+    stored directly and row < col mirrored, so every address is written exactly once, and the lower entries
+    such a tile loads (possibly after another thread overwrote them) are never stored."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if SYMMETRIC and pid_m > pid_n:
+        return
+    rows = pid_m * BLOCK + tl.arange(0, BLOCK)
+    cols = pid_n * BLOCK + tl.arange(0, BLOCK)
+    row_ok = rows < n
+    col_ok = cols < m
+    valid = row_ok[:, None] & col_ok[None, :]
+    dot = tl.load(OUT + rows[:, None] * stride_o + cols[None, :], mask=valid, other=0.0)
+    k = dot.to(tl.float64) * sw2_over_d + sb2
+    for layer in tl.static_range(DEPTH):
+        sx = tl.load(SQX + layer * n + rows, mask=row_ok, other=1.0)
+        sz = tl.load(SQZ + layer * m + cols, mask=col_ok, other=1.0)
+        k = _arccos_step(k, sx[:, None] * sz[None, :], sw2, sb2, COEF)
+    value = k.to(OUT.dtype.element_ty)
+    if SYMMETRIC:
+        qd = tl.load(QDIAG + rows, mask=row_ok, other=0.0)
+        on_diagonal = rows[:, None] == cols[None, :]
+        value = tl.where(on_diagonal, qd[:, None].to(OUT.dtype.element_ty), value)
+        off_tile = pid_m < pid_n
+        upper = rows[:, None] <= cols[None, :]
+        strictly_upper = rows[:, None] < cols[None, :]
+        tl.store(OUT + rows[:, None] * stride_o + cols[None, :], value, mask=valid & (upper | off_tile))
+        tl.store(OUT + cols[None, :] * stride_o + rows[:, None], value, mask=valid & (strictly_upper | off_tile))
+    else:
+        tl.store(OUT + rows[:, None] * stride_o + cols[None, :], value, mask=valid)
+
+
 def _point_variances(A, depth, sw2, sb2):
     """sqrt(q_l) per point for l < depth (depth x n, float64) and the exact final diagonal q_depth."""
     q = sw2 * (A.to(torch.float64) ** 2).sum(dim=1) / A.shape[1] + sb2
@@ -117,10 +161,36 @@ def _nngp_launch(X, Z, depth, sigma_w2, sigma_b2, block=64):
     return grid, args, kwargs, out
 
 
-def nngp_kernel_triton(X, Z, depth, sigma_w2, sigma_b2, block=64):
-    """Launch the tile kernel. X (n, d) and Z (m, d) are torch tensors of one float dtype on one device."""
+def _epilogue_launch(out, X, Z, depth, sigma_w2, sigma_b2, block=64):
+    """(grid, args, kwargs) of the epilogue over ``out``, which holds X Z^T (Z None: X X^T)."""
+    symmetric = Z is None
+    n, d = X.shape
+    m = out.shape[1]
+    sqx, qdiag = _point_variances(X, depth, sigma_w2, sigma_b2)
+    sqz = sqx if symmetric else _point_variances(Z, depth, sigma_w2, sigma_b2)[0]
+    grid = (triton.cdiv(n, block), triton.cdiv(m, block))
+    args = (out, sqx, sqz, qdiag, _coefficients(X.device), n, m, out.stride(0), sigma_w2 / d, sigma_w2, sigma_b2)
+    return grid, args, dict(DEPTH=depth, SYMMETRIC=symmetric, BLOCK=block)
+
+
+def _gemm_may_use_tf32(dtype):
+    return dtype == torch.float32 and bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+def nngp_kernel_triton(X, Z, depth, sigma_w2, sigma_b2, block=64, fused=None):
+    """K(X, Z) for torch tensors X (n, d) and Z (m, d) of one float dtype on one device: a GEMM and the epilogue,
+    or (``fused=True``, and by default for float32 while torch allows TF32) the single fused tile kernel."""
     if X.shape[0] == 0 or (Z is not None and Z.shape[0] == 0):
         return torch.empty((X.shape[0], X.shape[0] if Z is None else Z.shape[0]), dtype=X.dtype, device=X.device)
-    grid, args, kwargs, out = _nngp_launch(X, Z, depth, sigma_w2, sigma_b2, block)
-    _nngp_tile_kernel[grid](*args, **kwargs)
+    if fused is None:
+        fused = _gemm_may_use_tf32(X.dtype)
+    if fused:
+        grid, args, kwargs, out = _nngp_launch(X, Z, depth, sigma_w2, sigma_b2, block)
+        _nngp_tile_kernel[grid](*args, **kwargs)
+        return out
+    X = X.contiguous()
+    Zc = None if Z is None else Z.contiguous()
+    out = torch.matmul(X, (X if Zc is None else Zc).T)
+    grid, args, kwargs = _epilogue_launch(out, X, Zc, depth, sigma_w2, sigma_b2, block)
+    _nngp_epilogue_kernel[grid](*args, **kwargs)
     return out
