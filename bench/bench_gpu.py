@@ -1,5 +1,6 @@
 """GPU rows, each against its GPU floor measured in the same run: the NNGP kernel against a cuBLAS GEMM
-(X @ X.T), EP against a cuSOLVER Cholesky (cupy), one HVP and a 100-probe trace against a forward+backward pass.
+(X @ X.T) of the same dtype, EP against a cuSOLVER Cholesky of the same K (and its peak memory), log P(f) of
+60,000 points, one HVP and a 100-probe trace against a forward+backward pass.
 Without a CUDA device the whole module is skipped, saying so; first run on an H100 with `.ci/gpu`."""
 import numpy as np
 import pytest
@@ -22,61 +23,130 @@ def _synced(fn, *args, **kwargs):
     return run
 
 
-@pytest.fixture(scope="module", params=[5000, 20000], ids=lambda n: f"n{n}")
+@pytest.fixture(scope="module", params=[(5000, "float64"), (20000, "float64"), (5000, "float32"),
+                                        (20000, "float32")], ids=lambda p: f"n{p[0]}-{p[1]}")
 def points(request):
-    return torch.rand(request.param, D, dtype=torch.float64, device="cuda", generator=None)
+    n, dtype = request.param
+    generator = torch.Generator("cuda").manual_seed(0)
+    return torch.rand(n, D, dtype=getattr(torch, dtype), device="cuda", generator=generator)
+
+
+def _kernel_group(points):
+    return f"gpu nngp {str(points.dtype).replace('torch.', '')} n={points.shape[0]}"
 
 
 def test_gpu_gemm_floor(benchmark, points):
-    benchmark.group = f"gpu nngp n={points.shape[0]}"
-    benchmark.name = f"gpu-gemm-floor-n{points.shape[0]}"
+    benchmark.group = _kernel_group(points)
+    benchmark.name = f"gpu-gemm-floor-{benchmark.group.split()[2]}-n{points.shape[0]}"
     benchmark.pedantic(_synced(torch.matmul, points, points.T), rounds=5, iterations=1, warmup_rounds=1)
 
 
-@pytest.mark.parametrize("backend", ["auto", "triton", "cuda"])
-def test_gpu_nngp(benchmark, points, backend):
+@pytest.mark.parametrize("route", ["auto", "triton-fused", "cuda"])
+def test_gpu_nngp(benchmark, points, route):
+    """auto = Triton's GEMM + in-place epilogue; triton-fused = the single tile kernel; cuda = CUDA C++."""
+    from flatfast.kernels.nngp_triton import nngp_kernel_triton
+
+    backend = "triton" if route == "triton-fused" else route
     status = flatfast.backends()["nngp"].get(backend, "available") if backend != "auto" else "available"
     if status.startswith("unavailable"):
         pytest.skip(status)
-    n = points.shape[0]
-    benchmark.group = f"gpu nngp n={n}"
-    benchmark.name = f"gpu-nngp-{backend}-n{n}"
-    benchmark.extra_info["baseline"] = [f"gpu-gemm-floor-n{n}"]
-    K = benchmark.pedantic(_synced(flatfast.nngp_kernel, points, depth=2, backend=backend), rounds=5, iterations=1,
-                           warmup_rounds=1)
-    ref = flatfast.nngp_kernel(points[:200].cpu().numpy(), depth=2, backend="reference")
-    assert np.allclose(K[:200, :200].cpu().numpy(), ref, rtol=1e-10)
+    n, kind = points.shape[0], str(points.dtype).replace("torch.", "")
+    benchmark.group = _kernel_group(points)
+    benchmark.name = f"gpu-nngp-{route}-{kind}-n{n}"
+    benchmark.extra_info["baseline"] = [f"gpu-gemm-floor-{kind}-n{n}"]
+    if route == "triton-fused":
+        run = _synced(nngp_kernel_triton, points, None, 2, 2.0, 1.0, fused=True)
+    else:
+        run = _synced(flatfast.nngp_kernel, points, depth=2, backend=backend, dtype=points.dtype)
+    K = benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
+    ref = flatfast.nngp_kernel(points[:200].double().cpu().numpy(), depth=2, backend="reference")
+    assert np.allclose(K[:200, :200].double().cpu().numpy(), ref, rtol=1e-10 if kind == "float64" else 2e-5)
+    del K
 
 
-@pytest.mark.parametrize("precision", ["float64", "mixed"])
-def test_gpu_ep_against_cholesky(benchmark, precision):
+def _problem_on_gpu(n):
+    generator = torch.Generator("cuda").manual_seed(n)
+    X = torch.rand(n, D, dtype=torch.float64, device="cuda", generator=generator)
+    y = torch.where(X[:, : D // 2].sum(1) > X[:, D // 2:].sum(1), 1, -1).cpu().numpy()
+    return X, y
+
+
+@pytest.mark.parametrize("n", [10000, 20000, 30000, 40000])
+def test_gpu_ep_against_cholesky(benchmark, n):
+    """EP in Cholesky-equivalents (torch.linalg.cholesky_ex, cuSOLVER POTRF, of the same K) and its peak memory
+    in n x n float64 arrays (K and cupy's peak for EP, watched by a memory hook)."""
     cupy = pytest.importorskip("cupy")
-    n = 10000
-    X = np.random.default_rng(0).random((n, D))
-    y = np.where(X[:, : D // 2].sum(1) > X[:, D // 2:].sum(1), 1, -1)
-    K = cupy.asarray(flatfast.nngp_kernel(X))
-
-    def cholesky():
-        cupy.linalg.cholesky(K)
-        cupy.cuda.Device().synchronize()
-
-    def ep():
-        res = flatfast.ep_log_evidence(K, y, check_psd=False, return_info=True, precision=precision)
-        cupy.cuda.Device().synchronize()
-        return res
-
+    X, y = _problem_on_gpu(n)
+    K = flatfast.nngp_kernel(X)
+    del X
     import time
 
     floor = []
-    for _ in range(4):
+    for _ in range(3):
+        torch.cuda.synchronize()
         t0 = time.perf_counter()
-        cholesky()
+        L, _ = torch.linalg.cholesky_ex(K)
+        torch.cuda.synchronize()
         floor.append(time.perf_counter() - t0)
+        del L
+    torch.cuda.empty_cache()
+    K_cupy = cupy.from_dlpack(K)
+
+    def ep():
+        res = flatfast.ep_log_evidence(K_cupy, y, check_psd=False, return_info=True)
+        cupy.cuda.Device().synchronize()
+        return res
+
+    from flatfast.testing import cupy_peak_memory
+
+    peak = cupy_peak_memory(cupy)
+    with peak.hook:
+        res = benchmark.pedantic(ep, rounds=3 if n <= 20000 else 1, iterations=1, warmup_rounds=1 if n <= 20000
+                                 else 0)
     benchmark.group = "gpu ep"
-    benchmark.name = f"gpu-ep-{precision}-n{n}"
-    res = benchmark.pedantic(ep, rounds=3, iterations=1, warmup_rounds=1)
-    benchmark.extra_info["cholesky_equivalents"] = round(benchmark.stats.stats.median / float(np.median(floor[1:])), 2)
-    benchmark.extra_info["sweeps"] = f"{res.sweeps} ({res.float32_sweeps} in float32)"
+    benchmark.name = f"gpu-ep-n{n}"
+    benchmark.extra_info["cholesky_equivalents"] = round(benchmark.stats.stats.median / float(np.median(floor)), 2)
+    benchmark.extra_info["cholesky_ms"] = round(1e3 * float(np.median(floor)), 1)
+    benchmark.extra_info["sweeps"] = res.sweeps
+    benchmark.extra_info["peak_arrays"] = round((K.numel() * 8 + peak.peak) / (8.0 * n * n), 3)
+    del K_cupy, K
+    cupy.get_default_memory_pool().free_all_blocks()
+    torch.cuda.empty_cache()
+
+
+def test_gpu_log_prior_all_of_mnist(benchmark):
+    """log P(f) of n = 60,000 points (MNIST's training set size), kernel included, from a CUDA tensor: the
+    seconds (one run; the issue's target is under 60 s on an 80 GB H100)."""
+    pytest.importorskip("cupy")
+    n = 60000
+    free, total = torch.cuda.mem_get_info()
+    if free < 2.05 * 8 * n * n:
+        pytest.skip(f"needs {2.05 * 8 * n * n / 2**30:.0f} GiB free on the device, has {free / 2**30:.0f}")
+    X, y = _problem_on_gpu(n)
+    benchmark.group = "gpu log_prior"
+    benchmark.name = f"gpu-log-prior-n{n}"
+    res = benchmark.pedantic(_synced(flatfast.log_prior, X, y, return_info=True), rounds=1, iterations=1)
+    benchmark.extra_info["seconds"] = round(benchmark.stats.stats.median, 1)
+    benchmark.extra_info["sweeps"] = res.sweeps
+    benchmark.extra_info["log_z"] = round(res.log_z, 3)
+
+
+def test_gpu_mixed_precision_sweeps():
+    """Diagnostic, not a timing: float32 EP's site changes per sweep on cupy at n = 10000, beside numpy's float32
+    on the same K, to find why float32 sweeps stalled on the GPU."""
+    cupy = pytest.importorskip("cupy")
+    from flatfast import prior
+    from flatfast._xp import linalg_for
+
+    n = 10000
+    X, y = _problem_on_gpu(n)
+    K = flatfast.nngp_kernel(X)
+    K32 = cupy.from_dlpack(K).astype(cupy.float32)
+    work = cupy.empty_like(K32)
+    res = prior._ep_sweeps(K32, cupy.asarray(y * 1.0), tol=1e-6, max_sweeps=25, site_tol=None, init=None, shift=0.0,
+                           work=work, la=linalg_for(cupy), rough=True)
+    print(f"\ncupy float32 EP at n={n}: {res.sweeps} sweeps, last site change {res.max_site_change:.3g}, "
+          f"log Z history {[round(v, 2) for v in res.log_z_history]}")
 
 
 @pytest.fixture(scope="module")
