@@ -84,9 +84,10 @@ def main(argv=None) -> int:
     rep.add_argument("--channels", type=int, help="cnn: channels of both convolutions (default 16)")
     rep.add_argument("--kernel-samples", dest="kernel_samples", type=int,
                      help="cnn: draws M of the empirical NNGP kernel (default: the authors' n/10 for n = |S| + |E|)")
-    rep.add_argument("--trace", dest="trace_method", choices=["exact", "hutch++"],
-                     help="Hessian trace: exact (default; both networks are piecewise linear in each parameter) or "
-                          "the Hutch++ estimate to 2 %%")
+    rep.add_argument("--trace", dest="trace_method", choices=["auto", "exact", "hutch++"],
+                     help="Hessian trace: auto (default: hessian_trace's cheapest honest route, which is the exact "
+                          "trace for both networks, piecewise linear in each parameter), exact, or the Hutch++ "
+                          "estimate to 2 %%")
     rep.add_argument("--n-train", dest="n_train", type=int, help="|S| (default 500)")
     rep.add_argument("--n-test", dest="n_test", type=int,
                      help="|E| (main: the rest of digits, 1000 for MNIST; temporal: 100)")

@@ -70,17 +70,54 @@ class SpectrumResult:
 
 
 def rademacher(k, P, generator, dtype, device):
+    """k Rademacher vectors of length P, drawn where ``generator`` lives (on the operator's device: no host draw
+    and copy per block; a CUDA generator gives other, equally reproducible, draws than the CPU's)."""
     import torch
 
-    return (torch.randint(0, 2, (k, P), generator=generator, dtype=torch.int8).to(dtype) * 2 - 1).to(device)
+    draw = torch.randint(0, 2, (k, P), generator=generator, dtype=torch.int8, device=generator.device)
+    return draw.to(dtype).mul_(2).sub_(1).to(device)
 
 
-def _generator(seed):
+def _generator(seed, device="cpu"):
     import torch
 
-    g = torch.Generator()
+    g = torch.Generator(device=torch.device(device))
     g.manual_seed(int(seed))
     return g
+
+
+def probe_block(dimension, itemsize, device, requested=None, *, cap=64):
+    """Probes per operator pass: ``requested`` when given; else as many as fit in a memory budget -- 256 MiB on
+    the CPU, an eighth of the free memory on a CUDA device -- at four P-vectors per probe (the probe, its product,
+    and the parameter-sized gradients of the pass), between 1 and ``cap``."""
+    if requested is not None:
+        return requested
+    import torch
+
+    budget = 256 * 2**20
+    if torch.device(device).type == "cuda":
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        budget = free // 8
+    return int(max(1, min(cap, budget // max(1, 4 * dimension * itemsize))))
+
+
+def unit_vector_trace(matmat: MatMat, dimension: int, *, quadratic=None, block=16, dtype=None, device="cpu",
+                      progress=None) -> TraceResult:
+    """tr(H) = sum_j e_j^T H e_j, exactly, from ``dimension`` products with unit vectors in blocks of ``block``:
+    cheaper than an estimator whenever the estimator would need more probes than there are parameters."""
+    import torch
+
+    dtype = dtype or torch.float64
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for start in range(0, dimension, block):
+        stop = min(dimension, start + block)
+        V = torch.zeros((stop - start, dimension), dtype=dtype, device=device)
+        V[torch.arange(stop - start, device=device), torch.arange(start, stop, device=device)] = 1.0
+        values = quadratic(V) if quadratic is not None else (V * matmat(V)).sum(dim=1)
+        total += values.double().sum()
+        if progress is not None:
+            progress(stop)
+    return TraceResult(float(total), 0.0, dimension, "unit-vectors")
 
 
 def hutchinson(matmat: MatMat, dimension: int, *, quadratic=None, probes=None, rtol=0.01, seed=0, block=16, max_probes=2000,
@@ -96,30 +133,34 @@ def hutchinson(matmat: MatMat, dimension: int, *, quadratic=None, probes=None, r
 
     if probes is not None and probes < 2:
         raise ValueError(f"probes: Hutchinson needs at least 2 probes for a standard error, got {probes}")
-    gen = _generator(seed)
+    gen = _generator(seed, device)
     dtype = dtype or torch.float64
-    samples: List[float] = []
+    blocks = []  # per-block v^T H v on the device: read back only when the stopping rule needs them
+    drawn = 0
     target = probes if probes is not None else max_probes
 
     def summary():
-        return float(np.mean(samples)), float(np.std(samples, ddof=1) / math.sqrt(len(samples)))
+        values = torch.cat(blocks)
+        return float(values.mean()), float(values.std() / math.sqrt(values.numel()))
 
-    while len(samples) < target:
-        k = min(block, target - len(samples))
+    while drawn < target:
+        k = min(block, target - drawn)
         V = rademacher(k, dimension, gen, dtype, device)
         if deflate is not None:
             V = V - (V @ deflate.T) @ deflate
-        samples.extend(_quadratic_forms(matmat, quadratic, V))
+        blocks.append(_quadratic_forms(matmat, quadratic, V))
+        drawn += k
         if progress is not None:
-            progress(len(samples))
-        if probes is None and len(samples) >= 2 * block:
+            progress(drawn)
+        if probes is None and drawn >= 2 * block:
             mean, se = summary()
             if se <= rtol * abs(offset + mean):
                 break
     mean, se = summary()
+    samples = torch.cat(blocks).cpu().tolist()
     if probes is None and se > rtol * abs(offset + mean):
         _warn_budget(len(samples), se, offset + mean, rtol)
-    return TraceResult(mean, se, len(samples), "hutchinson", samples)
+    return TraceResult(mean, se, drawn, "hutchinson", samples)
 
 
 def _warn_budget(used, se, mean, rtol):
@@ -133,7 +174,7 @@ def _warn_budget(used, se, mean, rtol):
 
 def _quadratic_forms(matmat, quadratic, V):
     values = quadratic(V) if quadratic is not None else (V * matmat(V)).sum(dim=1)
-    return values.double().cpu().tolist()
+    return values.double()
 
 
 def hutchpp(matmat: MatMat, dimension: int, *, quadratic=None, probes=None, rtol=0.01, seed=0, block=16, sketch=None,
@@ -150,7 +191,7 @@ def hutchpp(matmat: MatMat, dimension: int, *, quadratic=None, probes=None, rtol
         raise ValueError(f"probes: Hutch++ needs at least 6 operator products (2 each for the sketch, its "
                          f"products and the residual's standard error), got {probes}")
     dtype = dtype or torch.float64
-    gen = _generator(seed)
+    gen = _generator(seed, device)
     r = max(2, probes // 3) if probes is not None else (sketch or block)
     S = rademacher(r, dimension, gen, dtype, device)
     HS = matmat(S)

@@ -85,7 +85,7 @@ class Config:
     sharpness_method: str = "sgd-ascent"
     sharpness_epochs: int = 100
     sharpness_lr: float = 1e-3
-    trace_method: str = "exact"
+    trace_method: str = "auto"
     trace_rtol: float = 0.02
     frobenius_rtol: float = 0.05
     pac_bayes_delta: float = 2.0 ** -10
@@ -116,8 +116,8 @@ class Config:
         need(self.channels >= 1, "--channels", f"must be >= 1, got {self.channels}")
         need(self.kernel_samples is None or self.kernel_samples >= 2, "--kernel-samples",
              f"must be >= 2, got {self.kernel_samples}")
-        need(self.trace_method in ("exact", "hutch++"), "--trace",
-             f"must be exact or hutch++, got {self.trace_method!r}")
+        need(self.trace_method in ("auto", "exact", "hutch++"), "--trace",
+             f"must be auto, exact or hutch++, got {self.trace_method!r}")
         need(self.n_train >= 1, "--n-train", f"must be >= 1, got {self.n_train}")
         need(self.n_test is None or self.n_test >= 1, "--n-test", f"must be >= 1, got {self.n_test}")
         need(len(self.attack_sizes) >= 1, "--attack-sizes", "needs at least one size")
@@ -393,7 +393,7 @@ def train(model, S, A, optimizer_name, config, seed):
 def flatness_on(model, S, config, seed):
     """Trace, top eigenvalue, Frobenius norm and both sharpness ascents of the mean BCE loss on S alone.
 
-    ``config`` supplies batch_size, trace_method (exact, or Hutch++ to trace_rtol), frobenius_rtol and the
+    ``config`` supplies batch_size, trace_method (auto, exact, or Hutch++ to trace_rtol), frobenius_rtol and the
     sharpness_* settings (a Config or a TemporalConfig)."""
     import torch
 

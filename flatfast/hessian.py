@@ -10,6 +10,7 @@ torch.distributed each rank passes its own shard of the data and the products ar
 """
 from __future__ import annotations
 
+import math
 import sys
 
 import numpy as np
@@ -18,8 +19,9 @@ from flatfast._exact_trace import exact_trace
 from flatfast._mlp_rop import mlp_exact_trace
 from flatfast._operator import HessianOperator
 from flatfast._validate import check_float, check_int
+from flatfast.errors import NotPiecewiseLinearError
 from flatfast.estimators import (EigenResult, SpectrumResult, TraceResult, hutchinson, hutchpp,
-                                 lanczos_eigenvalues, slq)
+                                 lanczos_eigenvalues, probe_block, slq, unit_vector_trace)
 
 
 # --- public API ------------------------------------------------------------------------------------------
@@ -102,15 +104,73 @@ def _progress_counter(total, desc, enabled):
     return update, bar
 
 
-def hessian_trace(model, loader, loss_fn=None, *, probes=None, rtol=0.01, method="hutch++", seed=0, block=16,
+_TRACE_METHODS = ("auto", "exact", "unit-vectors", "hutch++", "hutchinson")
+# The cost model of method="auto", in forward+backward passes over the data: one Hessian-vector product (or
+# quadratic form) costs about two; the exact trace about one per output-curvature factor (C for C outputs).
+HVP_PASSES = 2
+
+
+def expected_estimator_probes(probes, rtol, max_probes):
+    """Operator products the estimator is expected to need: ``probes`` when given; else 2 / rtol^2 (Hutchinson's
+    relative variance 2 (|H|_F^2 - sum H_ii^2) / tr(H)^2 is near 2 when a few top eigenvalues dominate the
+    spectrum, as in trained networks), capped at ``max_probes``."""
+    if probes is not None:
+        return probes
+    return int(min(max_probes, math.ceil(2.0 / rtol ** 2)))
+
+
+def choose_trace_method(op, *, probes=None, rtol=0.01, max_probes=2000):
+    """The cheapest honest route to tr H for ``hessian_trace(method="auto")``; returns (method, why).
+
+    1. ``"exact"`` when the network is piecewise linear in each parameter (one watched forward pass of two
+       examples decides, as for method="exact") and its cost, about K passes for K output-curvature factors (the
+       outputs C), is at most the estimator's expected cost, HVP_PASSES x expected_estimator_probes.
+    2. ``"unit-vectors"`` when the estimator would need at least as many products as there are parameters P:
+       the P products with unit vectors give the trace exactly.
+    3. ``"hutch++"`` otherwise, never with more than P probes.
+    """
+    import torch
+
+    from flatfast._exact_trace import AUTOGRAD_LOSS_MAX_OUTPUTS, _loss_kind, check_piecewise_linear
+    from flatfast._model_util import eval_mode
+
+    budget = expected_estimator_probes(probes, rtol, max_probes)
+    x, _ = next(iter(op.batches()))
+    with eval_mode(op.model), torch.no_grad():
+        outputs = int(op.model(x[:1]).numel())
+        why_not = None
+        if op.linears is None:
+            try:
+                check_piecewise_linear(op.model, x[:2], op.params)
+            except NotPiecewiseLinearError as exc:
+                why_not = str(exc)
+        if why_not is None and _loss_kind(op) == "autograd" and outputs > AUTOGRAD_LOSS_MAX_OUTPUTS:
+            why_not = f"the loss's {outputs} x {outputs} output Hessian is not factored beyond " \
+                      f"{AUTOGRAD_LOSS_MAX_OUTPUTS} outputs"
+    if why_not is None and outputs <= HVP_PASSES * budget:
+        return "exact", f"piecewise linear; ~{outputs} passes against ~{HVP_PASSES * budget} for the estimator"
+    if op.dimension <= budget:
+        return "unit-vectors", f"{op.dimension} parameters <= the estimator's ~{budget} probes"
+    return "hutch++", why_not or f"~{outputs} passes for the exact trace > ~{HVP_PASSES * budget} for the estimator"
+
+
+def hessian_trace(model, loader, loss_fn=None, *, probes=None, rtol=0.01, method="auto", seed=0, block=None,
                   max_probes=2000, backend="auto", progress=None) -> TraceResult:
     r"""Trace of the Hessian of the dataset-mean loss (see :func:`hvp` for the convention), with its standard error.
 
-    ``method="hutch++"`` (default) sketches the top of the spectrum exactly and runs Hutchinson on the rest;
+    ``method="auto"`` (default) takes the cheapest honest route (:func:`choose_trace_method`): the exact trace
+    below when the network is piecewise linear in each parameter and its cost (about C passes for C outputs) is
+    at most the estimator's expected cost (two passes per probe, ``probes`` or 2 / rtol^2 of them, capped at
+    ``max_probes``); the exact trace from the P products with unit vectors (``"unit-vectors"``) when the
+    estimator would need at least P probes for the model's P parameters; Hutch++ otherwise, with at most P
+    probes. ``result.method`` says which ran.
+
+    ``method="hutch++"`` sketches the top of the spectrum exactly and runs Hutchinson on the rest;
     ``method="hutchinson"`` is plain Hutchinson with Rademacher probes, :math:`\mathrm{tr} H \approx
     \frac1m\sum_j v_j^\top H v_j` (each :math:`v^\top H v` a second directional derivative). Probes are drawn
-    in blocks of ``block`` (one data pass per block). Stops when ``stderr <= rtol * |value|``, or after exactly
-    ``probes`` operator products (>= 6 for Hutch++, >= 2 for Hutchinson) when given.
+    in blocks of ``block`` (one data pass per block; default: as many as fit in 256 MiB on the CPU or an eighth
+    of the device's free memory, at most 64), drawn on the model's device. Stops when ``stderr <= rtol *
+    |value|``, or after exactly ``probes`` operator products (>= 6 for Hutch++, >= 2 for Hutchinson) when given.
 
     ``method="exact"`` is the exact trace, with zero standard error, of any network that is piecewise linear in
     each single parameter -- built from Linear, Conv1d/2d/3d (and transposed), ReLU, LeakyReLU, Hardtanh/ReLU6,
@@ -135,7 +195,7 @@ def hessian_trace(model, loader, loss_fn=None, *, probes=None, rtol=0.01, method
 
     Returns
     -------
-    TraceResult with ``.value``, ``.stderr``, ``.probes``.
+    TraceResult with ``.value``, ``.stderr``, ``.probes`` (operator products used; 0 for "exact") and ``.method``.
 
     Examples
     --------
@@ -151,23 +211,39 @@ def hessian_trace(model, loader, loss_fn=None, *, probes=None, rtol=0.01, method
     >>> exact = flatfast.hessian_trace(cnn, [(images, labels)], torch.nn.BCEWithLogitsLoss(), method="exact")
     >>> exact.stderr
     0.0
+    >>> flatfast.hessian_trace(cnn, [(images, labels)], torch.nn.BCEWithLogitsLoss()).method   # auto
+    'exact'
     """
-    if method not in ("hutch++", "hutchinson", "exact"):
-        raise ValueError(f"method: expected 'hutch++', 'hutchinson' or 'exact', got {method!r}")
+    if method not in _TRACE_METHODS:
+        raise ValueError(f"method: expected one of {_TRACE_METHODS}, got {method!r}")
     if probes is not None:
-        probes = check_int(probes, "probes", minimum=6 if method == "hutch++" else 2)
+        probes = check_int(probes, "probes", minimum=2 if method == "hutchinson" else 6)
     rtol = check_float(rtol, "rtol", positive=True)
     seed = check_int(seed, "seed", minimum=0)
-    block = check_int(block, "block", minimum=1)
+    max_probes = check_int(max_probes, "max_probes", minimum=2)
+    if block is not None:
+        block = check_int(block, "block", minimum=1)
     op = HessianOperator(model, loader, loss_fn, backend=backend)
-    if method == "exact":
+    itemsize = np.dtype(str(op.dtype).replace("torch.", "")).itemsize
+    block = probe_block(op.dimension, itemsize, op.device, block)
+    chosen = method
+    if method == "auto":
+        chosen, _ = choose_trace_method(op, probes=probes, rtol=rtol, max_probes=max_probes)
+        max_probes = min(max_probes, op.dimension)  # never more probes than the unit vectors would take
+    if chosen == "exact":
         value = mlp_exact_trace(op) if op.linears is not None else exact_trace(op)
         return TraceResult(value, 0.0, 0, "exact")
-    update, bar = _progress_counter(probes or max_probes, f"flatfast trace ({method})", progress)
-    estimator = hutchpp if method == "hutch++" else hutchinson
+    total = op.dimension if chosen == "unit-vectors" else (probes or max_probes)
+    update, bar = _progress_counter(total, f"flatfast trace ({chosen})", progress)
     try:
-        return estimator(op.matmat, op.dimension, quadratic=op.quadratic, probes=probes, rtol=rtol, seed=seed, block=block,
-                         max_probes=max_probes, dtype=op.dtype, device=op.device, progress=update)
+        if chosen == "unit-vectors":
+            return unit_vector_trace(op.matmat, op.dimension, quadratic=op.quadratic, block=block, dtype=op.dtype,
+                                     device=op.device, progress=update)
+        estimator = hutchpp if chosen == "hutch++" else hutchinson
+        if probes is not None and method == "auto":
+            probes = min(probes, op.dimension)
+        return estimator(op.matmat, op.dimension, quadratic=op.quadratic, probes=probes, rtol=rtol, seed=seed,
+                         block=block, max_probes=max_probes, dtype=op.dtype, device=op.device, progress=update)
     finally:
         if bar is not None:
             bar.close()
@@ -245,4 +321,4 @@ def hessian_operator(model, loader, loss_fn=None, *, backend="auto"):
                           matmat=matmat, rmatvec=lambda v: matmat(np.reshape(v, (-1, 1)))[:, 0], dtype=np_dtype)
 
 
-__all__ = ["HessianOperator", "hessian_eigenvalues", "hessian_operator", "hessian_spectrum", "hessian_trace", "hvp"]
+__all__ = ["HessianOperator", "choose_trace_method", "hessian_eigenvalues", "hessian_operator", "hessian_spectrum", "hessian_trace", "hvp"]

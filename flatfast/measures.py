@@ -8,7 +8,6 @@ import math
 import numpy as np
 
 from flatfast._validate import check_float, check_int
-from flatfast.errors import NotPiecewiseLinearError
 from flatfast.estimators import TraceResult, hutchinson
 from flatfast._model_util import distributed, eval_mode
 from flatfast.hessian import HessianOperator, hessian_eigenvalues, hessian_spectrum, hessian_trace
@@ -204,9 +203,9 @@ def flatness_report(model, loader, loss_fn=None, *, eps=1e-4, rtol=0.02, seed=0,
     The log-volume is the Laplace-approximation basin volume up to constants,
     :math:`-\frac12\sum_j \log(|\lambda_j| + \delta)` over the Hessian's P eigenvalues, estimated by stochastic
     Lanczos quadrature (P times the quadrature mean of :math:`\log(|\lambda| + \delta)`, stderr over probes).
-    The trace is exact (``hessian_trace(method="exact")``) for networks that are piecewise linear in each
-    parameter -- ReLU MLPs, CNNs, ResNets with eval-mode BatchNorm -- and the Hutch++ estimate to ``rtol``
-    otherwise.
+    The trace takes :func:`hessian_trace`'s ``method="auto"`` route: exact for networks that are piecewise linear
+    in each parameter -- ReLU MLPs, CNNs, ResNets with eval-mode BatchNorm -- and for models with fewer parameters
+    than the estimator would need probes, the Hutch++ estimate to ``rtol`` otherwise.
 
     Examples
     --------
@@ -218,10 +217,7 @@ def flatness_report(model, loader, loss_fn=None, *, eps=1e-4, rtol=0.02, seed=0,
     ['frobenius', 'frobenius_stderr', 'log_volume']
     """
     op = HessianOperator(model, loader, loss_fn)
-    try:
-        trace = hessian_trace(model, loader, loss_fn, method="exact")
-    except NotPiecewiseLinearError:
-        trace = hessian_trace(model, loader, loss_fn, rtol=rtol, seed=seed, progress=False)
+    trace = hessian_trace(model, loader, loss_fn, method="auto", rtol=rtol, seed=seed, progress=False)
     eig = hessian_eigenvalues(model, loader, k=1, loss_fn=loss_fn, tol=1e-4, seed=seed)
     frob = frobenius_norm(model, loader, loss_fn, rtol=rtol, seed=seed)
     sharp = sharpness(model, loader, eps=eps, loss_fn=loss_fn, seed=seed)

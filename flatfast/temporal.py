@@ -45,7 +45,7 @@ class TemporalConfig:
     sharpness_eps: float = 1e-4
     sharpness_epochs: int = 100
     sharpness_lr: float = 1e-3
-    trace_method: str = "exact"
+    trace_method: str = "auto"
     trace_rtol: float = 0.05
     frobenius_rtol: float = 0.05
     warm_start: bool = True

@@ -354,7 +354,7 @@ def test_probe_budgets_that_leave_no_standard_error_are_refused():
         hutchpp(_diagonal_operator([1.0, 2.0]), 2, probes=5)
     with pytest.raises(ValueError, match="probes: Hutchinson needs at least 2"):
         hutchinson(_diagonal_operator([1.0, 2.0]), 2, probes=1)
-    res = flatfast.hessian_trace(model, batches, probes=6)
+    res = flatfast.hessian_trace(model, batches, probes=6, method="hutch++")
     assert res.probes == 6 and np.isfinite(res.stderr)
 
 
@@ -428,3 +428,76 @@ def test_double_backward_fallback_only_for_torch_func_limits():
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # said once
         flatfast.hvp(model, batches, V, loss_fn=mse)
+
+
+# --- method="auto": the cheapest honest route ------------------------------------------------------------------
+
+def tanh_net(hidden, inputs=6):
+    torch.manual_seed(4)
+    return torch.nn.Sequential(torch.nn.Linear(inputs, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 3)).double()
+
+
+def test_default_trace_of_relu_networks_is_exact():
+    for model, kind in ((mlp(), "mlp"), (cnn(), "cnn")):
+        batches = data(kind)
+        exact = float(torch.trace(dense_hessian(model, batches)))
+        res = flatfast.hessian_trace(model, batches)
+        assert res.method == "exact" and res.stderr == 0.0 and res.probes == 0
+        assert res.value == pytest.approx(exact, rel=1e-9)
+
+
+def test_default_trace_of_a_small_smooth_network_takes_the_unit_vectors():
+    """A 243-parameter tanh network: no estimator with 2000 probes, the exact trace from 243 products."""
+    model, batches = tanh_net(24), data("mlp")
+    P = sum(p.numel() for p in model.parameters())
+    assert P == 243
+    exact = float(torch.trace(dense_hessian(model, batches)))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", flatfast.ConvergenceWarning)
+        res = flatfast.hessian_trace(model, batches)
+    assert res.method == "unit-vectors" and res.probes == P and res.stderr == 0.0
+    assert res.value == pytest.approx(exact, rel=1e-10)
+
+
+def test_default_trace_of_a_large_smooth_network_estimates_with_at_most_p_probes():
+    model = tanh_net(600, inputs=6)  # 6,003 parameters: more than the estimator's 2000 probes
+    batches = data("mlp")
+    P = sum(p.numel() for p in model.parameters())
+    res = flatfast.hessian_trace(model, batches, rtol=0.05)
+    assert res.method == "hutch++" and 0 < res.probes <= min(2000, P) and res.stderr > 0
+    exact = float(torch.trace(dense_hessian(model, batches)))
+    assert abs(res.value - exact) <= 4 * res.stderr
+    # a probe budget above P is never spent: P unit vectors give the trace exactly
+    small = tanh_net(24)
+    assert flatfast.hessian_trace(small, batches, probes=300).method == "unit-vectors"
+
+
+def test_trace_rule_weighs_the_exact_cost_against_the_estimators():
+    """The cost model: exact costs ~C passes (C outputs), the estimator 2 passes per expected probe."""
+    from flatfast.hessian import choose_trace_method, expected_estimator_probes
+
+    assert expected_estimator_probes(None, 0.01, 2000) == 2000
+    assert expected_estimator_probes(None, 0.1, 2000) == 200
+    assert expected_estimator_probes(30, 0.01, 2000) == 30
+    torch.manual_seed(0)
+    wide_output = torch.nn.Sequential(torch.nn.Linear(6, 40), torch.nn.ReLU(), torch.nn.Linear(40, 50)).double()
+    X = torch.randn(20, 6, dtype=torch.float64)
+    loader = [(X, torch.randint(0, 50, (20,)))]
+    op = HessianOperator(wide_output, loader)
+    assert choose_trace_method(op, probes=30)[0] == "exact"  # 50 passes <= 2 x 30
+    method, why = choose_trace_method(op, probes=20)  # 50 passes > 2 x 20, and 2,330 parameters > 20 probes
+    assert method == "hutch++" and "50 passes" in why
+    smooth = HessianOperator(tanh_net(600), data("mlp"))
+    method, why = choose_trace_method(smooth)
+    assert method == "hutch++" and "Tanh" in why  # names why the exact route was refused
+
+
+def test_probe_block_fills_a_memory_budget():
+    from flatfast.estimators import probe_block
+
+    assert probe_block(10**6, 4, "cpu", requested=5) == 5
+    assert probe_block(10**6, 4, "cpu") == 16  # 256 MiB / (4 x 4 MB)
+    assert probe_block(100, 8, "cpu") == 64  # capped
+    assert probe_block(10**9, 8, "cpu") == 1
