@@ -154,21 +154,8 @@ def _check_disjoint(factors, deps_of, refuse, name):
 # --- the loss's output curvature ------------------------------------------------------------------------------
 
 def _loss_kind(op):
-    """'cross_entropy', 'mse' or 'bce_with_logits' for the default loss and for torch's loss modules with their
-    default settings (closed-form curvature factors); 'autograd' for any other loss_fn."""
-    import torch.nn as nn
-
-    loss = op.user_loss
-    if loss is None:
-        return None  # decided per batch by the targets' dtype, as HessianOperator.loss_and_targets does
-    plain = getattr(loss, "reduction", None) == "mean"
-    if type(loss) is nn.CrossEntropyLoss and plain and loss.weight is None and loss.label_smoothing == 0.0:
-        return "cross_entropy"
-    if type(loss) is nn.MSELoss and plain:
-        return "mse"
-    if type(loss) is nn.BCEWithLogitsLoss and plain and loss.weight is None and loss.pos_weight is None:
-        return "bce_with_logits"
-    return "autograd"
+    """The operator's loss kind (flatfast._operator.loss_kind); None is the default, cross-entropy."""
+    return op.loss_kind
 
 
 # Above this many outputs an arbitrary loss's per-example output Hessian is not eigendecomposed (C^3 per example).
@@ -190,8 +177,8 @@ class OutputCurvature:
         B = out.shape[0]
         flat = out.reshape(B, -1)
         C = flat.shape[1]
-        if kind is None:
-            kind = "cross_entropy" if not y.is_floating_point() else "mse"
+        if kind is None:  # the default loss, which accepts only class targets (HessianOperator.loss_and_targets)
+            kind = "cross_entropy"
         self.kind = kind
         self.count = C  # K, the number of factor rows per example
         self._eye = torch.eye(C, dtype=flat.dtype, device=flat.device)

@@ -51,7 +51,7 @@ def output_gradient(op, out, y):
     import torch
 
     check_finite(op.loss_and_targets(out, y))
-    if not y.is_floating_point():
+    if op.loss_kind != "mse":  # the default loss or nn.CrossEntropyLoss()
         p = torch.softmax(out, dim=1)
         g = p.clone()
         g[torch.arange(out.shape[0]), y] -= 1.0
@@ -182,7 +182,7 @@ def mlp_exact_trace(op) -> float:
                     masks.append(mask)
                     sq_norms.append((a * a).sum(dim=1))
             check_finite(op.loss_and_targets(z, y))
-            curvature = OutputCurvature(op, None, z, y)  # the default losses: all signs +1
+            curvature = OutputCurvature(op, op.loss_kind, z, y)  # cross-entropy or MSE: all signs +1
             factors, _ = curvature.rows(curvature.state, 0, curvature.count)  # (B, C, C)
             delta = factors.transpose(0, 1)  # (C, B, C): the C factor vectors back-propagated together
             for i in range(len(layers) - 1, -1, -1):

@@ -9,6 +9,57 @@ from flatfast._model_util import distributed, eval_mode
 from flatfast._registry import dispatch
 
 
+def loss_kind(loss_fn):
+    """None for the default loss (cross-entropy on integer class targets); 'cross_entropy', 'mse' or
+    'bce_with_logits' for torch's loss modules with their default settings (closed-form curvature, and the MLP
+    fast path for the first two); 'autograd' for any other loss_fn."""
+    import torch.nn as nn
+
+    if loss_fn is None:
+        return None
+    plain = getattr(loss_fn, "reduction", None) == "mean"
+    if type(loss_fn) is nn.CrossEntropyLoss and plain and loss_fn.weight is None and loss_fn.label_smoothing == 0.0 \
+            and loss_fn.ignore_index == -100:
+        return "cross_entropy"
+    if type(loss_fn) is nn.MSELoss and plain:
+        return "mse"
+    if type(loss_fn) is nn.BCEWithLogitsLoss and plain and loss_fn.weight is None and loss_fn.pos_weight is None:
+        return "bce_with_logits"
+    return "autograd"
+
+
+def default_loss(outputs, targets):
+    """Cross-entropy, the one default: integer class targets (B,) for (B, C) outputs with C >= 2. Any other
+    pairing must name its loss: no loss is guessed from float targets (a one-logit classifier with 0/1 float
+    targets would otherwise get MSE instead of the BCE it was trained with)."""
+    import torch.nn.functional as F
+
+    one_output = outputs.dim() == 1 or (outputs.dim() == 2 and outputs.shape[1] == 1)
+    default_is = "the default loss is cross-entropy, for integer class targets and two or more outputs"
+    if targets.is_floating_point():
+        binary = bool(((targets == 0) | (targets == 1)).all())
+        if one_output and binary:
+            raise ValueError("loss_fn: one output and float targets in {0, 1}: name the loss, e.g. "
+                             "loss_fn=torch.nn.BCEWithLogitsLoss() (the paper's binary classifiers) or "
+                             f"loss_fn=torch.nn.MSELoss(); {default_is}")
+        raise ValueError(f"loss_fn: float targets of shape {tuple(targets.shape)} for outputs of shape "
+                         f"{tuple(outputs.shape)}: name the loss, e.g. loss_fn=torch.nn.MSELoss() for regression"
+                         + (" or loss_fn=torch.nn.BCEWithLogitsLoss() for 0/1 labels" if binary else "")
+                         + f"; {default_is}")
+    if one_output:
+        raise ValueError("loss_fn: one output and integer targets: cross-entropy needs two or more outputs; for "
+                         "binary labels pass loss_fn=torch.nn.BCEWithLogitsLoss() with float 0/1 targets shaped "
+                         f"like the outputs; {default_is}")
+    if outputs.dim() != 2 or targets.shape != outputs.shape[:1]:
+        raise ValueError(f"loader: integer targets of shape {tuple(targets.shape)} do not match outputs of "
+                         f"shape {tuple(outputs.shape)} (cross-entropy needs (B,) class indices for (B, C))")
+    low, high = int(targets.min()), int(targets.max())
+    if low < 0 or high >= outputs.shape[1]:
+        raise ValueError(f"loader: class target {low if low < 0 else high} is out of range for a model with "
+                         f"{outputs.shape[1]} outputs (cross-entropy needs 0 <= target < {outputs.shape[1]})")
+    return F.cross_entropy(outputs, targets)
+
+
 class HessianOperator:
     """H V for blocks of vectors, one pass over the data per block (shared forward pass and data loading)."""
 
@@ -29,7 +80,9 @@ class HessianOperator:
         self.shapes = [p.shape for _, p in self.params]
         self.dimension = int(sum(self.sizes))
         self.progress = progress
-        self.linears = plain_mlp_layers(model, self.params) if loss_fn is None else None
+        self.loss_kind = loss_kind(loss_fn)
+        self.linears = plain_mlp_layers(model, self.params) if self.loss_kind in (None, "cross_entropy", "mse") \
+            else None
         want = backend or "auto"
         if want == "generic" or (self.linears is None and want == "auto"):
             want = "reference"
@@ -66,24 +119,14 @@ class HessianOperator:
             raise ValueError(f"loader: its {count} batch(es) hold no examples")
 
     def loss_and_targets(self, outputs, targets):
-        """The batch-mean loss, after checking that targets fit outputs (no silent broadcasting)."""
-        import torch.nn.functional as F
-
+        """The batch-mean loss: the user's, or the default (:func:`default_loss`), which checks that the targets
+        fit the outputs (no silent broadcasting) and refuses to guess a loss for anything but class targets."""
         if self.user_loss is not None:
+            if self.loss_kind == "mse" and targets.shape != outputs.shape:
+                raise ValueError(f"loader: targets of shape {tuple(targets.shape)} do not match outputs of shape "
+                                 f"{tuple(outputs.shape)} (MSELoss would broadcast them)")
             return self.user_loss(outputs, targets)
-        if not targets.is_floating_point():
-            if outputs.dim() != 2 or targets.shape != outputs.shape[:1]:
-                raise ValueError(f"loader: integer targets of shape {tuple(targets.shape)} do not match outputs of "
-                                 f"shape {tuple(outputs.shape)} (cross-entropy needs (B,) class indices for (B, C))")
-            low, high = int(targets.min()), int(targets.max())
-            if low < 0 or high >= outputs.shape[1]:
-                raise ValueError(f"loader: class target {low if low < 0 else high} is out of range for a model with "
-                                 f"{outputs.shape[1]} outputs (cross-entropy needs 0 <= target < {outputs.shape[1]})")
-            return F.cross_entropy(outputs, targets)
-        if targets.shape != outputs.shape:
-            raise ValueError(f"loader: targets of shape {tuple(targets.shape)} do not match outputs of shape "
-                             f"{tuple(outputs.shape)} (mean squared error)")
-        return F.mse_loss(outputs, targets)
+        return default_loss(outputs, targets)
 
     def flat_params(self):
         import torch

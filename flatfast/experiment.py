@@ -402,10 +402,10 @@ def flatness_on(model, S, config, seed):
     Xs, ys = torch.from_numpy(S[0]), torch.from_numpy(S[1].astype(np.float64))[:, None]
     whole = [(Xs, ys)]
     bce = torch.nn.BCEWithLogitsLoss()
-    trace = flatfast.hessian_trace(model, whole, bce, method=config.trace_method, rtol=config.trace_rtol, seed=seed,
+    trace = flatfast.hessian_trace(model, whole, loss_fn=bce, method=config.trace_method, rtol=config.trace_rtol, seed=seed,
                                    progress=False)
     eig = flatfast.hessian_eigenvalues(model, whole, k=1, loss_fn=bce, tol=1e-4, seed=seed)
-    frob = flatfast.frobenius_norm(model, whole, bce, rtol=config.frobenius_rtol, seed=seed)
+    frob = flatfast.frobenius_norm(model, whole, loss_fn=bce, rtol=config.frobenius_rtol, seed=seed)
     minibatches = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(Xs, ys), batch_size=config.batch_size,
                                               shuffle=True, generator=torch.Generator().manual_seed(seed))
     sgd = flatfast.sharpness(model, minibatches, eps=config.sharpness_eps, loss_fn=bce, method="sgd-ascent",

@@ -3,8 +3,10 @@
 Convention (the one PyHessian uses): L(theta) = (1/N) sum_i l(f_theta(x_i), y_i), the mean over all N
 examples the loader yields. A ``loss_fn(outputs, targets)`` must return the *batch mean* of the per-example
 losses (as ``nn.CrossEntropyLoss()`` does); each batch is weighted by its size, so a short last batch counts
-correctly. The default loss is cross-entropy for integer targets and mean squared error (averaged over output
-dimensions) for floating targets. The model is evaluated in eval mode (BatchNorm running statistics, no
+correctly. ``loss_fn`` is keyword-only everywhere. Without it the loss is cross-entropy, and only for integer
+class targets (B,) with C >= 2 outputs; any other data must name its loss (a one-logit classifier with float 0/1
+targets: ``loss_fn=torch.nn.BCEWithLogitsLoss()``; regression: ``torch.nn.MSELoss()``), and the error says which
+losses fit -- flatfast never guesses a loss from the targets' dtype. The model is evaluated in eval mode (BatchNorm running statistics, no
 dropout) and its modes are restored afterwards; parameters with requires_grad=False are left out. Under
 torch.distributed each rank passes its own shard of the data and the products are all-reduced.
 """
@@ -46,7 +48,7 @@ def _as_matrix(op, vectors):
     return vectors, "matrix"
 
 
-def hvp(model, loader, vectors, loss_fn=None, *, backend="auto", progress=False):
+def hvp(model, loader, vectors, *, loss_fn=None, backend="auto", progress=False):
     r"""Hessian-vector products of the dataset-mean loss :math:`L(\theta) = \frac1N\sum_i \ell(f_\theta(x_i), y_i)`.
 
     All k products come from ONE pass over the data: the forward pass and the data loading are shared and the k
@@ -62,9 +64,11 @@ def hvp(model, loader, vectors, loss_fn=None, *, backend="auto", progress=False)
     vectors : torch.Tensor (k, P) or (P,), or a list of parameter-shaped tensors (one vector)
         Directions in the space of the trainable parameters, in ``model.named_parameters()`` order.
     loss_fn : callable, optional
-        ``loss_fn(outputs, targets)`` returning the batch mean; default cross-entropy (integer targets) or MSE.
+        ``loss_fn(outputs, targets)`` returning the batch mean; default cross-entropy, for integer class targets
+        and two or more outputs only (other data must name its loss; see the module docstring).
     backend : {"auto", "generic", "torch"}
-        "auto" takes the R-operator fast path when the model is a plain Linear/ReLU MLP with the default loss.
+        "auto" takes the R-operator fast path when the model is a plain Linear/ReLU MLP and the loss is the
+        default, ``nn.CrossEntropyLoss()`` or ``nn.MSELoss()``.
     progress : bool
         Show a progress bar over the batches.
 
@@ -154,7 +158,7 @@ def choose_trace_method(op, *, probes=None, rtol=0.01, max_probes=2000):
     return "hutch++", why_not or f"~{outputs} passes for the exact trace > ~{HVP_PASSES * budget} for the estimator"
 
 
-def hessian_trace(model, loader, loss_fn=None, *, probes=None, rtol=0.01, method="auto", seed=0, block=None,
+def hessian_trace(model, loader, *, loss_fn=None, probes=None, rtol=0.01, method="auto", seed=0, block=None,
                   max_probes=2000, backend="auto", progress=None) -> TraceResult:
     r"""Trace of the Hessian of the dataset-mean loss (see :func:`hvp` for the convention), with its standard error.
 
@@ -191,7 +195,7 @@ def hessian_trace(model, loader, loss_fn=None, *, probes=None, rtol=0.01, method
     norms; bench/bench_hessian.py measures it on a small ResNet against one forward+backward pass and a 100-probe
     Hutchinson estimate); the per-example gradients are held at most 256 MiB at a time,
     chunked over examples and factor vectors, so C = 1000 classes fits. nn.Sequential Linear/ReLU models with
-    the default loss take a batched fast path with the same result.
+    cross-entropy or MSE take a batched fast path with the same result.
 
     Returns
     -------
@@ -208,10 +212,11 @@ def hessian_trace(model, loader, loss_fn=None, *, probes=None, rtol=0.01, method
     >>> cnn = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
     ...                           torch.nn.Flatten(), torch.nn.Linear(16, 1))
     >>> images, labels = torch.randn(32, 1, 6, 6), torch.randint(0, 2, (32, 1)).float()
-    >>> exact = flatfast.hessian_trace(cnn, [(images, labels)], torch.nn.BCEWithLogitsLoss(), method="exact")
+    >>> bce = torch.nn.BCEWithLogitsLoss()
+    >>> exact = flatfast.hessian_trace(cnn, [(images, labels)], loss_fn=bce, method="exact")
     >>> exact.stderr
     0.0
-    >>> flatfast.hessian_trace(cnn, [(images, labels)], torch.nn.BCEWithLogitsLoss()).method   # auto
+    >>> flatfast.hessian_trace(cnn, [(images, labels)], loss_fn=bce).method   # auto
     'exact'
     """
     if method not in _TRACE_METHODS:
@@ -249,7 +254,7 @@ def hessian_trace(model, loader, loss_fn=None, *, probes=None, rtol=0.01, method
             bar.close()
 
 
-def hessian_eigenvalues(model, loader, k=1, loss_fn=None, *, max_iter=None, tol=1e-6, seed=0, backend="auto",
+def hessian_eigenvalues(model, loader, k=1, *, loss_fn=None, max_iter=None, tol=1e-6, seed=0, backend="auto",
                         return_vectors=False) -> EigenResult:
     """Top-k eigenvalues (largest first) of the Hessian of the dataset-mean loss by Lanczos with full
     reorthogonalisation; ``.residuals`` holds |H u - theta u| of each Ritz pair (one data pass per iteration).
@@ -270,7 +275,7 @@ def hessian_eigenvalues(model, loader, k=1, loss_fn=None, *, max_iter=None, tol=
                                device=op.device, keep_vectors=return_vectors)
 
 
-def hessian_spectrum(model, loader, loss_fn=None, *, probes=4, iterations=64, seed=0, sigma=None, grid_size=1000,
+def hessian_spectrum(model, loader, *, loss_fn=None, probes=4, iterations=64, seed=0, sigma=None, grid_size=1000,
                      backend="auto") -> SpectrumResult:
     """Spectral density of the Hessian of the dataset-mean loss by stochastic Lanczos quadrature: nodes and
     weights per probe and a Gaussian-smoothed density on a grid (``result.plot()``). The probes' Lanczos runs
@@ -292,7 +297,7 @@ def hessian_spectrum(model, loader, loss_fn=None, *, probes=4, iterations=64, se
                grid_size=grid_size, dtype=op.dtype, device=op.device)
 
 
-def hessian_operator(model, loader, loss_fn=None, *, backend="auto"):
+def hessian_operator(model, loader, *, loss_fn=None, backend="auto"):
     """The Hessian of the dataset-mean loss as a ``scipy.sparse.linalg.LinearOperator`` (matvec and matmat on
     numpy arrays; one data pass per call), for scipy's eigsh, cg, etc.
 

@@ -45,7 +45,7 @@ def _global_grads(grads):
 SHARPNESS_METHODS = ("sgd-ascent", "sign-ascent")
 
 
-def sharpness(model, loader, eps=1e-4, loss_fn=None, *, method="sgd-ascent", epochs=100, lr=1e-3, steps=20, seed=0):
+def sharpness(model, loader, eps=1e-4, *, loss_fn=None, method="sgd-ascent", epochs=100, lr=1e-3, steps=20, seed=0):
     r"""Keskar et al.'s epsilon-sharpness of the dataset-mean loss L (see :func:`flatfast.hvp` for the convention):
 
     .. math::
@@ -73,7 +73,8 @@ def sharpness(model, loader, eps=1e-4, loss_fn=None, *, method="sgd-ascent", epo
     eps : float
         Relative box size (Zhang et al.: 1e-4 for FCNs, 1e-5 for ResNets).
     loss_fn : callable(outputs, targets) -> batch-mean loss, optional
-        Default: cross-entropy for integer targets, MSE for float targets.
+        Keyword-only. Default: cross-entropy, for integer class targets and two or more outputs only; other data
+        must name its loss (e.g. ``torch.nn.BCEWithLogitsLoss()`` for one logit and 0/1 float targets).
     method : {"sgd-ascent", "sign-ascent"}
     epochs, lr : the SGD ascent's passes and step size.
     steps : the sign ascent's number of steps.
@@ -150,7 +151,7 @@ def sharpness(model, loader, eps=1e-4, loss_fn=None, *, method="sgd-ascent", epo
     return 100.0 * (best - base) / (1.0 + base)
 
 
-def frobenius_norm(model, loader, loss_fn=None, *, probes=None, rtol=0.02, seed=0, block=16, max_probes=1000):
+def frobenius_norm(model, loader, *, loss_fn=None, probes=None, rtol=0.02, seed=0, block=16, max_probes=1000):
     r"""Frobenius norm of the Hessian of the dataset-mean loss, :math:`\|H\|_F = \sqrt{\mathrm{tr}(H^2)}`, with
     :math:`\mathrm{tr}(H^2) = E\|Hv\|^2` estimated by Hutchinson over Rademacher v (stderr by the delta method).
     Stops when the norm's relative standard error is below ``rtol`` (that of tr(H^2) below 2 rtol), or after
@@ -196,7 +197,7 @@ class FlatnessReport:
                 "log_volume": self.log_volume, "log_volume_stderr": self.log_volume_stderr}
 
 
-def flatness_report(model, loader, loss_fn=None, *, eps=1e-4, rtol=0.02, seed=0, volume_delta=1e-3,
+def flatness_report(model, loader, *, loss_fn=None, eps=1e-4, rtol=0.02, seed=0, volume_delta=1e-3,
                     slq_probes=4, slq_iterations=40):
     r"""Trace, top eigenvalue, Frobenius norm, epsilon-sharpness and the log-volume measure of one model.
 
@@ -217,11 +218,11 @@ def flatness_report(model, loader, loss_fn=None, *, eps=1e-4, rtol=0.02, seed=0,
     ['frobenius', 'frobenius_stderr', 'log_volume']
     """
     op = HessianOperator(model, loader, loss_fn)
-    trace = hessian_trace(model, loader, loss_fn, method="auto", rtol=rtol, seed=seed, progress=False)
+    trace = hessian_trace(model, loader, loss_fn=loss_fn, method="auto", rtol=rtol, seed=seed, progress=False)
     eig = hessian_eigenvalues(model, loader, k=1, loss_fn=loss_fn, tol=1e-4, seed=seed)
-    frob = frobenius_norm(model, loader, loss_fn, rtol=rtol, seed=seed)
+    frob = frobenius_norm(model, loader, loss_fn=loss_fn, rtol=rtol, seed=seed)
     sharp = sharpness(model, loader, eps=eps, loss_fn=loss_fn, seed=seed)
-    spec = hessian_spectrum(model, loader, loss_fn, probes=slq_probes, iterations=min(slq_iterations, op.dimension),
+    spec = hessian_spectrum(model, loader, loss_fn=loss_fn, probes=slq_probes, iterations=min(slq_iterations, op.dimension),
                             seed=seed)
     per_probe = (spec.weights * np.log(np.abs(spec.nodes) + volume_delta)).sum(axis=1) * op.dimension
     log_volume = -0.5 * float(per_probe.mean())

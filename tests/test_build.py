@@ -45,9 +45,11 @@ print(module.threading(), module.num_threads())
 def test_openmp_and_std_thread_builds_agree(tmp_path):
     """The C++ core threads its tiles with OpenMP or, without it (FLATFAST_OPENMP=OFF, Apple clang), with
     std::thread workers on the same schedule. Build the variant that is not installed and check that every
-    entry equals the installed build's to rounding (1e-15 relative: the two builds vectorise the epilogue
-    differently, which moves a few entries by one ulp). Each module runs in its own process: two copies of an
-    extension named _C cannot live in one interpreter."""
+    entry equals the installed build's to within 4 units in the last place of its own precision (float64 or
+    float32): the two builds vectorise the epilogue differently (OpenMP's `omp simd` against -fopenmp-simd, in
+    the AVX-512, AVX2 or baseline clone the CPU selects), which moves some entries by one or two ulps -- on an
+    AVX-512 machine 7,912 of 360,000 float32 entries, every run. Each module runs in its own process: two copies
+    of an extension named _C cannot live in one interpreter."""
     import shutil
     import subprocess
     import sys
@@ -77,8 +79,26 @@ def test_openmp_and_std_thread_builds_agree(tmp_path):
         if (os.cpu_count() or 1) > 1 and not {"OMP_NUM_THREADS", "FLATFAST_NUM_THREADS"} & set(os.environ):
             assert int(threads) > 1
     assert set(runs) == {"openmp", "std::thread"}
+    isa = _vector_isa()
     for key in runs["openmp"].files:
-        np.testing.assert_allclose(runs["std::thread"][key], runs["openmp"][key], rtol=1e-15, atol=0, err_msg=key)
+        ours, theirs = runs["std::thread"][key], runs["openmp"][key]
+        assert ours.dtype == theirs.dtype
+        differ = int(np.count_nonzero(ours != theirs))
+        try:
+            np.testing.assert_array_max_ulp(ours, theirs, maxulp=4, dtype=ours.dtype)
+        except AssertionError as exc:
+            raise AssertionError(f"{key} ({ours.dtype}): the std::thread and OpenMP builds differ by more than 4 "
+                                 f"ulps on this {isa} CPU ({differ} of {ours.size} entries differ at all)") from exc
+        print(f"{key} ({ours.dtype}, {isa} CPU): {differ} of {ours.size} entries differ, all within 4 ulps")
+
+
+def _vector_isa():
+    """The widest x86 vector extension the CPU reports: the clone of the kernels that it runs."""
+    try:
+        flags = open("/proc/cpuinfo").read().split("flags", 1)[1].split("\n", 1)[0].split()
+    except (OSError, IndexError):
+        return "unknown-ISA"
+    return "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "baseline x86-64"
 
 
 def test_pure_python_mode_runs_every_operation_on_the_reference():
@@ -128,7 +148,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
-from flatfast.kernels.nngp_triton import _nngp_launch, _nngp_tile_kernel
+from flatfast.kernels.nngp_triton import _epilogue_launch, _nngp_epilogue_kernel, _nngp_launch, _nngp_tile_kernel
 from flatfast.kernels.mlp_hvp_triton import _masked_matmul_launch, _masked_matmul_kernel
 
 target = GPUTarget("cuda", int(sys.argv[1]), 32)
@@ -152,6 +172,11 @@ for dtype in (torch.float64, torch.float32):
         signature, size = compile_as_launched(_nngp_tile_kernel, args, kwargs)
         assert all(signature[name] == "fp64" for name in ("sw2_over_d", "sw2", "sb2")), signature
         print("nngp", dtype, "symmetric" if Z is None else "general", "cubin bytes", size)
+        out = torch.empty(100, 100 if Z is None else 70, dtype=dtype)
+        _, args, kwargs = _epilogue_launch(out, X, Z, 2, 2.0, 1.0)
+        signature, size = compile_as_launched(_nngp_epilogue_kernel, args, kwargs)
+        assert all(signature[name] == "fp64" for name in ("sw2_over_d", "sw2", "sb2")), signature
+        print("nngp epilogue", dtype, "symmetric" if Z is None else "general", "cubin bytes", size)
     A, B = torch.rand(3, 50, 20, dtype=dtype), torch.rand(40, 20, dtype=dtype).T
     mask, C = torch.rand(50, 40) > 0.5, torch.rand(3, 50, 40, dtype=dtype)
     for addend in (C, None):
@@ -175,7 +200,7 @@ def test_triton_kernels_compile_for_gpu(capability):
     out = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, str(capability)], env=env, capture_output=True,
                          text=True)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.count("cubin bytes") == 8, out.stdout
+    assert out.stdout.count("cubin bytes") == 12, out.stdout
 
 
 def test_command_line_info_and_demo():

@@ -101,7 +101,7 @@ def bce_mlp():
 
 CASES = {
     "cnn-pooling-cross-entropy": (small_cnn, "class", None, F.cross_entropy),
-    "cnn-pooling-mse": (small_cnn, "regression", None, F.mse_loss),
+    "cnn-pooling-mse": (small_cnn, "regression", nn.MSELoss(), F.mse_loss),
     "resnet-batchnorm-eval": (tiny_resnet, "class", None, F.cross_entropy),
     "resnet-cross-entropy-module": (tiny_resnet, "class", nn.CrossEntropyLoss(), F.cross_entropy),
     "mlp-bce-with-logits": (bce_mlp, "binary", nn.BCEWithLogitsLoss(), F.binary_cross_entropy_with_logits),
@@ -118,7 +118,7 @@ def test_exact_trace_matches_dense_hessian(case):
     batches = image_batches(target=target)
     expected = dense_trace(model, batches, reference_loss)
     modes = [m.training for m in model.modules()]
-    result = flatfast.hessian_trace(model, batches, loss_fn, method="exact")
+    result = flatfast.hessian_trace(model, batches, loss_fn=loss_fn, method="exact")
     assert result.value == pytest.approx(expected, rel=1e-9, abs=1e-12)
     assert result.stderr == 0.0 and result.method == "exact"
     assert [m.training for m in model.modules()] == modes
@@ -269,7 +269,7 @@ def test_a_layer_reused_additively_is_accepted_and_exact():
 def test_exact_trace_rejects_a_loss_that_is_not_a_mean_of_per_example_losses():
     model = small_cnn()
     with pytest.raises(ValueError, match="loss_fn: the batch loss is not the mean"):
-        flatfast.hessian_trace(model, image_batches(), lambda o, t: F.cross_entropy(o, t, reduction="sum"),
+        flatfast.hessian_trace(model, image_batches(), loss_fn=lambda o, t: F.cross_entropy(o, t, reduction="sum"),
                                method="exact")
 
 

@@ -137,10 +137,11 @@ def test_flatness_is_of_the_loss_on_S_alone(reference_table):
     on_S = [(torch.from_numpy(S[0]), torch.from_numpy(S[1].astype(np.float64))[:, None])]
     XA, yA = np.concatenate([S[0], A[0]]), np.concatenate([S[1], A[1]])
     on_SA = [(torch.from_numpy(XA), torch.from_numpy(yA.astype(np.float64))[:, None])]
-    trace_S = flatfast.hessian_trace(model, on_S, bce, method="exact").value
-    trace_SA = flatfast.hessian_trace(model, on_SA, bce, method="exact").value
+    trace_S = flatfast.hessian_trace(model, on_S, loss_fn=bce, method="exact").value
+    trace_SA = flatfast.hessian_trace(model, on_SA, loss_fn=bce, method="exact").value
     assert row["trace"] == trace_S and row["trace_stderr"] == 0.0 and abs(trace_SA - trace_S) > 0.1 * trace_S
-    estimate = flatfast.hessian_trace(model, on_S, bce, rtol=config.trace_rtol, seed=1, progress=False)
+    estimate = flatfast.hessian_trace(model, on_S, loss_fn=bce, method="hutch++", rtol=config.trace_rtol, seed=1,
+                                      progress=False)
     assert abs(estimate.value - trace_S) <= 4 * estimate.stderr  # the exact trace is what Hutch++ estimates
     assert row["top_eigenvalue"] == pytest.approx(
         flatfast.hessian_eigenvalues(model, on_S, loss_fn=bce, tol=1e-4, seed=1).values[0], rel=1e-12)

@@ -38,6 +38,11 @@ def data(kind, target="class", n=40, batch=16):
     return [(X[i:i + batch], y[i:i + batch]) for i in range(0, n, batch)]  # 16, 16, 8: a short last batch
 
 
+def loss_for(target):
+    """The loss a call must name: none for class targets (cross-entropy is the default), MSE for regression."""
+    return None if target == "class" else torch.nn.MSELoss()
+
+
 def dense_hessian(model, batches, target="class"):
     """The exact Hessian of the dataset-mean loss, in eval mode, by torch.autograd.functional.hessian."""
     X = torch.cat([b[0] for b in batches])
@@ -91,11 +96,12 @@ def test_hvp_matches_dense_hessian(kind, target, backend, device):
     model = model.to(device)
     batches = [(x.to(device), y.to(device)) for x, y in batches]
     V = torch.randn(5, H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    HV = flatfast.hvp(model, batches, V.to(device), backend=backend).cpu()
+    loss_fn = loss_for(target)
+    HV = flatfast.hvp(model, batches, V.to(device), loss_fn=loss_fn, backend=backend).cpu()
     assert torch.allclose(HV, V @ H, rtol=0, atol=1e-10 * float(H.abs().max()))
-    one = flatfast.hvp(model, batches, V[0].to(device), backend=backend).cpu()
+    one = flatfast.hvp(model, batches, V[0].to(device), loss_fn=loss_fn, backend=backend).cpu()
     assert one.shape == V[0].shape and torch.allclose(one, HV[0], atol=1e-12)
-    op = HessianOperator(model, batches, backend=backend)
+    op = HessianOperator(model, batches, loss_fn, backend=backend)
     assert torch.allclose(op.quadratic(V.to(device)).cpu(), (V * (V @ H)).sum(1), rtol=1e-10, atol=1e-12)
 
 
@@ -160,11 +166,12 @@ def test_trace_estimates_cover_the_exact_trace(method):
 def test_exact_trace_of_relu_mlp(target):
     model, batches = mlp(), data("mlp", target)
     exact = float(torch.trace(dense_hessian(model, batches, target)))
-    res = flatfast.hessian_trace(model, batches, method="exact")
+    res = flatfast.hessian_trace(model, batches, loss_fn=loss_for(target), method="exact")
     assert res.value == pytest.approx(exact, rel=1e-10) and res.stderr == 0.0
     # the CNN (BatchNorm, Dropout) takes the generic exact path of tests/test_exact_trace.py
     cnn_exact = float(torch.trace(dense_hessian(cnn(), data("cnn", target), target)))
-    assert flatfast.hessian_trace(cnn(), data("cnn", target), method="exact").value == pytest.approx(cnn_exact,
+    assert flatfast.hessian_trace(cnn(), data("cnn", target), loss_fn=loss_for(target),
+                                  method="exact").value == pytest.approx(cnn_exact,
                                                                                                     rel=1e-9)
 
 
@@ -232,7 +239,11 @@ def _snapshot(model):
     (lambda m, b: flatfast.hvp(m, [(b[0][0], b[0][1][:3])], torch.zeros(2, 107, dtype=torch.float64)), ValueError,
      "loader: integer targets of shape"),
     (lambda m, b: flatfast.hvp(m, [(b[0][0], torch.randn(16, 2, dtype=torch.float64))],
-                               torch.zeros(1, 107, dtype=torch.float64)), ValueError, "do not match outputs"),
+                               torch.zeros(1, 107, dtype=torch.float64)), ValueError,
+     r"loss_fn: float targets of shape \(16, 2\) .* name the loss, e.g. loss_fn=torch.nn.MSELoss\(\)"),
+    (lambda m, b: flatfast.hvp(m, [(b[0][0], torch.randn(16, 2, dtype=torch.float64))],
+                               torch.zeros(1, 107, dtype=torch.float64), loss_fn=torch.nn.MSELoss()), ValueError,
+     "do not match outputs"),
     (lambda m, b: flatfast.hvp(m, [(b[0][0] * float("nan"), b[0][1])], torch.zeros(1, 107, dtype=torch.float64)),
      FloatingPointError, "loss: is NaN"),
     (lambda m, b: flatfast.hvp(m, b, torch.zeros(1, 5)), ValueError, "vectors: expected 107 entries"),
@@ -241,7 +252,8 @@ def _snapshot(model):
     (lambda m, b: flatfast.hvp("model", b, torch.zeros(1, 107)), TypeError, "model: expected a torch.nn.Module"),
     (lambda m, b: flatfast.hessian_trace(m, b, method="power"), ValueError, "method: expected"),
     (lambda m, b: flatfast.hessian_eigenvalues(m, b, k=0), ValueError, "k: must be >= 1"),
-    (lambda m, b: flatfast.hvp(m, b, torch.zeros(1, 107), backend="torch", loss_fn=torch.nn.MSELoss()), ValueError,
+    (lambda m, b: flatfast.hvp(m, b, torch.zeros(1, 107), backend="torch",
+                               loss_fn=lambda o, t: torch.nn.functional.cross_entropy(o, t)), ValueError,
      "backend: 'torch' is the fast path"),
 ])
 def test_bad_input_leaves_the_model_untouched(call, exc, match):
@@ -421,13 +433,13 @@ def test_double_backward_fallback_only_for_torch_func_limits():
     H = dense_hessian(model, batches, "regression")
     V = torch.randn(2, H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     with pytest.warns(RuntimeWarning, match="using double backward"):
-        HV = flatfast.hvp(model, batches, V, loss_fn=mse)
+        HV = flatfast.hvp(model, batches, V, loss_fn=mse, backend="generic")
     assert torch.allclose(HV, V @ H, atol=1e-10 * float(H.abs().max()))
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # said once
-        flatfast.hvp(model, batches, V, loss_fn=mse)
+        flatfast.hvp(model, batches, V, loss_fn=mse, backend="generic")
 
 
 # --- method="auto": the cheapest honest route ------------------------------------------------------------------
@@ -501,3 +513,39 @@ def test_probe_block_fills_a_memory_budget():
     assert probe_block(10**6, 4, "cpu") == 16  # 256 MiB / (4 x 4 MB)
     assert probe_block(100, 8, "cpu") == 64  # capped
     assert probe_block(10**9, 8, "cpu") == 1
+
+
+# --- the default loss never guesses ----------------------------------------------------------------------------
+
+def test_default_loss_is_cross_entropy_on_class_targets_only():
+    """A one-logit classifier with 0/1 float targets (the paper's) used to get MSE: its trace was 4.30 where the
+    BCE it was trained with gives 0.537. Now every measure refuses and names the losses that fit."""
+    torch.manual_seed(0)
+    one_logit = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1)).double()
+    X = torch.randn(40, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = (X[:, :1] > 0).double()
+    batches = [(X, y)]
+    calls = {
+        "hessian_trace": lambda **kw: flatfast.hessian_trace(one_logit, batches, **kw),
+        "hvp": lambda **kw: flatfast.hvp(one_logit, batches, torch.zeros(1, 65, dtype=torch.float64), **kw),
+        "hessian_eigenvalues": lambda **kw: flatfast.hessian_eigenvalues(one_logit, batches, **kw),
+        "frobenius_norm": lambda **kw: flatfast.frobenius_norm(one_logit, batches, probes=4, **kw),
+        "sharpness": lambda **kw: flatfast.sharpness(one_logit, batches, eps=1e-3, method="sign-ascent", **kw),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=r"loss_fn: one output and float targets in \{0, 1\}: .*"
+                                             r"BCEWithLogitsLoss\(\) \(the paper's"):
+            call()
+    bce = torch.nn.BCEWithLogitsLoss()
+    exact = flatfast.hessian_trace(one_logit, batches, loss_fn=bce)
+    dense = torch.autograd.functional.hessian(
+        lambda flat: bce(torch.func.functional_call(one_logit, dict(zip(
+            [n for n, _ in one_logit.named_parameters()],
+            [t.view(p.shape) for (_, p), t in zip(one_logit.named_parameters(),
+                                                  flat.split([p.numel() for p in one_logit.parameters()]))])), (X,)),
+                         y), torch.cat([p.detach().reshape(-1) for p in one_logit.parameters()]))
+    assert exact.method == "exact" and exact.value == pytest.approx(float(torch.trace(dense)), rel=1e-10)
+    with pytest.raises(ValueError, match="loss_fn: one output and integer targets: cross-entropy needs two"):
+        flatfast.hessian_trace(one_logit, [(X, y[:, 0].long())])
+    with pytest.raises(TypeError):  # keyword-only: a loss in the third position is refused, not misread
+        flatfast.hessian_trace(one_logit, batches, bce)

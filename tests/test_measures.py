@@ -165,7 +165,7 @@ def test_rescale_of_a_conv_relu_conv_pair_keeps_the_function():
     for block, block_scaled, factor in zip(diag.split(sizes), diag_scaled.split(sizes), [5.9 ** 2, 5.9 ** 2,
                                                                                          5.9 ** -2, 1.0, 1.0, 1.0]):
         torch.testing.assert_close(block_scaled, factor * block, rtol=1e-9, atol=1e-14)
-    exact = flatfast.hessian_trace(scaled, [(X, y)], bce, method="exact").value
+    exact = flatfast.hessian_trace(scaled, [(X, y)], loss_fn=bce, method="exact").value
     assert exact == pytest.approx(float(diag_scaled.sum()), rel=1e-9)
 
 
