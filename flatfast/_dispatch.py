@@ -11,10 +11,9 @@ availability probe. ``dispatch(op, backend, device)`` returns the implementation
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import Callable, Dict, List, Optional, Tuple
 
-from flatfast.errors import BackendFallbackWarning, BackendUnavailableError
+from flatfast.errors import BackendFallbackWarning, BackendUnavailableError, warn
 
 Probe = Callable[[], Optional[str]]  # returns None when available, else the reason it is not
 
@@ -77,8 +76,8 @@ def dispatch(op: str, backend: str, device: str) -> Impl:
                 if key not in _WARNED:
                     _WARNED.add(key)
                     why = "; ".join(f"{name}: {r}" for name, r in skipped)
-                    warnings.warn(f"flatfast: {op} falls back to the slow reference implementation ({why})",
-                                  BackendFallbackWarning, stacklevel=3)
+                    warn(f"flatfast: {op} falls back to the slow reference implementation ({why})",
+                                  BackendFallbackWarning)
             return impl
         skipped.append((impl.name, reason))
     raise BackendUnavailableError(f"no backend for {op} runs on {device}: {skipped}")

@@ -35,7 +35,7 @@ def _is_torch_func_limit(exc) -> bool:
 def _with_double_backward_fallback(op, functional_path, fallback):
     """Run the torch.func path unless it met one of torch.func's known limits before, and then double
     backward, which is exact too but slower (one backward pass per vector); says so once per kind of model."""
-    import warnings
+    from flatfast.errors import warn
 
     if not op._use_double_backward:
         try:
@@ -47,9 +47,9 @@ def _with_double_backward_fallback(op, functional_path, fallback):
             key = (type(op.model).__name__, str(exc).splitlines()[0][:200])
             if key not in _WARNED_FALLBACK:
                 _WARNED_FALLBACK.add(key)
-                warnings.warn(f"flatfast: torch.func cannot differentiate this model/loss twice in forward mode "
+                warn(f"flatfast: torch.func cannot differentiate this model/loss twice in forward mode "
                               f"({key[1]}); using double backward, one backward pass per vector",
-                              RuntimeWarning, stacklevel=4)
+                              RuntimeWarning)
     return fallback()
 
 

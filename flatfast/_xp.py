@@ -7,7 +7,6 @@ added on the diagonal inside the pass that writes B.
 """
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 
@@ -78,9 +77,9 @@ def _warn_once(key, message):
     if key in _WARNED:
         return
     _WARNED.add(key)
-    from flatfast.errors import BackendFallbackWarning
+    from flatfast.errors import BackendFallbackWarning, warn
 
-    warnings.warn(message, BackendFallbackWarning, stacklevel=4)
+    warn(message, BackendFallbackWarning)
 
 
 def free_bytes(xp):

@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 import math
 
-import numpy as np
 
 from flatfast._validate import check_float, check_int, memory_guard
 

@@ -26,3 +26,17 @@ class ConvergenceWarning(UserWarning):
 class UnreliableEstimateWarning(RuntimeWarning):
     """A Monte Carlo estimate's own diagnostics (Pareto k, effective sample size) say that neither the value nor
     its standard error can be trusted."""
+
+
+def warn(message, category):
+    """``warnings.warn`` attributed to the caller's line: the first frame outside the flatfast package, however
+    deep the call (a fixed stacklevel pointed into flatfast whenever one public function called another)."""
+    import os
+    import sys
+    import warnings
+
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

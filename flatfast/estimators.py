@@ -164,12 +164,10 @@ def hutchinson(matmat: MatMat, dimension: int, *, quadratic=None, probes=None, r
 
 
 def _warn_budget(used, se, mean, rtol):
-    import warnings
+    from flatfast.errors import ConvergenceWarning, warn
 
-    from flatfast.errors import ConvergenceWarning
-
-    warnings.warn(f"trace: stopped at max_probes={used} with stderr {se:.3g} > rtol * |value| = "
-                  f"{rtol * abs(mean):.3g}; raise max_probes or rtol", ConvergenceWarning, stacklevel=4)
+    warn(f"trace: stopped at max_probes={used} with stderr {se:.3g} > rtol * |value| = "
+                  f"{rtol * abs(mean):.3g}; raise max_probes or rtol", ConvergenceWarning)
 
 
 def _quadratic_forms(matmat, quadratic, V):
@@ -267,11 +265,9 @@ def lanczos_eigenvalues(matmat: MatMat, dimension: int, *, k=1, max_iter=None, t
     still above the tolerance at max_iter, are reported by a ConvergenceWarning; Ritz values are lower bounds of
     the eigenvalues they approximate.
     """
-    import warnings
-
     import torch
 
-    from flatfast.errors import ConvergenceWarning
+    from flatfast.errors import ConvergenceWarning, warn
 
     dtype = dtype or torch.float64
     max_iter = min(dimension, max_iter or max(4 * k + 40, 60))
@@ -292,16 +288,15 @@ def lanczos_eigenvalues(matmat: MatMat, dimension: int, *, k=1, max_iter=None, t
     theta, vecs, resid = ritz(alphas, betas)
     steps = alphas.shape[1]
     if len(theta) < k:
-        warnings.warn(f"Lanczos: the Krylov space is exhausted after {steps} steps; {len(theta)} of the {k} "
-                      "eigenvalues asked are returned (a repeated eigenvalue is found once)", ConvergenceWarning,
-                      stacklevel=3)
+        warn(f"Lanczos: the Krylov space is exhausted after {steps} steps; {len(theta)} of the {k} "
+                      "eigenvalues asked are returned (a repeated eigenvalue is found once)", ConvergenceWarning)
     else:
         loose = int(np.sum(resid > tol * np.maximum(np.abs(theta), 1e-30)))
         exhausted = betas[0, -1] <= 1e-10 * max(1.0, float(np.abs(alphas).max()))
         if loose and not exhausted:
-            warnings.warn(f"Lanczos: {loose} of the {k} Ritz values have residuals above tol after max_iter = "
+            warn(f"Lanczos: {loose} of the {k} Ritz values have residuals above tol after max_iter = "
                           f"{steps} iterations (largest {resid.max():.3g}); they are lower bounds. Raise max_iter",
-                          ConvergenceWarning, stacklevel=3)
+                          ConvergenceWarning)
     ritz_vectors = None
     if keep_vectors:
         Qm = torch.cat([B[0] for B in blocks]).double()

@@ -275,6 +275,16 @@ def _read_idx(path):
 
 # --- one run -----------------------------------------------------------------------------------------------
 
+def run_seed(seed, attack, optimizer_name):
+    """The seed of one configuration (initialisation, shuffling, probes), derived by numpy's SeedSequence from
+    (seed, |A|, optimizer): distinct configurations get independent streams at any grid size (the earlier
+    1000 * seed + |A| gave seed 1 with |A| = 0 and seed 0 with |A| = 1000 the same network and batches)."""
+    import zlib
+
+    entropy = [int(seed), int(attack), zlib.crc32(optimizer_name.encode())]
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
 def make_model(config, d, seed):
     """The network of ``config.arch`` for d-dimensional (flattened) inputs, drawn from the paper's prior."""
     if config.arch == "cnn":
@@ -390,8 +400,12 @@ def train(model, S, A, optimizer_name, config, seed):
     return config.max_epochs, False, accuracy_S, accuracy(model, *A)
 
 
-def flatness_on(model, S, config, seed):
-    """Trace, top eigenvalue, Frobenius norm and both sharpness ascents of the mean BCE loss on S alone.
+FLATNESS_MEASURES = ("trace", "top_eigenvalue", "frobenius", "sharpness_sgd_ascent", "sharpness_sign_ascent")
+
+
+def flatness_on(model, S, config, seed, which=FLATNESS_MEASURES):
+    """Trace, top eigenvalue, Frobenius norm and both sharpness ascents of the mean BCE loss on S alone -- or only
+    the measures named in ``which`` (the others are not computed: the temporal run needs three of the five).
 
     ``config`` supplies batch_size, trace_method (auto, exact, or Hutch++ to trace_rtol), frobenius_rtol and the
     sharpness_* settings (a Config or a TemporalConfig)."""
@@ -402,20 +416,32 @@ def flatness_on(model, S, config, seed):
     Xs, ys = torch.from_numpy(S[0]), torch.from_numpy(S[1].astype(np.float64))[:, None]
     whole = [(Xs, ys)]
     bce = torch.nn.BCEWithLogitsLoss()
-    trace = flatfast.hessian_trace(model, whole, loss_fn=bce, method=config.trace_method, rtol=config.trace_rtol, seed=seed,
-                                   progress=False)
-    eig = flatfast.hessian_eigenvalues(model, whole, k=1, loss_fn=bce, tol=1e-4, seed=seed)
-    frob = flatfast.frobenius_norm(model, whole, loss_fn=bce, rtol=config.frobenius_rtol, seed=seed)
-    minibatches = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(Xs, ys), batch_size=config.batch_size,
-                                              shuffle=True, generator=torch.Generator().manual_seed(seed))
-    sgd = flatfast.sharpness(model, minibatches, eps=config.sharpness_eps, loss_fn=bce, method="sgd-ascent",
-                             epochs=config.sharpness_epochs, lr=config.sharpness_lr)
-    sign = flatfast.sharpness(model, whole, eps=config.sharpness_eps, loss_fn=bce, method="sign-ascent", seed=seed)
-    return dict(trace=trace.value, trace_stderr=trace.stderr,
-                trace_hit_budget=bool(trace.stderr > config.trace_rtol * abs(trace.value)),
-                top_eigenvalue=float(eig.values[0]), top_eigenvalue_residual=float(eig.residuals[0]),
-                frobenius=frob.value, frobenius_stderr=frob.stderr, sharpness_sgd_ascent=sgd,
-                sharpness_sign_ascent=sign)
+    unknown = set(which) - set(FLATNESS_MEASURES)
+    if unknown:
+        raise ValueError(f"which: unknown measures {sorted(unknown)}; choose from {FLATNESS_MEASURES}")
+    out = {}
+    if "trace" in which:
+        trace = flatfast.hessian_trace(model, whole, loss_fn=bce, method=config.trace_method, rtol=config.trace_rtol,
+                                       seed=seed, progress=False)
+        out.update(trace=trace.value, trace_stderr=trace.stderr,
+                   trace_hit_budget=bool(trace.stderr > config.trace_rtol * abs(trace.value)))
+    if "top_eigenvalue" in which:
+        eig = flatfast.hessian_eigenvalues(model, whole, k=1, loss_fn=bce, tol=1e-4, seed=seed)
+        out.update(top_eigenvalue=float(eig.values[0]), top_eigenvalue_residual=float(eig.residuals[0]))
+    if "frobenius" in which:
+        frob = flatfast.frobenius_norm(model, whole, loss_fn=bce, rtol=config.frobenius_rtol, seed=seed)
+        out.update(frobenius=frob.value, frobenius_stderr=frob.stderr)
+    if "sharpness_sgd_ascent" in which:
+        minibatches = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(Xs, ys),
+                                                  batch_size=config.batch_size, shuffle=True,
+                                                  generator=torch.Generator().manual_seed(seed))
+        out["sharpness_sgd_ascent"] = flatfast.sharpness(model, minibatches, eps=config.sharpness_eps, loss_fn=bce,
+                                                         method="sgd-ascent", epochs=config.sharpness_epochs,
+                                                         lr=config.sharpness_lr)
+    if "sharpness_sign_ascent" in which:
+        out["sharpness_sign_ascent"] = flatfast.sharpness(model, whole, eps=config.sharpness_eps, loss_fn=bce,
+                                                          method="sign-ascent", seed=seed)
+    return out
 
 
 def measure(model, S, X_test, y_test, K, config, seed):
@@ -537,11 +563,11 @@ def run(config: Config, *, resume=False, log=print):
                 continue
             t0 = time.perf_counter()
             A = (A_X[:attack], A_y[:attack])
-            run_seed = 1000 * seed + attack
-            model = make_model(config, S[0].shape[1], run_seed)
+            config_seed = run_seed(seed, attack, optimizer_name)
+            model = make_model(config, S[0].shape[1], config_seed)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                epochs, reached, accuracy_S, accuracy_A = train(model, S, A, optimizer_name, config, run_seed)
+                epochs, reached, accuracy_S, accuracy_A = train(model, S, A, optimizer_name, config, config_seed)
             training_warnings = recorded_warnings(caught)
             n_weighted = len(weighted_layer_positions(model))
             for rescaled in wanted:
@@ -557,7 +583,7 @@ def run(config: Config, *, resume=False, log=print):
                            pac_bayes_bound=bound)
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
-                    row.update(measure(net, S, X_test, y_test, K, config, run_seed))
+                    row.update(measure(net, S, X_test, y_test, K, config, config_seed))
                 messages = list(dict.fromkeys(training_warnings + recorded_warnings(caught)))
                 row["warnings"] = " | ".join(messages)
                 row["seconds"] = round(time.perf_counter() - t0, 2)

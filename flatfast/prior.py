@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 
 import numpy as np
 
 from flatfast._validate import check_float, check_int, memory_guard
 from flatfast._xp import ep_array, free_bytes, linalg_for, xp_of
-from flatfast.errors import ConvergenceWarning, NotPSDError, UnreliableEstimateWarning
+from flatfast.errors import ConvergenceWarning, NotPSDError, UnreliableEstimateWarning, warn
 from flatfast.results import EPResult
 
 _LIKELIHOODS = ("heaviside", "probit")
@@ -65,7 +64,12 @@ def log_prior(X, y, *, depth=2, sigma_w2=2.0, sigma_b2=1.0, likelihood="heavisid
     likelihood : {"heaviside", "probit"}
     method : {"ep", "tilting"}
         ``"ep"``: plain EP, deterministic and fast (O(n^3) per sweep, about 11 sweeps), but an approximation
-        whose error is not reported: see the measured table in the README ("How far is EP from the truth?").
+        whose error is not reported: see the measured tables in the README ("How far is EP from the truth?").
+        On NNGP kernels of MNIST-like inputs it is within 0.007 nats of the truth up to n = 500. It is weakest
+        on near-unanimous labels of strongly correlated points: on equicorrelated kernels (correlation rho) it
+        underestimates unanimous labellings by 0.19 / 0.29 / 0.41 nats at rho = 0.9 / 0.96 / 0.99 (n = 100) and
+        0.25 / 0.38 / 0.54 nats (n = 1500), and needs 12-65 sweeps there; with 1 % of the labels the other way
+        the error is at most 0.03 nats.
         ``"tilting"``: Botev's minimax-tilting importance sampler (J. R. Stat. Soc. B 79, 2017) after EP, an
         unbiased Monte Carlo estimate of P(f) with, in the :class:`EPResult` (``return_info=True``), its standard
         error ``stderr``, effective sample size ``ess``, the Pareto tail shape ``pareto_k`` of its weights and
@@ -160,8 +164,9 @@ def ep_log_evidence(K, y, *, likelihood="heaviside", method="ep", tol=1e-6, max_
     naming the points, instead of running EP into a NaN.
 
     ``warm_start``: an :class:`flatfast.EPResult` of an earlier call on the same K and likelihood (e.g. the
-    previous epoch's labelling of the same inputs); EP starts from its sites instead of from zero. The fixed
-    point, and so the value within ``tol``, is the same; nearby labellings need fewer sweeps. 1-D y only.
+    previous epoch's labelling of the same inputs); EP starts from its sites instead of from zero, with nu
+    negated where the labels differ (a site of -y_i is the mirror image of that of y_i). The fixed point, and so
+    the value within ``tol``, is the same; nearby labellings need fewer sweeps. 1-D y only.
 
     Examples
     --------
@@ -199,6 +204,10 @@ def ep_log_evidence(K, y, *, likelihood="heaviside", method="ep", tol=1e-6, max_
         if getattr(warm_start, "likelihood", likelihood) != likelihood:
             raise ValueError(f"warm_start: comes from a {warm_start.likelihood} run, not {likelihood}")
         init = sites
+        earlier = getattr(warm_start, "labels", None)
+        if earlier is not None and np.shape(earlier) == (n,):
+            # the Heaviside site of -y_i is the mirror image of that of y_i: negate nu where the label flipped
+            init = (sites[0], sites[1] * xp_of(sites[1]).asarray(labels[0] * np.asarray(earlier)))
     return _evidence(K, labels, y_was_2d=np.ndim(y) == 2, likelihood=likelihood, method=method, tol=tol,
                      max_sweeps=max_sweeps, return_info=return_info, n_samples=n_samples, seed=seed, init=init,
                      precision=precision, check_psd=check_psd)
@@ -373,7 +382,7 @@ def _evidence(K, labels, *, y_was_2d, likelihood, method, tol, max_sweeps, retur
     for row, reason in zip(labels, impossible):
         y = xp.asarray(row)
         if reason is not None:
-            warnings.warn(f"log P(f) = -inf: {reason}", RuntimeWarning, stacklevel=3)
+            warn(f"log P(f) = -inf: {reason}", RuntimeWarning)
             results.append(EPResult(log_z=-math.inf, sweeps=0, converged=True, damping=1.0, max_site_change=0.0,
                                     log_z_history=[], seconds=0.0, likelihood=likelihood, method=method,
                                     ep_log_z=-math.inf))
@@ -382,6 +391,7 @@ def _evidence(K, labels, *, y_was_2d, likelihood, method, tol, max_sweeps, retur
         res = expectation_propagation(K, y, tol=tol, max_sweeps=max_sweeps, init=start, precision=precision,
                                       shift=shift, work=work, linalg=la)
         res.likelihood = likelihood
+        res.labels = row
         solved.append((row, res))
         if method == "tilting":
             res = _tilting_estimate(K, y, res, n_samples=n_samples, seed=seed, shift=shift)
@@ -413,9 +423,11 @@ def expectation_propagation(K, y, *, tol=1e-6, max_sweeps=200, site_tol=None, in
 
     Sweep: cavities from the current posterior marginals; tilted moments of the truncated Gaussians (in log
     space: log Phi by log_ndtr, phi/Phi by erfcx, finite for every z); new sites; posterior refresh. Damping
-    starts at 1 (none) and halves only when log Z oscillates or a cavity precision is not positive (the step
-    is then retried from the previous sites). Convergence is judged on the undamped proposal, so a small
-    damped step never stops the loop by itself. ``init``: (tau, nu) to start from.
+    starts at 1 (none); :func:`next_damping` sets it from how the undamped proposals move (it damps an
+    oscillating EP to the secant estimate 1 / (1 - lam) at once and lets it grow back, at most 2x per sweep),
+    and a non-positive cavity precision halves it and retries the step from the previous sites. Convergence is
+    judged on the undamped proposal, so a small damped step never stops the loop by itself. ``init``: (tau, nu)
+    to start from.
 
     Stopping rule, from the error left in log Z: EP's log Z converges linearly (measured ratio of successive
     changes ~0.09 on NNGP kernels), so after a change d with ratio r < 1 the distance to the fixed point is
@@ -474,6 +486,7 @@ def _ep_sweeps(K, y, *, tol, max_sweeps, site_tol, init, shift, work, la, rough=
         post_var, post_mean, half_log_det = _refresh_posterior(K, shift, diag_k, tau, nu, work, la, xp)
     damping, history, changes, steps = 1.0, [], [], 0
     saved = None  # sites and posterior before the last step, to retry from with more damping
+    previous_step = None  # the last proposed (undamped) relative site step, for next_damping
     converged, change, plateau_at = False, float("inf"), None
     while True:
         tau_cav = 1.0 / post_var - tau
@@ -481,8 +494,8 @@ def _ep_sweeps(K, y, *, tol, max_sweeps, site_tol, init, shift, work, la, rough=
             if saved is None or damping < 1e-6:
                 raise FloatingPointError("EP: a cavity precision became non-positive and damping cannot fix it")
             tau, nu, post_var, post_mean, half_log_det = saved
-            damping = next_damping(damping, "cavity")
-            saved = None  # the proposal tau_new, nu_new that led here is retried with half the step
+            damping *= 0.5
+            saved = previous_step = None  # the proposal that led here is retried with half the step
         else:
             nu_cav = post_mean / post_var - nu
             cav_mean, cav_var = nu_cav / tau_cav, 1.0 / tau_cav
@@ -491,8 +504,12 @@ def _ep_sweeps(K, y, *, tol, max_sweeps, site_tol, init, shift, work, la, rough=
             history.append(log_z)
             tau_new = xp.maximum(1.0 / tilt_var - tau_cav, 0.0)
             nu_new = tilt_mean / tilt_var - nu_cav
-            change = _site_change(tau, nu, tau_new, nu_new, diag_k, xp)
+            step = _relative_step(tau, nu, tau_new, nu_new, diag_k, xp)
+            change = float(xp.max(xp.abs(step)))
             changes.append(change)
+            if previous_step is not None:
+                damping = next_damping(damping, step, previous_step, xp)
+            previous_step = step
             if rough:
                 if plateau_at is None and _stalled(changes):
                     plateau_at = steps if changes[-1] < 0.1 else steps - 2  # a high floor: hand over now
@@ -501,14 +518,9 @@ def _ep_sweeps(K, y, *, tol, max_sweeps, site_tol, init, shift, work, la, rough=
                         (plateau_at is not None and steps >= plateau_at + 2):
                     converged = True
                     break
-            elif len(history) >= 2:
-                delta = history[-1] - history[-2]
-                if _remaining_error(history) <= tol and change <= site_tol:
-                    converged = True
-                    break
-                if abs(delta) > tol and len(history) >= 3 and delta * (history[-2] - history[-3]) < 0 and \
-                        abs(delta) >= 0.5 * abs(history[-2] - history[-3]):
-                    damping = next_damping(damping, "oscillation")
+            elif len(history) >= 2 and _remaining_error(history) <= tol and change <= site_tol:
+                converged = True
+                break
             if steps >= max_sweeps:
                 break
         saved = (tau, nu, post_var, post_mean, half_log_det)
@@ -517,9 +529,9 @@ def _ep_sweeps(K, y, *, tol, max_sweeps, site_tol, init, shift, work, la, rough=
         post_var, post_mean, half_log_det = _refresh_posterior(K, shift, diag_k, tau, nu, work, la, xp)
         steps += 1
     if not converged and not rough:
-        warnings.warn(f"EP did not converge in {max_sweeps} sweeps (last |d log Z| = "
+        warn(f"EP did not converge in {max_sweeps} sweeps (last |d log Z| = "
                       f"{abs(history[-1] - history[-2]) if len(history) > 1 else float('nan'):.2e}, "
-                      f"site change {change:.2e}); the value may be off", ConvergenceWarning, stacklevel=4)
+                      f"site change {change:.2e}); the value may be off", ConvergenceWarning)
     return EPResult(log_z=float(history[-1]), sweeps=steps, converged=converged, damping=damping,
                     max_site_change=change, log_z_history=[float(v) for v in history],
                     seconds=time.perf_counter() - t0, likelihood="heaviside", ep_log_z=float(history[-1]),
@@ -546,27 +558,40 @@ def _remaining_error(history):
     return delta * ratio / (1.0 - ratio) if ratio < 1.0 else 10.0 * delta
 
 
-_OSCILLATION_FLOOR = 1e-3
 # float64 EP from zero takes 9-11 sweeps on NNGP kernels (n = 2000-10000); float32 sweeps beyond this many
 # would no longer save anything, so float64 takes over.
 _MAX_FLOAT32_SWEEPS = 20
+_DAMPING_FLOOR = 1e-3  # what next_damping goes down to; only cavity retries go lower (to 1e-6, then EP gives up)
+_DAMPING_GROWTH = 2.0  # the most damping may grow in one sweep
+_OSCILLATING = -0.5  # below this eigenvalue undamped EP contracts by less than half a sweep, or diverges
 
 
-def next_damping(damping, cause):
-    """One monotone schedule: damping never grows. A non-positive cavity halves it (down to 1e-6, where EP gives
-    up); an oscillating log Z halves it too, but not below 1e-3 -- and never raises it back to 1e-3 after
-    cavity retries took it lower."""
-    if cause == "cavity":
-        return 0.5 * damping
-    return min(damping, max(0.5 * damping, _OSCILLATION_FLOOR))
+def next_damping(damping, step, previous_step, xp=np):
+    """Damping for the next sweep, from how the undamped proposals moved (a secant estimate of EP's fixed-point
+    map along its dominant direction).
+
+    With x the sites and F the undamped update, step = F(x) - x. Near the fixed point, along one dominant mode with
+    eigenvalue lam of F, a step damped by d makes the next proposal step (1 - d + d lam) times the last, so the
+    measured ratio r = <step, previous_step> / |previous_step|^2 gives lam = (r - 1 + d) / d, and d = 1 / (1 - lam)
+    would land on the fixed point. When lam < -0.5 (EP oscillates: unanimous labels on strongly correlated points,
+    where undamped parallel EP falls into a two-cycle and never converges) the damping goes to that value at once;
+    otherwise it grows back towards 1, at most 2x per sweep (a damped step is too short to trust a jump to 1:
+    measured, that threw EP back into the oscillation). Never below 1e-3 from here."""
+    denom = float(xp.dot(previous_step, previous_step))
+    if denom == 0.0:
+        return damping
+    ratio = float(xp.dot(step, previous_step)) / denom
+    eigenvalue = (ratio - 1.0 + damping) / damping
+    target = 1.0 / (1.0 - eigenvalue) if eigenvalue < _OSCILLATING else 1.0
+    return max(_DAMPING_FLOOR, min(target, _DAMPING_GROWTH * damping, 1.0))
 
 
-def _site_change(tau, nu, tau_new, nu_new, diag_k, xp):
-    """The largest relative change a sweep proposes for a site: |d tau| / (tau + 1/K_ii) and
-    |d nu| / (|nu| + 1/sqrt(K_ii)), so that sites of every precision are judged on the same footing."""
-    d_tau = xp.abs(tau_new - tau) / (tau + 1.0 / diag_k)
-    d_nu = xp.abs(nu_new - nu) / (xp.abs(nu) + 1.0 / xp.sqrt(diag_k))
-    return float(xp.max(xp.maximum(d_tau, d_nu)))
+def _relative_step(tau, nu, tau_new, nu_new, diag_k, xp):
+    """The proposed change of every site, relative to its scale: (tau_new - tau) / (tau + 1/K_ii) and
+    (nu_new - nu) / (|nu| + 1/sqrt(K_ii)), so that sites of every precision are judged on the same footing; its
+    largest entry is the site change of the stopping rule."""
+    return xp.concatenate([(tau_new - tau) / (tau + 1.0 / diag_k),
+                           (nu_new - nu) / (xp.abs(nu) + 1.0 / xp.sqrt(diag_k))])
 
 
 def _tilted_moments(y, cav_mean, cav_var, la, xp):
@@ -590,7 +615,6 @@ def _refresh_posterior(K, shift, diag_k, tau, nu, work, la, xp):
     """
     low = K.dtype  # float64, or float32 in mixed precision's early sweeps: the n^2 and n^3 work runs in it
     sqrt_tau = xp.sqrt(tau)
-    sqrt_tau_low = sqrt_tau.astype(low)
 
     def prior_matvec(x):
         return la.sym_matvec(K, x).astype(xp.float64) + shift * x
@@ -644,8 +668,8 @@ def _tilting_estimate(K, y, ep, *, n_samples, seed, shift=0.0):
     from flatfast._validate import to_numpy
 
     if xp_of(K) is not np:
-        warnings.warn("method='tilting' runs on the CPU: the GPU kernel is copied to the host for the sampler",
-                      RuntimeWarning, stacklevel=4)
+        warn("method='tilting' runs on the CPU: the GPU kernel is copied to the host for the sampler",
+                      RuntimeWarning)
         K = K.get()
         y = y.get()
     K = to_numpy(K)
@@ -671,6 +695,6 @@ def _tilting_estimate(K, y, ep, *, n_samples, seed, shift=0.0):
                         f"{_tilting.PARETO_K_WARN}; effective sample size {est['ess']:.0f} of {n_samples}), so "
                         "neither the estimate nor its standard error can be trusted")
     if problems:
-        warnings.warn(f"log P(f) by tilting on {len(y)} points: " + "; ".join(problems) + ". More samples "
-                      "(n_samples=) may help; EP's value is in ep_log_z.", UnreliableEstimateWarning, stacklevel=4)
+        warn(f"log P(f) by tilting on {len(y)} points: " + "; ".join(problems) + ". More samples "
+                      "(n_samples=) may help; EP's value is in ep_log_z.", UnreliableEstimateWarning)
     return ep

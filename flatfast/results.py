@@ -41,6 +41,7 @@ class EPResult:
     log_upper_bound: Optional[float] = None
     site_precision: Optional[np.ndarray] = dataclasses.field(default=None, repr=False)
     site_natural_mean: Optional[np.ndarray] = dataclasses.field(default=None, repr=False)
+    labels: Optional[np.ndarray] = dataclasses.field(default=None, repr=False)  # the signs it was run for
 
     def __float__(self):
         return float(self.log_z)

@@ -112,7 +112,8 @@ class _Measurer:
                 if update_warm:
                     self.warm[likelihood] = res
             row["ep_seconds"] = round(time.perf_counter() - t_ep, 4)
-            flat = flatness_on(model, self.S, self.config, self.config.seed)
+            flat = flatness_on(model, self.S, self.config, self.config.seed,
+                               which=("trace", "top_eigenvalue", "sharpness_sgd_ascent"))
         row.update(sharpness=flat["sharpness_sgd_ascent"], trace=flat["trace"], trace_stderr=flat["trace_stderr"],
                    top_eigenvalue=flat["top_eigenvalue"])
         row["warnings"] = " | ".join(recorded_warnings(caught))

@@ -72,12 +72,13 @@ def test_killed_run_resumes_to_the_uninterrupted_table(tmp_path, reference_table
 def test_resume_with_other_settings_is_refused(tmp_path, reference_table):
     out = reference_table.parent
     before = reference_table.read_bytes()
+    rows_before = _rows_without_timing(reference_table)
     for change in (dict(seeds=2), dict(likelihood="heaviside"), dict(sharpness_epochs=4)):
         with pytest.raises(ValueError, match="--resume: .* other settings.*" + next(iter(change))):
             run(_tiny_config(out, **change), resume=True, log=lambda s: None)
     assert reference_table.read_bytes() == before
     run(_tiny_config(out), resume=True, log=lambda s: None)  # the same settings (and any --out) continue
-    assert _rows_without_timing(reference_table) == _rows_without_timing(reference_table)
+    assert _rows_without_timing(reference_table) == rows_before  # a finished run: nothing redone, nothing added
 
 
 def test_rescaled_rows_keep_the_function_and_get_sharper(reference_table):
@@ -143,10 +144,15 @@ def test_flatness_is_of_the_loss_on_S_alone(reference_table):
     estimate = flatfast.hessian_trace(model, on_S, loss_fn=bce, method="hutch++", rtol=config.trace_rtol, seed=1,
                                       progress=False)
     assert abs(estimate.value - trace_S) <= 4 * estimate.stderr  # the exact trace is what Hutch++ estimates
-    assert row["top_eigenvalue"] == pytest.approx(
-        flatfast.hessian_eigenvalues(model, on_S, loss_fn=bce, tol=1e-4, seed=1).values[0], rel=1e-12)
-    assert row["sharpness_sign_ascent"] == flatfast.sharpness(model, on_S, eps=config.sharpness_eps, loss_fn=bce,
-                                                              method="sign-ascent", seed=1)
+    from scipy.sparse.linalg import eigsh  # ARPACK: an eigensolver independent of flatfast's Lanczos
+
+    top = eigsh(flatfast.hessian_operator(model, on_S, loss_fn=bce), k=1, which="LA", tol=1e-8,
+                return_eigenvectors=False)[0]
+    assert row["top_eigenvalue"] == pytest.approx(top, rel=1e-3)
+    in_three = [(x[i::3], t[i::3]) for x, t in on_S for i in range(3)]  # S again, in three batches
+    assert row["sharpness_sign_ascent"] == pytest.approx(
+        flatfast.sharpness(model, in_three, eps=config.sharpness_eps, loss_fn=bce, method="sign-ascent", seed=1),
+        rel=1e-9)  # of S (not S + A), with the experiment's eps and loss
 
 
 def test_shards_merge_to_the_unsharded_table(tmp_path, reference_table):
@@ -198,11 +204,25 @@ def test_runs_that_never_fit_S_are_left_out_of_the_statistics():
     (["--experiment", "temporal", "--attack-sizes", "100"], "--attack-sizes apply to the main experiment"),
     (["--experiment", "temporal", "--every", "0"], "--every: must be >= 1"),
 ])
-def test_bad_arguments_say_which_and_write_nothing(tmp_path, args, message):
+def test_bad_arguments_say_which_and_write_nothing(tmp_path, capsys, args, message):
+    """In process (main(argv)): argparse's exit status 2 and the message on stderr, nothing written."""
+    from flatfast.__main__ import main
+
     target = tmp_path / "out"
-    out = subprocess.run([sys.executable, "-m", "flatfast", "reproduce", *args, "--out", str(target)],
+    with pytest.raises(SystemExit) as exit_:
+        main(["reproduce", *args, "--out", str(target)])
+    assert exit_.value.code == 2
+    stderr = capsys.readouterr().err
+    assert message in stderr, stderr
+    assert not target.exists()
+
+
+def test_bad_argument_exit_status_from_the_command_line(tmp_path):
+    """One real process: what a shell sees."""
+    target = tmp_path / "out"
+    out = subprocess.run([sys.executable, "-m", "flatfast", "reproduce", "--max-epochs", "0", "--out", str(target)],
                          capture_output=True, text=True)
-    assert out.returncode == 2 and message in out.stderr, out.stderr
+    assert out.returncode == 2 and "--max-epochs: must be >= 1" in out.stderr, out.stderr
     assert not target.exists()
 
 
@@ -366,3 +386,17 @@ def test_cnn_on_cifar10_from_the_command_line(cifar_dir, tmp_path):
     rows = read_table(out / "results.csv")
     assert len(rows) == 4 and all(r["data"] == "cifar10" for r in rows)
     assert json.loads((out / "config.json").read_text())["arch"] == "cnn"
+
+
+def test_configurations_get_distinct_seeds():
+    """1000 * seed + |A| gave seed 1 with |A| = 0 and seed 0 with |A| = 1000 one network and one batch order."""
+    from flatfast.experiment import run_seed
+
+    seeds = {(s, a, o): run_seed(s, a, o) for s in range(5) for a in range(0, 5001, 50)
+             for o in ("sgd", "adam", "entropy-sgd")}
+    assert len(set(seeds.values())) == len(seeds)
+    assert run_seed(1, 0, "sgd") != run_seed(0, 1000, "sgd") and run_seed(0, 0, "sgd") != run_seed(0, 0, "adam")
+    assert run_seed(2, 100, "adam") == run_seed(2, 100, "adam") and 0 <= run_seed(2, 100, "adam") < 2**63
+    import torch
+
+    torch.Generator().manual_seed(run_seed(4, 5000, "entropy-sgd"))  # a seed torch accepts

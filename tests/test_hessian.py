@@ -549,3 +549,14 @@ def test_default_loss_is_cross_entropy_on_class_targets_only():
         flatfast.hessian_trace(one_logit, [(X, y[:, 0].long())])
     with pytest.raises(TypeError):  # keyword-only: a loss in the third position is refused, not misread
         flatfast.hessian_trace(one_logit, batches, bce)
+
+
+def test_warnings_point_at_the_callers_line():
+    """A ConvergenceWarning from hessian_trace (Hutch++ calling Hutchinson inside) names this file, not flatfast's."""
+    model, batches = mlp(), data("mlp")
+    with pytest.warns(flatfast.ConvergenceWarning) as caught:
+        flatfast.hessian_trace(model, batches, rtol=1e-6, method="hutch++", max_probes=40)
+    assert caught[0].filename == __file__
+    with pytest.warns(flatfast.ConvergenceWarning) as caught:
+        flatfast.hessian_trace(model, batches, rtol=1e-6, method="hutchinson", max_probes=32)
+    assert caught[0].filename == __file__
