@@ -41,7 +41,7 @@ def fcn(args):
         for seed in range(args.seeds):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                values.append(flatfast.log_prior(X, y, model=net, samples=M, seed=seed))
+                values.append(flatfast.log_prior(X, y, model=net, kernel_samples=M, seed=seed))
         values = np.array(values)
         print(f"{M:>5} {values.mean():>14.3f} {values.std(ddof=1):>23.3f} {values.mean() - analytic:>16.3f}",
               flush=True)

@@ -84,11 +84,11 @@ class HessianOperator:
         self.linears = plain_mlp_layers(model, self.params) if self.loss_kind in (None, "cross_entropy", "mse") \
             else None
         want = backend or "auto"
-        if want == "generic" or (self.linears is None and want == "auto"):
+        if want in ("reference", "generic") or (self.linears is None and want == "auto"):
             want = "reference"
         elif self.linears is None:
             raise ValueError(f"backend: {want!r} is the fast path for nn.Sequential Linear/ReLU models with the "
-                             "default loss; this model or loss is not one (use backend='auto' or 'generic')")
+                             "default loss; this model or loss is not one (use backend='auto' or 'reference')")
         self.impl = dispatch("mlp_hvp", want, self.device.type)
         self.quadratic_impl = dispatch("mlp_vhv", want, self.device.type)
         self.backend = self.impl.name

@@ -65,15 +65,18 @@ def empirical_nngp_kernel(model, X, samples=64, *, readout="penultimate", sigma_
 
     Returns
     -------
-    numpy.ndarray (n, n) float64, or (K, stderr).
+    K (n, n) float64, or (K, stderr): torch tensors on the model's device when X is a tensor, numpy arrays when
+    X is an array (the kind it was given, as :func:`flatfast.nngp_kernel` does).
 
     Examples
     --------
     >>> import torch, flatfast
     >>> net = torch.nn.Sequential(torch.nn.Linear(5, 256), torch.nn.ReLU(), torch.nn.Linear(256, 1))
-    >>> K = flatfast.empirical_nngp_kernel(net, torch.rand(10, 5), samples=32)
-    >>> K.shape
-    (10, 10)
+    >>> K = flatfast.empirical_nngp_kernel(net, torch.rand(10, 5), samples=32)   # tensor in, tensor out
+    >>> tuple(K.shape), K.dtype
+    ((10, 10), torch.float64)
+    >>> type(flatfast.empirical_nngp_kernel(net, torch.rand(10, 5).numpy(), samples=32)).__name__
+    'ndarray'
     """
     import torch
 
@@ -81,6 +84,7 @@ def empirical_nngp_kernel(model, X, samples=64, *, readout="penultimate", sigma_
 
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    given_tensor = isinstance(X, torch.Tensor)
     samples = check_int(samples, "samples", minimum=2)
     if readout not in _READOUTS:
         raise ValueError(f"readout: expected one of {_READOUTS}, got {readout!r}")
@@ -135,10 +139,12 @@ def empirical_nngp_kernel(model, X, samples=64, *, readout="penultimate", sigma_
     if bar is not None:
         bar.close()
     K = total / samples
+    # the kind it was given: a tensor (on the model's device) for tensor inputs, numpy otherwise
+    as_given = (lambda t: t) if given_tensor else (lambda t: t.cpu().numpy())
     if squares is None:
-        return K.cpu().numpy()
+        return as_given(K)
     variance = (squares / samples - K * K).clamp_(min=0.0) * (samples / (samples - 1))
-    return K.cpu().numpy(), (variance / samples).sqrt_().cpu().numpy()
+    return as_given(K), as_given((variance / samples).sqrt_())
 
 
 def _check_prior_covers(net):

@@ -206,7 +206,7 @@ def hutchpp(matmat: MatMat, dimension: int, *, quadratic=None, probes=None, rtol
 _BASIS_BLOCK = 16  # Lanczos vectors allocated per block: no copy of the basis as it grows, no over-allocation
 
 
-def _lanczos_runs(matmat: MatMat, V0, iterations, should_stop=None):
+def _lanczos_runs(matmat: MatMat, V0, iterations, should_stop=None, progress=None):
     """``b`` Lanczos runs from the unit rows of V0 (b, P), advanced together (one block product per iteration),
     each fully reorthogonalised (classical Gram-Schmidt, twice) against its own basis. The basis is written in
     place into blocks of ``_BASIS_BLOCK`` vectors allocated as needed.
@@ -233,6 +233,8 @@ def _lanczos_runs(matmat: MatMat, V0, iterations, should_stop=None):
         norms = torch.linalg.norm(W, dim=1)
         betas[:, it] = norms.double().cpu().numpy()
         steps = it + 1
+        if progress is not None:
+            progress(steps)
         scale = max(1.0, float(np.abs(alphas[:, :steps]).max()))
         if steps == iterations or float(norms.min()) <= 1e-10 * scale or \
                 (should_stop is not None and should_stop(alphas[:, :steps], betas[:, :steps])):
@@ -254,7 +256,7 @@ def _tridiagonal_eigh(alphas, betas):
 
 
 def lanczos_eigenvalues(matmat: MatMat, dimension: int, *, k=1, max_iter=None, tol=1e-6, seed=0, dtype=None,
-                        device="cpu", keep_vectors=False) -> EigenResult:
+                        device="cpu", keep_vectors=False, progress=None) -> EigenResult:
     """Top-k (largest algebraic) eigenvalues by Lanczos with full reorthogonalisation. Stops when every wanted
     Ritz pair has residual |beta_m s_m| <= tol |theta|, or at max_iter (default min(dimension, max(4k + 40,
     60))), or when the Krylov space is exhausted.
@@ -284,7 +286,7 @@ def lanczos_eigenvalues(matmat: MatMat, dimension: int, *, k=1, max_iter=None, t
         theta, _, resid = ritz(alphas, betas)
         return alphas.shape[1] >= k and bool(np.all(resid <= tol * np.maximum(np.abs(theta), 1e-30)))
 
-    alphas, betas, blocks = _lanczos_runs(matmat, q[None, :], max_iter, converged)
+    alphas, betas, blocks = _lanczos_runs(matmat, q[None, :], max_iter, converged, progress)
     theta, vecs, resid = ritz(alphas, betas)
     steps = alphas.shape[1]
     if len(theta) < k:
@@ -305,7 +307,7 @@ def lanczos_eigenvalues(matmat: MatMat, dimension: int, *, k=1, max_iter=None, t
 
 
 def slq(matmat: MatMat, dimension: int, *, probes=4, iterations=64, seed=0, sigma=None, grid_size=1000,
-        dtype=None, device="cpu") -> SpectrumResult:
+        dtype=None, device="cpu", progress=None) -> SpectrumResult:
     """Stochastic Lanczos quadrature (Ubaru, Chen & Saad 2017; Ghorbani et al. 2019): ``probes`` Lanczos runs
     from random unit vectors, advanced together (one block product per iteration), each with full
     reorthogonalisation against its own basis. For a probe v the Gauss quadrature reproduces v^T H^j v exactly
@@ -317,7 +319,7 @@ def slq(matmat: MatMat, dimension: int, *, probes=4, iterations=64, seed=0, sigm
     gen = _generator(seed)
     V = torch.randn(probes, dimension, generator=gen, dtype=torch.float64).to(dtype).to(device)
     V = V / torch.linalg.norm(V, dim=1, keepdim=True)
-    alphas, betas, _ = _lanczos_runs(matmat, V, iterations)
+    alphas, betas, _ = _lanczos_runs(matmat, V, iterations, progress=progress)
     steps = alphas.shape[1]
     nodes = np.zeros((probes, steps))
     weights = np.zeros((probes, steps))

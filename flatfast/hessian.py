@@ -1,7 +1,8 @@
 """Curvature of the dataset-mean loss of any PyTorch model.
 
 Convention (the one PyHessian uses): L(theta) = (1/N) sum_i l(f_theta(x_i), y_i), the mean over all N
-examples the loader yields. A ``loss_fn(outputs, targets)`` must return the *batch mean* of the per-example
+examples the loader yields; curvlinops' HessianLinearOperator with ``num_data=N`` is the same operator, and
+BackPACK's DiagHessian on one batch is that batch's mean. A ``loss_fn(outputs, targets)`` must return the *batch mean* of the per-example
 losses (as ``nn.CrossEntropyLoss()`` does); each batch is weighted by its size, so a short last batch counts
 correctly. ``loss_fn`` is keyword-only everywhere. Without it the loss is cross-entropy, and only for integer
 class targets (B,) with C >= 2 outputs; any other data must name its loss (a one-logit classifier with float 0/1
@@ -66,9 +67,11 @@ def hvp(model, loader, vectors, *, loss_fn=None, backend="auto", progress=False)
     loss_fn : callable, optional
         ``loss_fn(outputs, targets)`` returning the batch mean; default cross-entropy, for integer class targets
         and two or more outputs only (other data must name its loss; see the module docstring).
-    backend : {"auto", "generic", "torch"}
+    backend : {"auto", "reference", "torch", "cpp", "triton", "cuda"}
         "auto" takes the R-operator fast path when the model is a plain Linear/ReLU MLP and the loss is the
-        default, ``nn.CrossEntropyLoss()`` or ``nn.MSELoss()``.
+        default, ``nn.CrossEntropyLoss()`` or ``nn.MSELoss()`` (its masked GEMMs on the fastest backend here);
+        "reference" is the pure torch.func path for any model, the same name as :func:`flatfast.nngp_kernel`'s
+        pure fallback ("generic", its former name here, is accepted too).
     progress : bool
         Show a progress bar over the batches.
 
@@ -254,10 +257,22 @@ def hessian_trace(model, loader, *, loss_fn=None, probes=None, rtol=0.01, method
             bar.close()
 
 
+def _with_progress(total, desc, enabled, run):
+    """``run(update)`` with a progress bar of ``total`` steps (``enabled``: True, False, or None for "when stderr is
+    a terminal"); ``update`` is None without a bar."""
+    update, bar = _progress_counter(total, desc, enabled)
+    try:
+        return run(update)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 def hessian_eigenvalues(model, loader, k=1, *, loss_fn=None, max_iter=None, tol=1e-6, seed=0, backend="auto",
-                        return_vectors=False) -> EigenResult:
+                        return_vectors=False, progress=None) -> EigenResult:
     """Top-k eigenvalues (largest first) of the Hessian of the dataset-mean loss by Lanczos with full
     reorthogonalisation; ``.residuals`` holds |H u - theta u| of each Ritz pair (one data pass per iteration).
+    ``progress``: a bar over the iterations (None: when stderr is a terminal).
 
     Examples
     --------
@@ -271,15 +286,18 @@ def hessian_eigenvalues(model, loader, k=1, *, loss_fn=None, max_iter=None, tol=
     op = HessianOperator(model, loader, loss_fn, backend=backend)
     if k > op.dimension:
         raise ValueError(f"k: asks for {k} eigenvalues of a {op.dimension}-dimensional Hessian")
-    return lanczos_eigenvalues(op.matmat, op.dimension, k=k, max_iter=max_iter, tol=tol, seed=seed, dtype=op.dtype,
-                               device=op.device, keep_vectors=return_vectors)
+    iterations = min(op.dimension, max_iter or max(4 * k + 40, 60))  # lanczos_eigenvalues' own cap
+    return _with_progress(iterations, "flatfast Lanczos", progress, lambda update: lanczos_eigenvalues(
+        op.matmat, op.dimension, k=k, max_iter=max_iter, tol=tol, seed=seed, dtype=op.dtype, device=op.device,
+        keep_vectors=return_vectors, progress=update))
 
 
 def hessian_spectrum(model, loader, *, loss_fn=None, probes=4, iterations=64, seed=0, sigma=None, grid_size=1000,
-                     backend="auto") -> SpectrumResult:
+                     backend="auto", progress=None) -> SpectrumResult:
     """Spectral density of the Hessian of the dataset-mean loss by stochastic Lanczos quadrature: nodes and
     weights per probe and a Gaussian-smoothed density on a grid (``result.plot()``). The probes' Lanczos runs
-    advance together, one data pass per iteration.
+    advance together, one data pass per iteration. ``progress``: a bar over the iterations (None: when stderr
+    is a terminal).
 
     Examples
     --------
@@ -293,8 +311,9 @@ def hessian_spectrum(model, loader, *, loss_fn=None, probes=4, iterations=64, se
     probes = check_int(probes, "probes", minimum=1)
     iterations = check_int(iterations, "iterations", minimum=1)
     op = HessianOperator(model, loader, loss_fn, backend=backend)
-    return slq(op.matmat, op.dimension, probes=probes, iterations=iterations, seed=seed, sigma=sigma,
-               grid_size=grid_size, dtype=op.dtype, device=op.device)
+    return _with_progress(iterations, "flatfast SLQ", progress, lambda update: slq(
+        op.matmat, op.dimension, probes=probes, iterations=iterations, seed=seed, sigma=sigma, grid_size=grid_size,
+        dtype=op.dtype, device=op.device, progress=update))
 
 
 def hessian_operator(model, loader, *, loss_fn=None, backend="auto"):

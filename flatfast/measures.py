@@ -45,7 +45,8 @@ def _global_grads(grads):
 SHARPNESS_METHODS = ("sgd-ascent", "sign-ascent")
 
 
-def sharpness(model, loader, eps=1e-4, *, loss_fn=None, method="sgd-ascent", epochs=100, lr=1e-3, steps=20, seed=0):
+def sharpness(model, loader, eps=1e-4, *, loss_fn=None, method="sgd-ascent", epochs=100, lr=1e-3, steps=20, seed=0,
+              progress=None):
     r"""Keskar et al.'s epsilon-sharpness of the dataset-mean loss L (see :func:`flatfast.hvp` for the convention):
 
     .. math::
@@ -80,6 +81,9 @@ def sharpness(model, loader, eps=1e-4, *, loss_fn=None, method="sgd-ascent", epo
     steps : the sign ascent's number of steps.
     seed : int
         Seeds the sign ascent's random start (the SGD ascent is deterministic given the loader's order).
+    progress : bool or None
+        A bar over the epochs (or steps); None shows one when stderr is a terminal. The SGD ascent evaluates the
+        full loss after every minibatch step: tens of thousands of forward passes at the authors' 100 epochs.
 
     Examples
     --------
@@ -123,12 +127,18 @@ def sharpness(model, loader, eps=1e-4, *, loss_fn=None, method="sgd-ascent", epo
         import torch.distributed as dist
 
         world = dist.get_world_size()
+    from flatfast.hessian import _progress_counter
+
+    update, bar = _progress_counter(epochs if method == "sgd-ascent" else steps + 1, f"flatfast sharpness ({method})",
+                                    progress)
     try:
         with eval_mode(model):
             base = best = full_loss()
             if method == "sgd-ascent":
                 z = [torch.zeros_like(w) for w in original]
-                for _ in range(epochs):
+                for epoch in range(epochs):
+                    if update is not None:
+                        update(epoch + 1)
                     for x, y in op.batches():
                         with torch.enable_grad():
                             # DDP's convention: the step follows the mean over ranks of their batch-mean gradients
@@ -140,7 +150,9 @@ def sharpness(model, loader, eps=1e-4, *, loss_fn=None, method="sgd-ascent", epo
                 gen = torch.Generator().manual_seed(int(seed))
                 z = [((torch.rand(w.shape, generator=gen, dtype=w.dtype) * 2 - 1).to(w.device)) * b
                      for w, b in zip(original, box)]
-                for _ in range(steps + 1):
+                for step in range(steps + 1):
+                    if update is not None:
+                        update(step + 1)
                     move_to(z)
                     with torch.enable_grad():
                         loss = _dataset_loss(model, op)
@@ -148,14 +160,17 @@ def sharpness(model, loader, eps=1e-4, *, loss_fn=None, method="sgd-ascent", epo
                     z = ascend(loss, z, lambda g, b: 2.0 * b / steps * torch.sign(g))
     finally:
         move_to([torch.zeros_like(w) for w in original])
+        if bar is not None:
+            bar.close()
     return 100.0 * (best - base) / (1.0 + base)
 
 
-def frobenius_norm(model, loader, *, loss_fn=None, probes=None, rtol=0.02, seed=0, block=16, max_probes=1000):
+def frobenius_norm(model, loader, *, loss_fn=None, probes=None, rtol=0.02, seed=0, block=16, max_probes=1000,
+                   progress=None):
     r"""Frobenius norm of the Hessian of the dataset-mean loss, :math:`\|H\|_F = \sqrt{\mathrm{tr}(H^2)}`, with
     :math:`\mathrm{tr}(H^2) = E\|Hv\|^2` estimated by Hutchinson over Rademacher v (stderr by the delta method).
     Stops when the norm's relative standard error is below ``rtol`` (that of tr(H^2) below 2 rtol), or after
-    exactly ``probes`` products.
+    exactly ``probes`` products. ``progress``: a bar over the probes (None: when stderr is a terminal).
 
     Examples
     --------
@@ -171,8 +186,15 @@ def frobenius_norm(model, loader, *, loss_fn=None, probes=None, rtol=0.02, seed=
         HV = op.matmat(V)
         return (HV * HV).sum(dim=1)
 
-    res = hutchinson(op.matmat, op.dimension, quadratic=squared_norms, probes=probes, rtol=2 * rtol, seed=seed,
-                     block=block, max_probes=max_probes, dtype=op.dtype, device=op.device)
+    from flatfast.hessian import _progress_counter
+
+    update, bar = _progress_counter(probes or max_probes, "flatfast Frobenius norm", progress)
+    try:
+        res = hutchinson(op.matmat, op.dimension, quadratic=squared_norms, probes=probes, rtol=2 * rtol, seed=seed,
+                         block=block, max_probes=max_probes, dtype=op.dtype, device=op.device, progress=update)
+    finally:
+        if bar is not None:
+            bar.close()
     value = math.sqrt(max(res.value, 0.0))
     stderr = res.stderr / (2 * value) if value > 0 else float("inf")
     return TraceResult(value, stderr, res.probes, "hutchinson-frobenius", res.samples)
@@ -198,7 +220,7 @@ class FlatnessReport:
 
 
 def flatness_report(model, loader, *, loss_fn=None, eps=1e-4, rtol=0.02, seed=0, volume_delta=1e-3,
-                    slq_probes=4, slq_iterations=40):
+                    slq_probes=4, slq_iterations=40, progress=None):
     r"""Trace, top eigenvalue, Frobenius norm, epsilon-sharpness and the log-volume measure of one model.
 
     The log-volume is the Laplace-approximation basin volume up to constants,
@@ -207,6 +229,8 @@ def flatness_report(model, loader, *, loss_fn=None, eps=1e-4, rtol=0.02, seed=0,
     The trace takes :func:`hessian_trace`'s ``method="auto"`` route: exact for networks that are piecewise linear
     in each parameter -- ReLU MLPs, CNNs, ResNets with eval-mode BatchNorm -- and for models with fewer parameters
     than the estimator would need probes, the Hutch++ estimate to ``rtol`` otherwise.
+
+    ``progress`` (None: when stderr is a terminal) shows each measure's own bar in turn.
 
     Examples
     --------
@@ -218,12 +242,13 @@ def flatness_report(model, loader, *, loss_fn=None, eps=1e-4, rtol=0.02, seed=0,
     ['frobenius', 'frobenius_stderr', 'log_volume']
     """
     op = HessianOperator(model, loader, loss_fn)
-    trace = hessian_trace(model, loader, loss_fn=loss_fn, method="auto", rtol=rtol, seed=seed, progress=False)
-    eig = hessian_eigenvalues(model, loader, k=1, loss_fn=loss_fn, tol=1e-4, seed=seed)
-    frob = frobenius_norm(model, loader, loss_fn=loss_fn, rtol=rtol, seed=seed)
-    sharp = sharpness(model, loader, eps=eps, loss_fn=loss_fn, seed=seed)
-    spec = hessian_spectrum(model, loader, loss_fn=loss_fn, probes=slq_probes, iterations=min(slq_iterations, op.dimension),
-                            seed=seed)
+    # each measure shows its own bar (progress=None: when stderr is a terminal)
+    trace = hessian_trace(model, loader, loss_fn=loss_fn, method="auto", rtol=rtol, seed=seed, progress=progress)
+    eig = hessian_eigenvalues(model, loader, k=1, loss_fn=loss_fn, tol=1e-4, seed=seed, progress=progress)
+    frob = frobenius_norm(model, loader, loss_fn=loss_fn, rtol=rtol, seed=seed, progress=progress)
+    sharp = sharpness(model, loader, eps=eps, loss_fn=loss_fn, seed=seed, progress=progress)
+    spec = hessian_spectrum(model, loader, loss_fn=loss_fn, probes=slq_probes, seed=seed, progress=progress,
+                            iterations=min(slq_iterations, op.dimension))
     per_probe = (spec.weights * np.log(np.abs(spec.nodes) + volume_delta)).sum(axis=1) * op.dimension
     log_volume = -0.5 * float(per_probe.mean())
     log_volume_se = 0.5 * float(per_probe.std(ddof=1) / math.sqrt(len(per_probe))) if len(per_probe) > 1 else float("inf")

@@ -25,6 +25,10 @@ def nngp_kernel(X, Z=None, *, depth=2, sigma_w2=2.0, sigma_b2=1.0, backend="auto
     :math:`\sin\theta` is computed as :math:`\sqrt{(1-c)(1+c)}`; the diagonal of ``nngp_kernel(X)`` is the
     exact :math:`q_{depth}`. ``depth=0`` is the linear (input-layer) kernel.
 
+    The same kernel in neural-tangents: ``stax.serial(*[stax.Dense(1, W_std, b_std), stax.Relu()] * depth,
+    stax.Dense(1, W_std, b_std))`` with ``W_std ** 2 = sigma_w2`` and ``b_std ** 2 = sigma_b2`` (its
+    ``kernel_fn(X, X, "nngp")``); "depth" here counts the hidden ReLU layers.
+
     Parameters
     ----------
     X : array_like or torch.Tensor, shape (n, d)

@@ -34,7 +34,7 @@ _CANCELLATION_GUARD = {8: 1e-6, 4: 1e-2}
 
 def log_prior(X, y, *, depth=2, sigma_w2=2.0, sigma_b2=1.0, likelihood="heaviside", method="ep", tol=1e-6,
               max_sweeps=200, backend="auto", return_info=False, n_samples=20000, seed=0, precision="float64",
-              kernel=None, model=None, samples=None):
+              kernel=None, model=None, kernel_samples=None, samples=None, progress=None):
     r"""log P(f): the log probability that a random infinitely wide ReLU network labels X as y.
 
     The kernel is the arc-cosine NNGP kernel of a fully connected ReLU network by default; ``model=net,
@@ -50,6 +50,9 @@ def log_prior(X, y, *, depth=2, sigma_w2=2.0, sigma_b2=1.0, likelihood="heavisid
     likelihood :math:`1[y g > 0]` (``likelihood="heaviside"``). ``likelihood="probit"`` uses
     :math:`\Phi(y g)` (GPy's default Bernoulli link, what the paper's published numbers used), which is the
     same computation on :math:`K + I`. Values are in nats. The Heaviside value is invariant to scaling K.
+    In GPy, ``likelihood="probit"`` is ``GPy.core.GP(X, y01, kernel, likelihood=GPy.likelihoods.Bernoulli(),
+    inference_method=GPy.inference.latent_function_inference.EP())`` (GPClassification's model, with EP), whose
+    ``log_likelihood()`` is this value for the same K; GPy has no noise-free (Heaviside) likelihood.
 
     Parameters
     ----------
@@ -95,12 +98,17 @@ def log_prior(X, y, *, depth=2, sigma_w2=2.0, sigma_b2=1.0, likelihood="heavisid
     n_samples, seed : int
         Importance samples and their seed for ``method="tilting"`` (O(n^2) work each); ``seed`` also seeds the
         draws of ``model``'s kernel.
+    progress : bool or None
+        A counter of EP's sweeps with log Z and the site change (None: when stderr is a terminal); at n = 10,000
+        a sweep takes seconds on a CPU.
     kernel : array_like (n, n), optional
         A precomputed prior covariance of the points (then depth, sigma_w2, sigma_b2, backend are unused): numpy,
         a torch tensor (CPU or CUDA) or a cupy array; EP runs where it is (see X).
-    model, samples : torch.nn.Module and int, optional
-        Use the empirical NNGP kernel of ``model``'s architecture from ``samples`` random initialisations.
-        Its Monte Carlo error moves log P(f): see the README ("Empirical kernels") for how much, by M.
+    model, kernel_samples : torch.nn.Module and int, optional
+        Use the empirical NNGP kernel of ``model``'s architecture from ``kernel_samples`` random
+        initialisations M. Its Monte Carlo error moves log P(f): see the README ("Empirical kernels") for how
+        much, by M. (``samples=`` is its former name, still accepted with a FutureWarning: one name, one meaning
+        -- ``n_samples`` is the tilting sampler's.)
 
     Returns
     -------
@@ -117,10 +125,17 @@ def log_prior(X, y, *, depth=2, sigma_w2=2.0, sigma_b2=1.0, likelihood="heavisid
     from flatfast.nngp import nngp_kernel
     from flatfast._validate import as_float_matrix
 
+    if samples is not None:
+        if kernel_samples is not None:
+            raise ValueError("samples, kernel_samples: samples is kernel_samples' former name; give one")
+        warn("log_prior: samples= is now kernel_samples= (the kernel's random draws; n_samples is the tilting "
+             "sampler's)", FutureWarning)
+        kernel_samples = samples
     if kernel is not None and model is not None:
         raise ValueError("kernel, model: give one of them (model's kernel is computed), not both")
-    if (model is None) != (samples is None):
-        raise ValueError("model, samples: the empirical kernel needs both (samples = number of random draws)")
+    if (model is None) != (kernel_samples is None):
+        raise ValueError("model, kernel_samples: the empirical kernel needs both (kernel_samples = number of "
+                         "random draws M)")
     if model is None and kernel is None:
         X = as_float_matrix(X, "X", allow_empty=False)
     n = len(X)
@@ -131,26 +146,27 @@ def log_prior(X, y, *, depth=2, sigma_w2=2.0, sigma_b2=1.0, likelihood="heavisid
         if shape != (n, n):
             raise ValueError(f"kernel: expected shape ({n}, {n}) for the {n} points of X, got {shape}")
         return ep_log_evidence(kernel, y, likelihood=likelihood, method=method, tol=tol, max_sweeps=max_sweeps,
-                               return_info=return_info, n_samples=n_samples, seed=seed, precision=precision)
+                               return_info=return_info, n_samples=n_samples, seed=seed, precision=precision,
+                               progress=progress)
     _guard_memory(n, likelihood, method, "log_prior", xp=_module_for_input(X), new_arrays=1, n_samples=n_samples)
     if model is not None:
         from flatfast.empirical import empirical_nngp_kernel
 
-        K = empirical_nngp_kernel(model, X, samples, sigma_w2=sigma_w2, sigma_b2=sigma_b2, seed=seed)
+        K = empirical_nngp_kernel(model, X, kernel_samples, sigma_w2=sigma_w2, sigma_b2=sigma_b2, seed=seed)
     else:
         K = nngp_kernel(X, depth=depth, sigma_w2=sigma_w2, sigma_b2=sigma_b2, backend=backend)
     K = ep_array(K, "the kernel")
     return _evidence(K, labels, y_was_2d=np.ndim(y) == 2, likelihood=likelihood, method=method, tol=tol,
                      max_sweeps=max_sweeps, return_info=return_info, n_samples=n_samples, seed=seed,
-                     precision=precision)
+                     precision=precision, progress=progress)
 
 
 def ep_log_evidence(K, y, *, likelihood="heaviside", method="ep", tol=1e-6, max_sweeps=200, return_info=False,
-                    n_samples=20000, seed=0, check_psd=True, warm_start=None, precision="float64"):
+                    n_samples=20000, seed=0, check_psd=True, warm_start=None, precision="float64", progress=None):
     r"""log P(sign g = y) for g ~ N(0, K), by EP, for a precomputed covariance matrix K.
 
     The same estimator as :func:`log_prior` (see there for ``likelihood``, ``method``, ``tol``, ``max_sweeps``,
-    ``return_info``, ``n_samples``, ``seed``, ``precision``). For 2-D y every labelling after the first starts
+    ``return_info``, ``n_samples``, ``seed``, ``precision``, ``progress``). For 2-D y every labelling after the first starts
     from the fixed point of the nearest one already solved (same values within ``tol``, fewer sweeps).
     K must be symmetric positive semi-definite; ``check_psd=True`` verifies that with one Cholesky of
     K + 1e-10 mean(diag K) I (in EP's workspace), and raises :class:`flatfast.NotPSDError`.
@@ -210,7 +226,7 @@ def ep_log_evidence(K, y, *, likelihood="heaviside", method="ep", tol=1e-6, max_
             init = (sites[0], sites[1] * xp_of(sites[1]).asarray(labels[0] * np.asarray(earlier)))
     return _evidence(K, labels, y_was_2d=np.ndim(y) == 2, likelihood=likelihood, method=method, tol=tol,
                      max_sweeps=max_sweeps, return_info=return_info, n_samples=n_samples, seed=seed, init=init,
-                     precision=precision, check_psd=check_psd)
+                     precision=precision, check_psd=check_psd, progress=progress)
 
 
 # --- validation -------------------------------------------------------------------------------------------
@@ -358,7 +374,7 @@ def _check_psd(K, la, work):
 
 
 def _evidence(K, labels, *, y_was_2d, likelihood, method, tol, max_sweeps, return_info, n_samples, seed, init=None,
-              precision="float64", check_psd=False):
+              precision="float64", check_psd=False, progress=None):
     if likelihood not in _LIKELIHOODS:
         raise ValueError(f"likelihood: expected one of {_LIKELIHOODS}, got {likelihood!r}")
     _check_method(method)
@@ -388,8 +404,13 @@ def _evidence(K, labels, *, y_was_2d, likelihood, method, tol, max_sweeps, retur
                                     ep_log_z=-math.inf))
             continue
         start = init if init is not None else _nearest_fixed_point(row, solved)
-        res = expectation_propagation(K, y, tol=tol, max_sweeps=max_sweeps, init=start, precision=precision,
-                                      shift=shift, work=work, linalg=la)
+        bar = _sweep_counter(progress, K.shape[0])
+        try:
+            res = expectation_propagation(K, y, tol=tol, max_sweeps=max_sweeps, init=start, precision=precision,
+                                          shift=shift, work=work, linalg=la, progress=bar)
+        finally:
+            if bar is not None:
+                bar.close()
         res.likelihood = likelihood
         res.labels = row
         solved.append((row, res))
@@ -416,8 +437,19 @@ def _nearest_fixed_point(labels, solved):
 
 # --- the solver --------------------------------------------------------------------------------------------
 
+def _sweep_counter(enabled, n):
+    """A tqdm counter of EP's sweeps (None when not wanted; enabled=None: when stderr is a terminal)."""
+    import sys
+
+    if not (enabled if enabled is not None else sys.stderr.isatty()):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(desc=f"flatfast EP (n = {n})", unit=" sweeps", file=sys.stderr, leave=False)
+
+
 def expectation_propagation(K, y, *, tol=1e-6, max_sweeps=200, site_tol=None, init=None, precision="float64",
-                            shift=0.0, work=None, linalg=None):
+                            shift=0.0, work=None, linalg=None, progress=None):
     """Parallel EP for P(y_i g_i > 0 for all i), g ~ N(0, K + shift I). K: (n, n) float64, y: (n,) of +-1.
     ``work``: an n x n float64 workspace (made here when None); ``linalg``: K's array module's linear algebra.
 
@@ -458,19 +490,19 @@ def expectation_propagation(K, y, *, tol=1e-6, max_sweeps=200, site_tol=None, in
         K_low[...] = K
         try:
             rough = _ep_sweeps(K_low, y, tol=tol, max_sweeps=max_sweeps, site_tol=site_tol, init=None, rough=True,
-                               shift=shift, work=work_low, la=la)
+                               shift=shift, work=work_low, la=la, progress=progress)
             init, low_sweeps = (rough.site_precision, rough.site_natural_mean), rough.sweeps
         except (NotPSDError, FloatingPointError):
             init = None
     res = _ep_sweeps(K, y, tol=tol, max_sweeps=max_sweeps, site_tol=site_tol, init=init, shift=shift, work=work,
-                     la=la)
+                     la=la, progress=progress)
     res.sweeps += low_sweeps
     res.float32_sweeps = low_sweeps
     res.seconds = time.perf_counter() - t0
     return res
 
 
-def _ep_sweeps(K, y, *, tol, max_sweeps, site_tol, init, shift, work, la, rough=False):
+def _ep_sweeps(K, y, *, tol, max_sweeps, site_tol, init, shift, work, la, rough=False, progress=None):
     """The EP loop in K's precision, for the kernel K + shift I. rough=True: the float32 phase of
     precision="mixed", which stops as expectation_propagation's docstring says and never warns."""
     site_tol = math.sqrt(tol) if site_tol is None else site_tol
@@ -507,6 +539,9 @@ def _ep_sweeps(K, y, *, tol, max_sweeps, site_tol, init, shift, work, la, rough=
             step = _relative_step(tau, nu, tau_new, nu_new, diag_k, xp)
             change = float(xp.max(xp.abs(step)))
             changes.append(change)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(log_z=f"{log_z:.4f}", change=f"{change:.1e}", refresh=False)
             if previous_step is not None:
                 damping = next_damping(damping, step, previous_step, xp)
             previous_step = step

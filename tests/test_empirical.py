@@ -66,12 +66,15 @@ def test_mlp_kernel_converges_like_one_over_sqrt_m_to_the_arc_cosine_kernel():
 
 @pytest.mark.parametrize("device", __import__("conftest").devices_here())
 def test_kernel_on_each_device_present(device):
-    """The model's device is where the draws run (a GPU when the model is on one); K comes back float64 numpy."""
+    """The model's device is where the draws run (a GPU when the model is on one); K comes back as the kind it
+    was given: a float64 tensor on that device for a tensor, a float64 numpy array for an array."""
     X = np.random.default_rng(5).standard_normal((16, 6))
     net = _mlp(6, 1024, depth=2).double().to(device)
     K = flatfast.empirical_nngp_kernel(net, torch.as_tensor(X, device=device), 64, seed=2)
-    assert isinstance(K, np.ndarray) and K.dtype == np.float64
-    assert _relative_error(K, flatfast.nngp_kernel(X, depth=2)) < 0.03  # 0.017 measured on the CPU
+    assert isinstance(K, torch.Tensor) and K.dtype == torch.float64 and K.device.type == device
+    assert _relative_error(K.cpu().numpy(), flatfast.nngp_kernel(X, depth=2)) < 0.03  # 0.017 measured on the CPU
+    from_array = flatfast.empirical_nngp_kernel(net.cpu(), X, 64, seed=2)
+    assert isinstance(from_array, np.ndarray) and from_array.dtype == np.float64
 
 
 def test_stderr_matches_the_spread_between_seeds():
@@ -93,7 +96,7 @@ def test_cnn_kernel_approaches_the_cnn_gp_as_channels_grow(channels):
         torch.nn.Conv2d(2, channels, 3, padding=1), torch.nn.ReLU(),
         torch.nn.Conv2d(channels, channels, 3, padding=1), torch.nn.ReLU(),
         torch.nn.Flatten(), torch.nn.Linear(channels * 25, 1)).double()
-    K = flatfast.empirical_nngp_kernel(net, torch.as_tensor(X), 200, seed=3)
+    K = flatfast.empirical_nngp_kernel(net, torch.as_tensor(X), 200, seed=3).numpy()
     error = _relative_error(K, exact)
     print(f"CNN-GP relative error at {channels} channels: {error:.4f}")
     assert error < (0.02 if channels == 256 else 0.2)
@@ -105,7 +108,7 @@ def test_same_seed_same_kernel_and_the_model_is_untouched():
     X = torch.rand(8, 4)
     a = flatfast.empirical_nngp_kernel(net, X, 5, seed=7)
     b = flatfast.empirical_nngp_kernel(net, X, 5, seed=7)
-    assert np.array_equal(a, b) and a.dtype == np.float64
+    assert torch.equal(a, b) and a.dtype == torch.float64  # tensor in, tensor out
     assert all(torch.equal(p, q) for p, q in zip(before, net.parameters()))
 
 
@@ -114,7 +117,9 @@ def test_log_prior_from_a_model_and_from_a_kernel():
     X = rng.random((30, 8))
     y = np.where(X[:, 0] > X[:, 1], 1, -1)
     net = _mlp(8, 512, depth=2).double()
-    from_model = flatfast.log_prior(X, y, model=net, samples=64)
+    from_model = flatfast.log_prior(X, y, model=net, kernel_samples=64)
+    with pytest.warns(FutureWarning, match="kernel_samples"):
+        assert flatfast.log_prior(X, y, model=net, samples=64) == from_model  # the former name, still accepted
     K = flatfast.empirical_nngp_kernel(net, X, 64)
     assert flatfast.log_prior(X, y, kernel=K) == pytest.approx(from_model, rel=1e-12)
     images = torch.rand(30, 1, 4, 4)  # with a kernel, X only counts the points: any shape
@@ -139,7 +144,7 @@ def test_bad_input_is_named():
         flatfast.empirical_nngp_kernel(net, X, 4, readout="logits")
     with pytest.raises(ValueError, match="kernel: expected shape"):
         flatfast.log_prior(X.numpy(), [1, -1, 1, 1, -1], kernel=np.eye(4))
-    with pytest.raises(ValueError, match="model, samples"):
+    with pytest.raises(ValueError, match="model, kernel_samples"):
         flatfast.log_prior(X.numpy(), [1, -1, 1, 1, -1], model=net)
 
 

@@ -249,3 +249,24 @@ def test_flatness_report_traces_exactly_where_the_network_allows():
     assert by_units.value == pytest.approx(flatfast.hessian_trace(small_smooth, [(X, y)], method="unit-vectors").value)
     estimate = flatfast.flatness_report(large_smooth, [(X, y)], seed=0, slq_iterations=5).trace
     assert estimate.method == "hutch++" and estimate.stderr > 0
+
+
+def test_every_long_call_takes_progress_and_gives_the_same_result(capsys):
+    """progress=True draws a bar on stderr; the values are those of progress=False."""
+    X = np.random.default_rng(0).random((200, 20))
+    y = np.where(X[:, 0] > 0.5, 1, -1)
+    assert flatfast.log_prior(X, y, progress=True) == flatfast.log_prior(X, y, progress=False)
+    assert "flatfast EP (n = 200)" in capsys.readouterr().err
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).double()
+    data = [(torch.randn(64, 4, dtype=torch.float64), torch.randint(0, 3, (64,)))]
+    calls = {
+        "Lanczos": lambda p: flatfast.hessian_eigenvalues(model, data, progress=p).values[0],
+        "SLQ": lambda p: float(flatfast.hessian_spectrum(model, data, iterations=10, progress=p).nodes.sum()),
+        "Frobenius": lambda p: flatfast.frobenius_norm(model, data, probes=8, progress=p).value,
+        "sharpness": lambda p: flatfast.sharpness(model, data, eps=1e-3, epochs=3, progress=p),
+        "trace": lambda p: flatfast.hessian_trace(model, data, method="hutchinson", probes=8, progress=p).value,
+    }
+    for name, call in calls.items():
+        assert call(True) == call(False), name
+        assert "flatfast" in capsys.readouterr().err, name
