@@ -51,9 +51,11 @@ def ep_array(a, name="K"):
     the GPU solver cannot run is copied to the host once, with one warning saying why and what to install."""
     if type(a).__module__.startswith("cupy"):
         reason = device_ep_unavailable()
-        if reason is not None:
-            raise RuntimeError(f"{name}: is a cupy array but EP cannot run on the GPU here ({reason})")
-        return a
+        if reason is None:
+            return a
+        _warn_once(("ep-host", reason), f"flatfast: EP runs on the CPU, and {name} is copied to the host, "
+                                        f"because {reason}")
+        return a.get()
     if type(a).__module__.startswith("torch") and hasattr(a, "detach"):
         t = a.detach()
         if is_cuda_tensor(t):
@@ -172,11 +174,13 @@ class NumpyLinalg:
 # --- any array module: the GPU solver, whose factorisation is injected -----------------------------------
 
 class ArrayLinalg:
-    """EP's linear algebra for any array module, given an in-place factorisation ``factor(buffer) -> status``.
+    """EP's linear algebra for any array module, given an in-place factorisation
+    ``factor(buffer, inverse=True) -> status``.
 
     ``factor`` treats the C-ordered n x n buffer as the column-major matrix it is to cuSOLVER and LAPACK (its
     transpose; B is symmetric, so the same matrix), factors B = L L^T in its lower triangle and inverts L there
-    (POTRF then TRTRI), and returns 0, or the failing step's nonzero status. The strict other triangle is then
+    (POTRF then, with ``inverse``, TRTRI), and returns 0 or the failing step's nonzero status. The strict other
+    triangle is then
     zeroed, so the inverse factor W = buffer.T is a plain lower-triangular matrix and every product is an
     ordinary matrix-vector product. Whole-matrix passes run over blocks of rows: nothing else n x n is allocated.
 
@@ -196,8 +200,8 @@ class ArrayLinalg:
         return scaled_system_blocked(self.xp, K, s, out, shift, self._row_blocks(K.shape[0], K.itemsize)[1])
 
     def cholesky_inplace(self, B):
-        """Factor B in place (the inverse step is run too; only the success is used: a PSD check)."""
-        return self._factor(B) == 0
+        """Factor B in place (POTRF alone); False if it is not numerically positive definite (a PSD check)."""
+        return self._factor(B, inverse=False) == 0
 
     def inverse_cholesky_inplace(self, B):
         xp = self.xp
@@ -251,13 +255,13 @@ def scaled_system_blocked(xp, K, s, out, shift=0.0, rows=1024):
     return out
 
 
-def lapack_factor(buffer):
-    """The CPU stand-in for CusolverFactor: LAPACK POTRF + TRTRI in place on the buffer's Fortran view."""
+def lapack_factor(buffer, inverse=True):
+    """The CPU stand-in for CusolverFactor: LAPACK POTRF (+ TRTRI) in place on the buffer's Fortran view."""
     from scipy.linalg import lapack
 
     potrf, trtri = (lapack.dpotrf, lapack.dtrtri) if buffer.dtype == np.float64 else (lapack.spotrf, lapack.strtri)
     _, info = potrf(buffer.T, lower=1, overwrite_a=1, clean=0)
-    if info != 0:
+    if info != 0 or not inverse:
         return info
     _, info = trtri(buffer.T, lower=1, overwrite_c=1)
     return -1 if info != 0 else 0
@@ -325,9 +329,9 @@ def _cusolver_library():
 
 
 class CusolverFactor:  # pragma: no cover - runs only on a GPU
-    """POTRF + TRTRI in place on a cupy buffer (cusolverDnXpotrf, cusolverDnXtrtri), on cupy's handle and
-    current stream. Returns 0, the POTRF devInfo (> 0: the leading minor that is not positive definite), or -1
-    when TRTRI finds a zero pivot. A nonzero cuSOLVER status raises RuntimeError."""
+    """POTRF (+ TRTRI with ``inverse``) in place on a cupy buffer (cusolverDnXpotrf, cusolverDnXtrtri), on cupy's
+    handle and current stream. Returns 0, the POTRF devInfo (> 0: the leading minor that is not positive definite),
+    or -1 when TRTRI finds a zero pivot. A nonzero cuSOLVER status raises RuntimeError."""
 
     def __init__(self, cupy):
         import ctypes
@@ -341,7 +345,7 @@ class CusolverFactor:  # pragma: no cover - runs only on a GPU
         if status != 0:
             raise RuntimeError(f"{what} returned cuSOLVER status {status}")
 
-    def __call__(self, buffer):
+    def __call__(self, buffer, inverse=True):
         cp, ct, lib = self.cp, self.ct, self.lib
         if buffer.ndim != 2 or buffer.shape[0] != buffer.shape[1] or not buffer.flags.c_contiguous:
             raise ValueError("buffer: expected a C-contiguous square matrix")
@@ -362,7 +366,7 @@ class CusolverFactor:  # pragma: no cover - runs only on a GPU
                                          dev_work.data.ptr, dev_bytes.value, host_work.ctypes.data, host_bytes.value,
                                          info.data.ptr), "cusolverDnXpotrf")
         status = int(info.get()[0])
-        if status != 0:
+        if status != 0 or not inverse:
             return status
         del dev_work
         self._check(lib.cusolverDnXtrtri_bufferSize(handle, _FILL_LOWER, _DIAG_NON_UNIT, n, kind, buffer.data.ptr, n,

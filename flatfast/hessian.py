@@ -1,15 +1,15 @@
 """Curvature of the dataset-mean loss of any PyTorch model.
 
-Convention (the one PyHessian uses): L(theta) = (1/N) sum_i l(f_theta(x_i), y_i), the mean over all N
-examples the loader yields; curvlinops' HessianLinearOperator with ``num_data=N`` is the same operator, and
-BackPACK's DiagHessian on one batch is that batch's mean. A ``loss_fn(outputs, targets)`` must return the *batch mean* of the per-example
-losses (as ``nn.CrossEntropyLoss()`` does); each batch is weighted by its size, so a short last batch counts
-correctly. ``loss_fn`` is keyword-only everywhere. Without it the loss is cross-entropy, and only for integer
+Convention (the one PyHessian uses): L(theta) = (1/N) sum_i l(f_theta(x_i), y_i), the mean over all N examples the
+loader yields; curvlinops' HessianLinearOperator with ``num_data=N`` is the same operator, and BackPACK's
+DiagHessian on one batch is that batch's mean. A ``loss_fn(outputs, targets)`` must return the *batch mean* of the
+per-example losses (as ``nn.CrossEntropyLoss()`` does); each batch is weighted by its size, so a short last batch
+counts correctly. ``loss_fn`` is keyword-only everywhere. Without it the loss is cross-entropy, and only for integer
 class targets (B,) with C >= 2 outputs; any other data must name its loss (a one-logit classifier with float 0/1
 targets: ``loss_fn=torch.nn.BCEWithLogitsLoss()``; regression: ``torch.nn.MSELoss()``), and the error says which
-losses fit -- flatfast never guesses a loss from the targets' dtype. The model is evaluated in eval mode (BatchNorm running statistics, no
-dropout) and its modes are restored afterwards; parameters with requires_grad=False are left out. Under
-torch.distributed each rank passes its own shard of the data and the products are all-reduced.
+losses fit -- flatfast never guesses a loss from the targets' dtype. The model is evaluated in eval mode (BatchNorm
+running statistics, no dropout) and its modes are restored afterwards; parameters with requires_grad=False are left
+out. Under torch.distributed each rank passes its own shard of the data and the products are all-reduced.
 """
 from __future__ import annotations
 
@@ -345,4 +345,5 @@ def hessian_operator(model, loader, *, loss_fn=None, backend="auto"):
                           matmat=matmat, rmatvec=lambda v: matmat(np.reshape(v, (-1, 1)))[:, 0], dtype=np_dtype)
 
 
-__all__ = ["HessianOperator", "choose_trace_method", "hessian_eigenvalues", "hessian_operator", "hessian_spectrum", "hessian_trace", "hvp"]
+__all__ = ["HessianOperator", "choose_trace_method", "hessian_eigenvalues", "hessian_operator", "hessian_spectrum",
+           "hessian_trace", "hvp"]

@@ -166,8 +166,8 @@ def ep_log_evidence(K, y, *, likelihood="heaviside", method="ep", tol=1e-6, max_
     r"""log P(sign g = y) for g ~ N(0, K), by EP, for a precomputed covariance matrix K.
 
     The same estimator as :func:`log_prior` (see there for ``likelihood``, ``method``, ``tol``, ``max_sweeps``,
-    ``return_info``, ``n_samples``, ``seed``, ``precision``, ``progress``). For 2-D y every labelling after the first starts
-    from the fixed point of the nearest one already solved (same values within ``tol``, fewer sweeps).
+    ``return_info``, ``n_samples``, ``seed``, ``precision``, ``progress``). For 2-D y every labelling after the
+    first starts from the fixed point of the nearest one already solved (same values within ``tol``, fewer sweeps).
     K must be symmetric positive semi-definite; ``check_psd=True`` verifies that with one Cholesky of
     K + 1e-10 mean(diag K) I (in EP's workspace), and raises :class:`flatfast.NotPSDError`.
     K may be a numpy array, a torch tensor (CPU or CUDA) or a cupy array; EP runs where K is: on a CUDA device
@@ -274,9 +274,9 @@ def _module_for_input(X):
 def _guard_memory(n, likelihood, method, caller, *, xp=np, new_arrays=0, n_samples=0):
     """Fail before allocating, against the memory of the device EP runs on. ``new_arrays``: n x n float64 arrays
     the caller makes before EP (the kernel, or a float64 copy of K); then EP's workspace (its row-block scans add
-    0.1 n^2 at large n, up to 0.25 n^2 at n of a few hundred). Tilting (on the host) adds four (the signed K, its ordered factor, the Newton system and its
-    Jacobian), a block of n x min(2048, n_samples) samples, and for probit its own K + I. The counts are what
-    tracemalloc measures (tests/test_prior_device.py)."""
+    0.1 n^2 at large n, up to 0.25 n^2 at n of a few hundred). Tilting (on the host) adds four (the signed K, its
+    ordered factor, the Newton system and its Jacobian), a block of n x min(2048, n_samples) samples, and for
+    probit its own K + I. The counts are what tracemalloc measures (tests/test_prior_device.py)."""
     arrays = new_arrays + 1.25
     what = "EP's workspace"
     extra = 0.0

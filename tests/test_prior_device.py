@@ -245,3 +245,20 @@ def test_gpu_non_psd_kernel_raises():
         flatfast.ep_log_evidence(cupy.asarray(A + A.T), np.ones(500))
     with pytest.raises(NotPSDError):
         flatfast.ep_log_evidence(torch.from_numpy(A + A.T).cuda(), np.ones(500))
+
+
+def test_cupy_input_without_the_gpu_solver_falls_back_like_a_cuda_tensor(monkeypatch):
+    class FakeCupyArray:  # stands in for a cupy array: cupy's module name and .get() to the host
+        __module__ = "cupy._core.core"
+
+        def __init__(self, host):
+            self.host = host
+
+        def get(self):
+            return self.host
+
+    monkeypatch.setattr(_xp, "device_ep_unavailable", lambda: "cuSOLVER could not be loaded (test)")
+    monkeypatch.setattr(_xp, "_WARNED", set())
+    K = np.eye(3)
+    with pytest.warns(BackendFallbackWarning, match="EP runs on the CPU.*cuSOLVER could not be loaded"):
+        assert _xp.ep_array(FakeCupyArray(K)) is K
