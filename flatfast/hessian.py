@@ -232,8 +232,9 @@ def hessian_trace(model, loader, *, loss_fn=None, probes=None, rtol=0.01, method
     if block is not None:
         block = check_int(block, "block", minimum=1)
     op = HessianOperator(model, loader, loss_fn, backend=backend)
-    itemsize = np.dtype(str(op.dtype).replace("torch.", "")).itemsize
-    block = probe_block(op.dimension, itemsize, op.device, block)
+    import torch
+
+    block = probe_block(op.dimension, torch.empty((), dtype=op.dtype).element_size(), op.device, block)
     chosen = method
     if method == "auto":
         chosen, _ = choose_trace_method(op, probes=probes, rtol=rtol, max_probes=max_probes)

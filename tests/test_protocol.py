@@ -1,0 +1,50 @@
+"""docs/protocol.md states the authors' recipe, flatfast's defaults and the options that change them; its
+defaults block must match the command line's, and the command line must point at it."""
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+PROTOCOL = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
+
+
+def _documented_defaults():
+    block = re.search(r"## The defaults, as the command line has them.*?```\n(.*?)```", PROTOCOL.read_text(),
+                      re.S).group(1)
+    return dict(line.split(" = ", 1) for line in block.strip().splitlines())
+
+
+def _as_text(value):
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(v) for v in value)
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def test_documented_defaults_are_the_command_lines():
+    from flatfast.experiment import Config
+    from flatfast.temporal import TemporalConfig
+
+    configs = {"main": dataclasses.asdict(Config()), "temporal": dataclasses.asdict(TemporalConfig()),
+               "quick": dataclasses.asdict(Config.quick())}
+    documented = _documented_defaults()
+    assert len(documented) >= 25
+    for key, text in documented.items():
+        which, field = key.split(".")
+        assert field in configs[which], key
+        actual = _as_text(configs[which][field])
+        if isinstance(configs[which][field], float):
+            assert float(text) == pytest.approx(configs[which][field]), key
+        else:
+            assert text == actual, (key, text, actual)
+
+
+def test_the_command_line_and_the_module_point_at_the_protocol(capsys):
+    from flatfast.__main__ import main
+    import flatfast.experiment
+
+    with pytest.raises(SystemExit):
+        main(["reproduce", "--help"])
+    assert "docs/protocol.md" in capsys.readouterr().out
+    assert "docs/protocol.md" in flatfast.experiment.__doc__
+    assert "shared" not in flatfast.experiment.__doc__
