@@ -742,6 +742,13 @@ def rescale_label(config):
     return f"{name}{k} weight and bias / {config.alpha:g}; {name}{k + 1} weight * {config.alpha:g}"
 
 
+def _left_out_phrase(count):
+    """' (1 that did not is left out)', ' (3 that did not are left out)', or '' for none."""
+    if not count:
+        return ""
+    return f" ({count} that did not {'is' if count == 1 else 'are'} left out)"
+
+
 def summarise(table, config, log=print):
     """Correlations (printed and saved to correlations.json), the rescaling check, and the PNG plots."""
     rows = read_table(table)
@@ -753,7 +760,7 @@ def summarise(table, config, log=print):
                    "networks_left_out_never_100_on_S": len(failed),
                    "correlations_with_test_error": corr}, fh, indent=2)
     log(f"correlation with test error over {corr['log_p']['n']} networks that reached 100 % on S"
-        f"{f' ({len(failed)} that did not are left out)' if failed else ''}; log P(f) with the {config.likelihood} "
+        f"{_left_out_phrase(len(failed))}; log P(f) with the {config.likelihood} "
         "likelihood, flatness as log10; 95 % paired BCa bootstrap intervals:")
     for name, label in MEASURES:
         c = corr[name]
@@ -821,7 +828,8 @@ def plot(rows, out, likelihood):
             target.set_ylabel("test error")
             target.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        ax.set_title(f"log P(f): {likelihood} likelihood{note}", fontsize=8)
+        ax.set_title((f"log P(f), {likelihood} likelihood" if name == "log_p" else f"{label} of the loss on S")
+                     + f", against test error{note}", fontsize=8)
         fig.tight_layout()
         fig.savefig(out / f"test_error_vs_{name}.png", dpi=110)
         plt.close(fig)

@@ -306,10 +306,25 @@ def test_cnn_prior_kernel_is_the_empirical_kernel_of_the_same_prior():
     assert kernel_draws(Config(arch="cnn"), 1297) == 130  # the authors' M = n / 10
     assert kernel_draws(Config(arch="cnn", kernel_samples=64), 1297) == 64
     X = np.random.default_rng(0).random((30, 64))
-    config = Config(arch="cnn", channels=4, kernel_samples=8)
+    config = Config(arch="cnn", channels=4, kernel_samples=2)
     K = prior_kernel(config, X, log=lambda s: None)
-    expected = flatfast.empirical_nngp_kernel(make_cnn((1, 8, 8), 4, seed=0), X, samples=8, seed=0, progress=False)
-    np.testing.assert_allclose(K, expected, rtol=1e-12)
+    # By hand: the kernel's draws continue one generator seeded 0, and its first draw is the network that
+    # make_cnn(seed=0) builds for training (one prior draw, one function); K averages
+    # (sigma_w2 / d) phi phi^T + sigma_b2 over the draws' penultimate features phi.
+    from flatfast.empirical import _draw_from_prior
+
+    first = make_cnn((1, 8, 8), 4, seed=0)
+    second = make_cnn((1, 8, 8), 4, seed=0)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        _draw_from_prior(second, generator, 2.0, 1.0)  # the first draw again: the same weights as make_cnn's
+        assert all(torch.equal(p, q) for p, q in zip(first.parameters(), second.parameters()))
+        _draw_from_prior(second, generator, 2.0, 1.0)  # the second draw
+        by_hand = np.zeros((30, 30))
+        for net in (first, second):
+            phi = net[:-1](torch.from_numpy(X)).numpy()
+            by_hand += (2.0 / phi.shape[1]) * phi @ phi.T + 1.0
+    np.testing.assert_allclose(K, by_hand / 2, rtol=1e-12)
     wide = make_cnn((1, 8, 8), 64, seed=1)  # a network is one draw of that prior: N(0, 2/fan_in), N(0, 1)
     assert float(wide[3].weight.std()) == pytest.approx((2.0 / (64 * 9)) ** 0.5, rel=0.05)
     assert float(wide[1].weight.std()) == pytest.approx((2.0 / 9) ** 0.5, rel=0.15)
@@ -402,3 +417,11 @@ def test_configurations_get_distinct_seeds():
     import torch
 
     torch.Generator().manual_seed(run_seed(4, 5000, "entropy-sgd"))  # a seed torch accepts
+
+
+def test_left_out_networks_are_counted_in_english():
+    from flatfast.experiment import _left_out_phrase
+
+    assert _left_out_phrase(0) == ""
+    assert _left_out_phrase(1) == " (1 that did not is left out)"
+    assert _left_out_phrase(3) == " (3 that did not are left out)"

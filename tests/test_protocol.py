@@ -48,3 +48,25 @@ def test_the_command_line_and_the_module_point_at_the_protocol(capsys):
     assert "docs/protocol.md" in capsys.readouterr().out
     assert "docs/protocol.md" in flatfast.experiment.__doc__
     assert "shared" not in flatfast.experiment.__doc__
+
+
+def test_quick_help_names_every_value_it_changes(capsys):
+    from flatfast.__main__ import main
+    from flatfast.experiment import Config
+    from flatfast.temporal import TemporalConfig
+
+    with pytest.raises(SystemExit):
+        main(["reproduce", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    start = text.index("a reduced run")
+    quick = text[start:text.index("--data", start)]
+    changed = {}
+    for full, reduced in ((Config(), Config.quick()), (TemporalConfig(), TemporalConfig.quick()),
+                          (Config(arch="cnn"), Config.quick(arch="cnn"))):
+        for field in dataclasses.fields(full):
+            if getattr(full, field.name) != getattr(reduced, field.name):
+                changed[field.name] = getattr(reduced, field.name)
+    assert changed  # the reduced run changes something
+    for name, value in changed.items():
+        shown = _as_text(value) if not isinstance(value, float) else f"{value:.0%}".replace("%", " %")
+        assert shown in quick, (name, shown, quick)
