@@ -539,6 +539,9 @@ def run(config: Config, *, resume=False, log=print):
     if resume and table.exists():
         with open(table, newline="") as fh:
             done = {_key(r) for r in csv.DictReader(fh)}
+        finished = sum(all((o, a, s, r) in done for r in ([False, True] if o == "sgd" else [False]))
+                       for o, a, s in config.grid())
+        log(f"--resume: {finished} of {len(config.grid())} configurations are in {table} already and are skipped")
 
     S = (X_pool[: config.n_train], y_pool[: config.n_train])
     A_X, A_y = X_pool[config.n_train:], 1 - y_pool[config.n_train:]  # deliberately wrong labels
@@ -774,7 +777,8 @@ def summarise(table, config, log=print):
     for r in rows:
         if r["optimizer"] == "sgd":
             pairs.setdefault((r["attack_size"], r["seed"]), {})[r["rescaled"]] = r
-    checks = [(p[False], p[True]) for p in pairs.values() if True in p and False in p]
+    # only networks that fitted S: the others are out of every statistic, this one too
+    checks = [(p[False], p[True]) for p in pairs.values() if True in p and False in p and p[False]["reached_100_on_S"]]
     if checks:
         lp = f"log_p_{config.likelihood}"
         dlogp = max(abs(a[lp] - b[lp]) for a, b in checks)
@@ -869,6 +873,16 @@ def _parse_shard(text):
     return index, count
 
 
+def interrupted_message(table, out):
+    """The one line Ctrl-C leaves: what was kept and how to go on (every finished row is already on disk)."""
+    rows = 0
+    if Path(table).exists():
+        with open(table, newline="") as fh:
+            rows = sum(1 for _ in csv.DictReader(fh))
+    return (f"flatfast reproduce: interrupted; {rows} finished row(s) are kept in {table}; continue with "
+            f"`flatfast reproduce --resume --out {out}`")
+
+
 def main(args) -> int:
     temporal_only = [flag for field, flag in (("post_epochs", "--post-epochs"), ("every", "--every"))
                      if getattr(args, field, None) is not None]
@@ -890,11 +904,21 @@ def main(args) -> int:
                 overrides[field] = value
         if getattr(args, "shard", None):
             overrides["shard_index"], overrides["shard_count"] = _parse_shard(args.shard)
-        config = Config.quick(**overrides) if args.quick else Config(**overrides)
+        saved = Path(args.out or Config.out) / "config.json"
+        if args.resume and saved.exists() and not args.quick:
+            # continue with the settings the run was made with; only options typed now count as changes (and
+            # a change is refused by prepare_output, naming it)
+            config = Config(**{**json.loads(saved.read_text()), **overrides})
+        else:
+            config = Config.quick(**overrides) if args.quick else Config(**overrides)
         t0 = time.perf_counter()
         run(config, resume=args.resume, log=lambda s: print(s, flush=True))
     except (FileExistsError, FileNotFoundError, ValueError) as exc:
         print(f"flatfast reproduce: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        out = args.out or Config.out
+        print(interrupted_message(Path(out) / "results.csv", out), file=sys.stderr)
+        return 130
     print(f"done in {time.perf_counter() - t0:.0f} s")
     return 0

@@ -155,6 +155,13 @@ def run_temporal(config: TemporalConfig, *, resume=False, log=print):
     gen = torch.Generator().manual_seed(config.seed)
     Xt, yt = torch.from_numpy(S[0]), torch.from_numpy(S[1].astype(np.float64))[:, None]
     done = set()
+    if resume and table.exists() and not state_path.exists():
+        with open(table, newline="") as fh:
+            finished = any(int(r["epoch"]) == config.post_epochs for r in csv.DictReader(fh))
+        if finished:  # a completed run removes its checkpoint: nothing to continue
+            log(f"flatfast reproduce --experiment temporal: {table} is complete; summarising it")
+            summarise_temporal(table, config, log=log)
+            return table
     if resume and state_path.exists():
         state = torch.load(state_path, weights_only=False)
         model.load_state_dict(state["model"])
@@ -217,6 +224,7 @@ def run_temporal(config: TemporalConfig, *, resume=False, log=print):
             else:
                 continue
             checkpoint()
+    state_path.unlink(missing_ok=True)  # complete: the table holds everything, the checkpoint nothing more
     summarise_temporal(table, config, log=log)
     return table
 
@@ -299,6 +307,11 @@ def main(args) -> int:
     try:
         config = TemporalConfig.quick(**overrides) if args.quick else TemporalConfig(**overrides)
         run_temporal(config, resume=args.resume, log=lambda s: print(s, flush=True))
+    except KeyboardInterrupt:
+        from flatfast.experiment import interrupted_message
+
+        print(interrupted_message(Path(overrides["out"]) / "temporal.csv", overrides["out"]), file=sys.stderr)
+        return 130
     except (FileExistsError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"flatfast reproduce: {exc}", file=sys.stderr)
         return 2

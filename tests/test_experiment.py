@@ -3,6 +3,7 @@ row by row, resume only with the same settings, shards merging to the unsharded 
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -260,6 +261,10 @@ def test_temporal_run_rescales_half_way_and_resumes(tmp_path):
     assert after["test_error"] == before["test_error"] and rows[0]["train_error"] == 0.0
     assert after["trace"] > 10 * before["trace"] and after["sharpness"] > before["sharpness"]
     assert (tmp_path / "whole" / "temporal.png").stat().st_size > 0
+    assert not (tmp_path / "whole" / "temporal_state.pt").exists()  # a completed run leaves no checkpoint
+    finished = (tmp_path / "whole" / "temporal.csv").read_bytes()
+    run_temporal(config(tmp_path / "whole"), resume=True, log=lambda s: None)  # complete: summarised, not re-run
+    assert (tmp_path / "whole" / "temporal.csv").read_bytes() == finished
 
     # killed after three rows, then resumed: the same table as the uninterrupted run
     out = tmp_path / "killed"
@@ -425,3 +430,34 @@ def test_left_out_networks_are_counted_in_english():
     assert _left_out_phrase(0) == ""
     assert _left_out_phrase(1) == " (1 that did not is left out)"
     assert _left_out_phrase(3) == " (3 that did not are left out)"
+
+
+def test_resume_continues_from_the_saved_settings_without_retyping_them(tmp_path, reference_table, capsys):
+    """--resume --out DIR reads DIR/config.json: no setting need be typed again, a typed change is refused."""
+    from flatfast.__main__ import main
+
+    out = reference_table.parent
+    rows = _rows_without_timing(reference_table)
+    assert main(["reproduce", "--resume", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"--resume: (\d+) of \1 configurations are in .* already and are skipped", printed), printed
+    assert _rows_without_timing(reference_table) == rows
+    assert main(["reproduce", "--resume", "--out", str(out), "--seeds", "3"]) == 2
+    assert "other settings" in capsys.readouterr().err
+
+
+def test_ctrl_c_leaves_one_line_saying_what_was_kept(monkeypatch, reference_table, capsys):
+    import flatfast.experiment as experiment
+    from flatfast.__main__ import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiment, "run", interrupted)
+    out = reference_table.parent
+    assert main(["reproduce", "--resume", "--out", str(out)]) == 130
+    err = capsys.readouterr().err.strip()
+    rows = len(_rows_without_timing(reference_table))
+    assert err.count("\n") == 0 and "Traceback" not in err
+    assert f"interrupted; {rows} finished row(s) are kept in {out / 'results.csv'}" in err
+    assert f"flatfast reproduce --resume --out {out}" in err
