@@ -110,7 +110,12 @@ def main(argv=None) -> int:
     rep.add_argument("--post-epochs", dest="post_epochs", type=int,
                      help="temporal: epochs after fitting S (authors: 1000; --quick: 100); alpha-scale half-way")
     rep.add_argument("--every", type=int, help="temporal: measure every k-th epoch (default 1; --quick: 5)")
-    rep.add_argument("--shard", help="i/N: run every N-th configuration of the grid, starting at i (for job arrays)")
+    rep.add_argument("--jobs", type=int,
+                     help="run the grid's configurations in N local worker processes, each with its share of the "
+                          "cores' threads (default 1); the rows are those of a serial run")
+    rep.add_argument("--shard", help="i/N: run every N-th configuration of the grid, starting at i (for job arrays); "
+                                     "auto: i and N from Slurm's SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT "
+                                     "(docs/slurm-array.sh runs the whole grid that way and merges it)")
     rep.add_argument("--merge", nargs="+", metavar="DIR",
                      help="combine the --out directories of shard runs into --out, then correlate and plot")
     rep.add_argument("--out", help="output directory (default ./flatfast-results)")

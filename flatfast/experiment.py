@@ -522,11 +522,11 @@ def prior_kernel(config, X_prior, log=print):
     return K
 
 
-def run(config: Config, *, resume=False, log=print):
+def run(config: Config, *, resume=False, log=print, jobs=1):
     """Run every (optimizer, attack size, seed) of the grid (or of this shard), appending rows to
-    <out>/results.csv; then correlations and plots. Returns the path of the results table."""
+    <out>/results.csv; then correlations and plots. ``jobs``: configurations run in that many worker processes
+    (the same rows as a serial run, appended as they finish). Returns the path of the results table."""
     import flatfast
-    from flatfast.measures import weighted_layer_positions
 
     config.validate()
     table = Path(config.out) / "results.csv"
@@ -560,40 +560,16 @@ def run(config: Config, *, resume=False, log=print):
     log(f"PAC-Bayes bound from log P(U) = {log_p_S:.2f} nats on S (Heaviside): expected error <= {bound:.3f} "
         f"(delta = {config.pac_bayes_delta:g})")
 
+    shared = dict(S=S, A=(A_X, A_y), X_test=X_test, y_test=y_test, K=K, log_p_S=log_p_S, bound=bound)
+    todo = [(o, a, s) for o, a, s in grid
+            if not all((o, a, s, r) in done for r in ([False, True] if o == "sgd" else [False]))]
     with DurableTable(table, FIELDS) as results:
-        for optimizer_name, attack, seed in grid:
-            wanted = [False, True] if optimizer_name == "sgd" else [False]
-            if all((optimizer_name, attack, seed, r) in done for r in wanted):
-                continue
-            t0 = time.perf_counter()
-            A = (A_X[:attack], A_y[:attack])
-            config_seed = run_seed(seed, attack, optimizer_name)
-            model = make_model(config, S[0].shape[1], config_seed)
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                epochs, reached, accuracy_S, accuracy_A = train(model, S, A, optimizer_name, config, config_seed)
-            training_warnings = recorded_warnings(caught)
-            n_weighted = len(weighted_layer_positions(model))
-            for rescaled in wanted:
-                if (optimizer_name, attack, seed, rescaled) in done:
-                    continue
-                net = flatfast.rescale(model, config.alpha, divided_layer=config.divided_layer) if rescaled else model
-                weight_factors, bias_factors = layer_factors(n_weighted, config.divided_layer,
-                                                             config.alpha if rescaled else 1.0)
-                row = dict(data=config.data, optimizer=optimizer_name, attack_size=attack, seed=seed,
-                           rescaled=rescaled, alpha=config.alpha if rescaled else 1.0, weight_factors=weight_factors,
-                           bias_factors=bias_factors, epochs=epochs, reached_100_on_S=reached,
-                           accuracy_S=accuracy_S, accuracy_A=accuracy_A, log_p_S_heaviside=log_p_S,
-                           pac_bayes_bound=bound)
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    row.update(measure(net, S, X_test, y_test, K, config, config_seed))
-                messages = list(dict.fromkeys(training_warnings + recorded_warnings(caught)))
-                row["warnings"] = " | ".join(messages)
-                row["seconds"] = round(time.perf_counter() - t0, 2)
+        for rows in _configurations(config, shared, todo, done, jobs, log):
+            for row, messages in rows:
                 results.append(row)
-                log(f"  {optimizer_name:<11} |A| = {attack:<4} seed {seed}{' rescaled' if rescaled else ''}:"
-                    f" {epochs} epochs{'' if reached else ' (never 100 % on S: left out of the statistics)'}, "
+                log(f"  {row['optimizer']:<11} |A| = {row['attack_size']:<4} seed {row['seed']}"
+                    f"{' rescaled' if row['rescaled'] else ''}: {row['epochs']} epochs"
+                    f"{'' if row['reached_100_on_S'] else ' (never 100 % on S: left out of the statistics)'}, "
                     f"test error {row['test_error']:.3f}, log P(f) {row['log_p_' + config.likelihood]:.2f}, "
                     f"trace {row['trace']:.3g}, top eig {row['top_eigenvalue']:.3g}, "
                     f"sharpness {row['sharpness']:.3g}")
@@ -601,6 +577,89 @@ def run(config: Config, *, resume=False, log=print):
                     log(f"    warning: {message}")
     summarise(table, config, log=log)
     return table
+
+
+def run_configuration(config, shared, optimizer_name, attack, seed, done):
+    """Train the (optimizer, |A|, seed) network and measure it (and, for SGD, its alpha-scaled copy): a list of
+    (row, warning messages) for the rows not in ``done``. ``shared`` holds what every configuration uses (S, the
+    attack pool, the test set, the prior kernel, log P(U) and the PAC-Bayes bound). Deterministic given its
+    arguments, so serial and parallel runs give the same rows."""
+    import flatfast
+    from flatfast.measures import weighted_layer_positions
+
+    S, (A_X, A_y), X_test, y_test, K = shared["S"], shared["A"], shared["X_test"], shared["y_test"], shared["K"]
+    wanted = [False, True] if optimizer_name == "sgd" else [False]
+    t0 = time.perf_counter()
+    A = (A_X[:attack], A_y[:attack])
+    config_seed = run_seed(seed, attack, optimizer_name)
+    model = make_model(config, S[0].shape[1], config_seed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        epochs, reached, accuracy_S, accuracy_A = train(model, S, A, optimizer_name, config, config_seed)
+    training_warnings = recorded_warnings(caught)
+    n_weighted = len(weighted_layer_positions(model))
+    out = []
+    for rescaled in wanted:
+        if (optimizer_name, attack, seed, rescaled) in done:
+            continue
+        net = flatfast.rescale(model, config.alpha, divided_layer=config.divided_layer) if rescaled else model
+        weight_factors, bias_factors = layer_factors(n_weighted, config.divided_layer,
+                                                     config.alpha if rescaled else 1.0)
+        row = dict(data=config.data, optimizer=optimizer_name, attack_size=attack, seed=seed,
+                   rescaled=rescaled, alpha=config.alpha if rescaled else 1.0, weight_factors=weight_factors,
+                   bias_factors=bias_factors, epochs=epochs, reached_100_on_S=reached,
+                   accuracy_S=accuracy_S, accuracy_A=accuracy_A, log_p_S_heaviside=shared["log_p_S"],
+                   pac_bayes_bound=shared["bound"])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            row.update(measure(net, S, X_test, y_test, K, config, config_seed))
+        messages = list(dict.fromkeys(training_warnings + recorded_warnings(caught)))
+        row["warnings"] = " | ".join(messages)
+        row["seconds"] = round(time.perf_counter() - t0, 2)
+        out.append((row, messages))
+    return out
+
+
+_WORKER = {}
+
+
+def _init_worker(shared, threads):
+    """A --jobs worker: the shared data once, and every thread pool (torch, BLAS, the C++ core) capped at
+    ``threads``, so that N workers never oversubscribe the cores (several processes with spinning BLAS threads
+    on 2 cores ran 5-50x slower)."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    import flatfast
+
+    torch.set_num_threads(threads)
+    flatfast.set_num_threads(threads)
+    _WORKER["limits"] = threadpool_limits(limits=threads)
+    _WORKER["shared"] = shared
+
+
+def _run_in_worker(config, optimizer_name, attack, seed, done):
+    return run_configuration(config, _WORKER["shared"], optimizer_name, attack, seed, done)
+
+
+def _configurations(config, shared, todo, done, jobs, log):
+    """The rows of each configuration in ``todo``: in this process (jobs = 1, in grid order), or in ``jobs``
+    worker processes (as they finish; each row says which configuration it is, and the statistics do not depend on
+    the order of the rows)."""
+    if jobs <= 1 or len(todo) <= 1:
+        for optimizer_name, attack, seed in todo:
+            yield run_configuration(config, shared, optimizer_name, attack, seed, done)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    log(f"--jobs {jobs}: {len(todo)} configurations in {jobs} worker processes, {threads} thread(s) each")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_init_worker, initargs=(shared, threads)) as pool:
+        futures = [pool.submit(_run_in_worker, config, o, a, s, done) for o, a, s in todo]
+        for future in as_completed(futures):
+            yield future.result()
 
 
 class DurableTable:
@@ -866,6 +925,13 @@ def _plot_bound(ax, rows, colours):
 
 
 def _parse_shard(text):
+    """"i/N", or "auto": Slurm's job array (SLURM_ARRAY_TASK_ID of SLURM_ARRAY_TASK_COUNT tasks, ids from 0)."""
+    if text == "auto":
+        try:
+            return int(os.environ["SLURM_ARRAY_TASK_ID"]), int(os.environ["SLURM_ARRAY_TASK_COUNT"])
+        except (KeyError, ValueError):
+            raise ValueError("--shard: auto reads SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT, which are not set "
+                             "(run it inside a Slurm job array, or give i/N)") from None
     try:
         index, count = (int(part) for part in text.split("/"))
     except ValueError:
@@ -904,6 +970,9 @@ def main(args) -> int:
                 overrides[field] = value
         if getattr(args, "shard", None):
             overrides["shard_index"], overrides["shard_count"] = _parse_shard(args.shard)
+        jobs = getattr(args, "jobs", None) or 1
+        if jobs < 1:
+            raise ValueError(f"--jobs: must be >= 1, got {jobs}")
         saved = Path(args.out or Config.out) / "config.json"
         if args.resume and saved.exists() and not args.quick:
             # continue with the settings the run was made with; only options typed now count as changes (and
@@ -912,7 +981,7 @@ def main(args) -> int:
         else:
             config = Config.quick(**overrides) if args.quick else Config(**overrides)
         t0 = time.perf_counter()
-        run(config, resume=args.resume, log=lambda s: print(s, flush=True))
+        run(config, resume=args.resume, log=lambda s: print(s, flush=True), jobs=jobs)
     except (FileExistsError, FileNotFoundError, ValueError) as exc:
         print(f"flatfast reproduce: {exc}", file=sys.stderr)
         return 2

@@ -285,7 +285,7 @@ def plot_temporal(rows, path, config):
     plt.close(fig)
 
 
-_MAIN_ONLY = {"attack_sizes": "--attack-sizes", "seeds": "--seeds", "optimizers": "--optimizers",
+_MAIN_ONLY = {"attack_sizes": "--attack-sizes", "seeds": "--seeds", "optimizers": "--optimizers", "jobs": "--jobs",
               "likelihood": "--likelihood", "sharpness_method": "--sharpness", "shard": "--shard"}
 
 

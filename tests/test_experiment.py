@@ -461,3 +461,37 @@ def test_ctrl_c_leaves_one_line_saying_what_was_kept(monkeypatch, reference_tabl
     assert err.count("\n") == 0 and "Traceback" not in err
     assert f"interrupted; {rows} finished row(s) are kept in {out / 'results.csv'}" in err
     assert f"flatfast reproduce --resume --out {out}" in err
+
+
+def test_jobs_give_the_rows_of_a_serial_run(tmp_path, reference_table):
+    """--jobs 2: the configurations in two worker processes (one thread each here), the same rows as serially."""
+    lines = []
+    table = run(_tiny_config(tmp_path / "jobs"), log=lines.append, jobs=2)
+    assert any("--jobs 2: 4 configurations in 2 worker processes" in line for line in lines), lines[:5]
+    parallel, serial = _rows_without_timing(table), _rows_without_timing(reference_table)
+    assert len(parallel) == len(serial) == 6
+    for ours, theirs in zip(parallel, serial):
+        for key in theirs:
+            if key.startswith("log_p_"):  # EP's BLAS runs on one thread per worker: its sums round differently
+                assert float(ours[key]) == pytest.approx(float(theirs[key]), rel=1e-10), key
+            else:  # training, the traces, sharpness, ...: identical
+                assert ours[key] == theirs[key], key
+
+
+def test_shard_auto_reads_the_slurm_array_and_merges_to_the_whole(tmp_path, reference_table, monkeypatch):
+    from flatfast.__main__ import main
+
+    shards = []
+    for task in range(2):
+        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(task))
+        monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+        shards.append(tmp_path / f"shard-{task}")
+        assert main(["reproduce", *TINY, "--shard", "auto", "--out", str(shards[-1])]) == 0
+    assert json.loads((shards[1] / "config.json").read_text())["shard_index"] == 1
+    assert main(["reproduce", "--merge", *map(str, shards), "--out", str(tmp_path / "merged")]) == 0
+    assert _rows_without_timing(tmp_path / "merged" / "results.csv") == _rows_without_timing(reference_table)
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID")
+    with pytest.raises(ValueError, match="--shard: auto reads SLURM_ARRAY_TASK_ID"):
+        from flatfast.experiment import _parse_shard
+
+        _parse_shard("auto")
