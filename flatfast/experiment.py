@@ -770,10 +770,12 @@ def _measure_values(rows, name, likelihood):
 def correlations(rows, likelihood="probit", n_resamples=1000, seed=0):
     """Kendall tau and Pearson r between test error and each measure (log10 of the flatness measures) over the
     networks that reached 100 % on S (rescaled copies excluded), with paired BCa bootstrap 95 % intervals
-    (scipy.stats.bootstrap, resampling networks)."""
+    (scipy.stats.bootstrap, resampling networks). The rows are put in configuration order first, so that the
+    intervals do not depend on the order the table holds them in (a --jobs run appends rows as they finish)."""
     from scipy.stats import bootstrap, kendalltau, pearsonr
 
-    kept = _kept(rows)
+    kept = sorted(_kept(rows), key=lambda r: (str(r.get("optimizer")), float(r.get("attack_size", 0)),
+                                              float(r.get("seed", 0)), str(r.get("rescaled"))))
     result = {}
     for name, _ in MEASURES:
         err = np.array([r["test_error"] for r in kept])
