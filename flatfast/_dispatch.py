@@ -77,7 +77,7 @@ def dispatch(op: str, backend: str, device: str) -> Impl:
                     _WARNED.add(key)
                     why = "; ".join(f"{name}: {r}" for name, r in skipped)
                     warn(f"flatfast: {op} falls back to the slow reference implementation ({why})",
-                                  BackendFallbackWarning)
+                         BackendFallbackWarning)
             return impl
         skipped.append((impl.name, reason))
     raise BackendUnavailableError(f"no backend for {op} runs on {device}: {skipped}")

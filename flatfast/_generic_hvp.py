@@ -48,8 +48,8 @@ def _with_double_backward_fallback(op, functional_path, fallback):
             if key not in _WARNED_FALLBACK:
                 _WARNED_FALLBACK.add(key)
                 warn(f"flatfast: torch.func cannot differentiate this model/loss twice in forward mode "
-                              f"({key[1]}); using double backward, one backward pass per vector",
-                              RuntimeWarning)
+                     f"({key[1]}); using double backward, one backward pass per vector",
+                     RuntimeWarning)
     return fallback()
 
 

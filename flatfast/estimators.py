@@ -167,7 +167,7 @@ def _warn_budget(used, se, mean, rtol):
     from flatfast.errors import ConvergenceWarning, warn
 
     warn(f"trace: stopped at max_probes={used} with stderr {se:.3g} > rtol * |value| = "
-                  f"{rtol * abs(mean):.3g}; raise max_probes or rtol", ConvergenceWarning)
+         f"{rtol * abs(mean):.3g}; raise max_probes or rtol", ConvergenceWarning)
 
 
 def _quadratic_forms(matmat, quadratic, V):
@@ -291,14 +291,14 @@ def lanczos_eigenvalues(matmat: MatMat, dimension: int, *, k=1, max_iter=None, t
     steps = alphas.shape[1]
     if len(theta) < k:
         warn(f"Lanczos: the Krylov space is exhausted after {steps} steps; {len(theta)} of the {k} "
-                      "eigenvalues asked are returned (a repeated eigenvalue is found once)", ConvergenceWarning)
+             "eigenvalues asked are returned (a repeated eigenvalue is found once)", ConvergenceWarning)
     else:
         loose = int(np.sum(resid > tol * np.maximum(np.abs(theta), 1e-30)))
         exhausted = betas[0, -1] <= 1e-10 * max(1.0, float(np.abs(alphas).max()))
         if loose and not exhausted:
             warn(f"Lanczos: {loose} of the {k} Ritz values have residuals above tol after max_iter = "
-                          f"{steps} iterations (largest {resid.max():.3g}); they are lower bounds. Raise max_iter",
-                          ConvergenceWarning)
+                 f"{steps} iterations (largest {resid.max():.3g}); they are lower bounds. Raise max_iter",
+                 ConvergenceWarning)
     ritz_vectors = None
     if keep_vectors:
         Qm = torch.cat([B[0] for B in blocks]).double()

@@ -565,8 +565,8 @@ def _ep_sweeps(K, y, *, tol, max_sweeps, site_tol, init, shift, work, la, rough=
         steps += 1
     if not converged and not rough:
         warn(f"EP did not converge in {max_sweeps} sweeps (last |d log Z| = "
-                      f"{abs(history[-1] - history[-2]) if len(history) > 1 else float('nan'):.2e}, "
-                      f"site change {change:.2e}); the value may be off", ConvergenceWarning)
+             f"{abs(history[-1] - history[-2]) if len(history) > 1 else float('nan'):.2e}, "
+             f"site change {change:.2e}); the value may be off", ConvergenceWarning)
     return EPResult(log_z=float(history[-1]), sweeps=steps, converged=converged, damping=damping,
                     max_site_change=change, log_z_history=[float(v) for v in history],
                     seconds=time.perf_counter() - t0, likelihood="heaviside", ep_log_z=float(history[-1]),
@@ -704,7 +704,7 @@ def _tilting_estimate(K, y, ep, *, n_samples, seed, shift=0.0):
 
     if xp_of(K) is not np:
         warn("method='tilting' runs on the CPU: the GPU kernel is copied to the host for the sampler",
-                      RuntimeWarning)
+             RuntimeWarning)
         K = K.get()
         y = y.get()
     K = to_numpy(K)
@@ -731,5 +731,5 @@ def _tilting_estimate(K, y, ep, *, n_samples, seed, shift=0.0):
                         "neither the estimate nor its standard error can be trusted")
     if problems:
         warn(f"log P(f) by tilting on {len(y)} points: " + "; ".join(problems) + ". More samples "
-                      "(n_samples=) may help; EP's value is in ep_log_z.", UnreliableEstimateWarning)
+             "(n_samples=) may help; EP's value is in ep_log_z.", UnreliableEstimateWarning)
     return ep
