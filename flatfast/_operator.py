@@ -68,6 +68,10 @@ class HessianOperator:
 
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        if iter(loader) is loader:  # a generator or other iterator: the second pass would see nothing (or less)
+            raise TypeError("loader: is a one-shot iterator (e.g. a generator); flatfast makes several passes over "
+                            "the data (method='auto' looks at the first batch before the trace's own pass), so pass "
+                            "a list of (inputs, targets) batches or a DataLoader")
         self.model, self.loader, self.user_loss = model, loader, loss_fn
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError("loss_fn: expected a callable loss_fn(outputs, targets) returning the batch mean")

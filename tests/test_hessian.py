@@ -561,3 +561,13 @@ def test_warnings_point_at_the_callers_line():
     with pytest.warns(flatfast.ConvergenceWarning) as caught:
         flatfast.hessian_trace(model, batches, rtol=1e-6, method="hutchinson", max_probes=32)
     assert caught[0].filename == __file__
+
+
+def test_a_one_shot_loader_is_refused_not_half_read():
+    """method='auto' looks at the first batch before the trace's pass: a generator would lose that batch."""
+    model, batches = mlp(), data("mlp")
+    with pytest.raises(TypeError, match="loader: is a one-shot iterator"):
+        flatfast.hessian_trace(model, (b for b in batches))
+    with pytest.raises(TypeError, match="loader: is a one-shot iterator"):
+        flatfast.hvp(model, iter(batches), torch.zeros(1, 107, dtype=torch.float64))
+    assert flatfast.hessian_trace(model, batches).method == "exact"  # a list is fine
