@@ -539,14 +539,15 @@ def run(config: Config, *, resume=False, log=print, jobs=1):
     if resume and table.exists():
         with open(table, newline="") as fh:
             done = {_key(r) for r in csv.DictReader(fh)}
-        finished = sum(all((o, a, s, r) in done for r in ([False, True] if o == "sgd" else [False]))
-                       for o, a, s in config.grid())
-        log(f"--resume: {finished} of {len(config.grid())} configurations are in {table} already and are skipped")
+    grid = config.grid()
+    todo = [(o, a, s) for o, a, s in grid if not all((o, a, s, r) in done for r in rescalings(o))]
+    if resume and table.exists():
+        log(f"--resume: {len(grid) - len(todo)} of {len(grid)} configurations are in {table} already and are "
+            "skipped")
 
     S = (X_pool[: config.n_train], y_pool[: config.n_train])
     A_X, A_y = X_pool[config.n_train:], 1 - y_pool[config.n_train:]  # deliberately wrong labels
     X_prior = np.concatenate([S[0], X_test])
-    grid = config.grid()
     log(f"flatfast reproduce: {config.arch.upper()} on {config.data}, |S| = {len(S[1])}, |E| = {len(y_test)}, "
         f"attack sizes {config.attack_sizes}, {config.seeds} seed(s), optimizers {config.optimizers}"
         + (f", shard {config.shard_index}/{config.shard_count} ({len(grid)} runs)" if config.shard_count > 1 else "")
@@ -561,8 +562,6 @@ def run(config: Config, *, resume=False, log=print, jobs=1):
         f"(delta = {config.pac_bayes_delta:g})")
 
     shared = dict(S=S, A=(A_X, A_y), X_test=X_test, y_test=y_test, K=K, log_p_S=log_p_S, bound=bound)
-    todo = [(o, a, s) for o, a, s in grid
-            if not all((o, a, s, r) in done for r in ([False, True] if o == "sgd" else [False]))]
     with DurableTable(table, FIELDS) as results:
         for rows in _configurations(config, shared, todo, done, jobs, log):
             for row, messages in rows:
@@ -579,6 +578,12 @@ def run(config: Config, *, resume=False, log=print, jobs=1):
     return table
 
 
+def rescalings(optimizer_name):
+    """The rows one configuration has, by ``rescaled``: SGD networks are measured as trained and alpha-scaled,
+    the other optimizers' as trained."""
+    return [False, True] if optimizer_name == "sgd" else [False]
+
+
 def run_configuration(config, shared, optimizer_name, attack, seed, done):
     """Train the (optimizer, |A|, seed) network and measure it (and, for SGD, its alpha-scaled copy): a list of
     (row, warning messages) for the rows not in ``done``. ``shared`` holds what every configuration uses (S, the
@@ -588,7 +593,6 @@ def run_configuration(config, shared, optimizer_name, attack, seed, done):
     from flatfast.measures import weighted_layer_positions
 
     S, (A_X, A_y), X_test, y_test, K = shared["S"], shared["A"], shared["X_test"], shared["y_test"], shared["K"]
-    wanted = [False, True] if optimizer_name == "sgd" else [False]
     t0 = time.perf_counter()
     A = (A_X[:attack], A_y[:attack])
     config_seed = run_seed(seed, attack, optimizer_name)
@@ -599,7 +603,7 @@ def run_configuration(config, shared, optimizer_name, attack, seed, done):
     training_warnings = recorded_warnings(caught)
     n_weighted = len(weighted_layer_positions(model))
     out = []
-    for rescaled in wanted:
+    for rescaled in rescalings(optimizer_name):
         if (optimizer_name, attack, seed, rescaled) in done:
             continue
         net = flatfast.rescale(model, config.alpha, divided_layer=config.divided_layer) if rescaled else model
