@@ -50,25 +50,29 @@ def ep_array(a, name="K"):
     the dtype and layout allow); cupy for cupy arrays and CUDA tensors (by DLPack, no copy). A CUDA tensor where
     the GPU solver cannot run is copied to the host once, with one warning saying why and what to install."""
     if type(a).__module__.startswith("cupy"):
-        reason = device_ep_unavailable()
-        if reason is None:
-            return a
-        _warn_once(("ep-host", reason), f"flatfast: EP runs on the CPU, and {name} is copied to the host, "
-                                        f"because {reason}")
-        return a.get()
+        return _on_device_or_host(name, lambda: a, a.get)
     if type(a).__module__.startswith("torch") and hasattr(a, "detach"):
         t = a.detach()
-        if is_cuda_tensor(t):
-            reason = device_ep_unavailable()
-            if reason is None:
-                import cupy
+        if not is_cuda_tensor(t):
+            return t.resolve_conj().resolve_neg().numpy()
 
-                return cupy.from_dlpack(t.contiguous() if not _either_contiguous(t) else t)
-            _warn_once(("ep-host", reason), f"flatfast: EP runs on the CPU, and {name} is copied to the host, "
-                                            f"because {reason}")
-            return t.cpu().numpy()
-        return t.resolve_conj().resolve_neg().numpy()
+        def shared_with_cupy():
+            import cupy
+
+            return cupy.from_dlpack(t if _either_contiguous(t) else t.contiguous())
+
+        return _on_device_or_host(name, shared_with_cupy, lambda: t.cpu().numpy())
     return a if hasattr(a, "shape") and hasattr(a, "dtype") else np.asarray(a, dtype=np.float64)
+
+
+def _on_device_or_host(name, on_device, to_host):
+    """``on_device()`` where the GPU solver can run, else ``to_host()`` after one warning saying why."""
+    reason = device_ep_unavailable()
+    if reason is None:
+        return on_device()
+    _warn_once(("ep-host", reason), f"flatfast: EP runs on the CPU, and {name} is copied to the host, because "
+                                    f"{reason}")
+    return to_host()
 
 
 def _either_contiguous(t):
@@ -133,8 +137,7 @@ class NumpyLinalg:
     def cholesky_inplace(self, B):
         """Overwrite B's lower triangle (of its Fortran view) with its Cholesky factor; False if B is not
         numerically positive definite."""
-        factor, info = self._lapack[B.dtype][0](B.T, lower=1, overwrite_a=1, clean=0)
-        return info == 0
+        return lapack_factor(B, inverse=False) == 0
 
     def inverse_cholesky_inplace(self, B):
         """Overwrite symmetric positive definite B with W = L^{-1}, B = L L^T. Returns (W, sum log diag L), or

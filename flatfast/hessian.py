@@ -242,20 +242,16 @@ def hessian_trace(model, loader, *, loss_fn=None, probes=None, rtol=0.01, method
     if chosen == "exact":
         value = mlp_exact_trace(op) if op.linears is not None else exact_trace(op)
         return TraceResult(value, 0.0, 0, "exact")
-    total = op.dimension if chosen == "unit-vectors" else (probes or max_probes)
-    update, bar = _progress_counter(total, f"flatfast trace ({chosen})", progress)
-    try:
-        if chosen == "unit-vectors":
-            return unit_vector_trace(op.matmat, op.dimension, quadratic=op.quadratic, block=block, dtype=op.dtype,
-                                     device=op.device, progress=update)
-        estimator = hutchpp if chosen == "hutch++" else hutchinson
-        if probes is not None and method == "auto":
-            probes = min(probes, op.dimension)
-        return estimator(op.matmat, op.dimension, quadratic=op.quadratic, probes=probes, rtol=rtol, seed=seed,
-                         block=block, max_probes=max_probes, dtype=op.dtype, device=op.device, progress=update)
-    finally:
-        if bar is not None:
-            bar.close()
+    if chosen == "unit-vectors":
+        return _with_progress(op.dimension, "flatfast trace (unit-vectors)", progress, lambda update: unit_vector_trace(
+            op.matmat, op.dimension, quadratic=op.quadratic, block=block, dtype=op.dtype, device=op.device,
+            progress=update))
+    estimator = hutchpp if chosen == "hutch++" else hutchinson
+    if probes is not None and method == "auto":
+        probes = min(probes, op.dimension)
+    return _with_progress(probes or max_probes, f"flatfast trace ({chosen})", progress, lambda update: estimator(
+        op.matmat, op.dimension, quadratic=op.quadratic, probes=probes, rtol=rtol, seed=seed, block=block,
+        max_probes=max_probes, dtype=op.dtype, device=op.device, progress=update))
 
 
 def _with_progress(total, desc, enabled, run):

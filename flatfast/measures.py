@@ -186,15 +186,11 @@ def frobenius_norm(model, loader, *, loss_fn=None, probes=None, rtol=0.02, seed=
         HV = op.matmat(V)
         return (HV * HV).sum(dim=1)
 
-    from flatfast.hessian import _progress_counter
+    from flatfast.hessian import _with_progress
 
-    update, bar = _progress_counter(probes or max_probes, "flatfast Frobenius norm", progress)
-    try:
-        res = hutchinson(op.matmat, op.dimension, quadratic=squared_norms, probes=probes, rtol=2 * rtol, seed=seed,
-                         block=block, max_probes=max_probes, dtype=op.dtype, device=op.device, progress=update)
-    finally:
-        if bar is not None:
-            bar.close()
+    res = _with_progress(probes or max_probes, "flatfast Frobenius norm", progress, lambda update: hutchinson(
+        op.matmat, op.dimension, quadratic=squared_norms, probes=probes, rtol=2 * rtol, seed=seed, block=block,
+        max_probes=max_probes, dtype=op.dtype, device=op.device, progress=update))
     value = math.sqrt(max(res.value, 0.0))
     stderr = res.stderr / (2 * value) if value > 0 else float("inf")
     return TraceResult(value, stderr, res.probes, "hutchinson-frobenius", res.samples)

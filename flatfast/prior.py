@@ -438,14 +438,10 @@ def _nearest_fixed_point(labels, solved):
 # --- the solver --------------------------------------------------------------------------------------------
 
 def _sweep_counter(enabled, n):
-    """A tqdm counter of EP's sweeps (None when not wanted; enabled=None: when stderr is a terminal)."""
-    import sys
+    """A counter of EP's sweeps without a total (None when not wanted; enabled=None: when stderr is a terminal)."""
+    from flatfast.hessian import _progress_counter
 
-    if not (enabled if enabled is not None else sys.stderr.isatty()):
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(desc=f"flatfast EP (n = {n})", unit=" sweeps", file=sys.stderr, leave=False)
+    return _progress_counter(None, f"flatfast EP (n = {n})", enabled)[1]
 
 
 def expectation_propagation(K, y, *, tol=1e-6, max_sweeps=200, site_tol=None, init=None, precision="float64",
