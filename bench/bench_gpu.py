@@ -137,7 +137,7 @@ def test_gpu_mixed_precision_sweeps():
     on the same K, to find why float32 sweeps stalled on the GPU."""
     cupy = pytest.importorskip("cupy")
     from flatfast import prior
-    from flatfast._xp import linalg_for
+    from flatfast._xp import linalg_for, scaled_system_blocked
 
     n = 10000
     X, y = _problem_on_gpu(n)
@@ -148,6 +148,24 @@ def test_gpu_mixed_precision_sweeps():
                            work=work, la=linalg_for(cupy), rough=True)
     print(f"\ncupy float32 EP at n={n}: {res.sweeps} sweeps, last site change {res.max_site_change:.3g}, "
           f"log Z history {[round(v, 2) for v in res.log_z_history]}")
+    # what float32 could save: one sweep's POTRF + TRTRI (cuSOLVER, in place) in each precision, same K
+    import time
+
+    factor = linalg_for(cupy)._factor
+    seconds = {}
+    for source, B in ((cupy.from_dlpack(K), cupy.empty_like(cupy.from_dlpack(K))), (K32, work)):
+        times = []
+        for _ in range(4):
+            scaled_system_blocked(cupy, source, cupy.full(n, 0.5), B)
+            cupy.cuda.Device().synchronize()
+            t0 = time.perf_counter()
+            assert factor(B) == 0
+            cupy.cuda.Device().synchronize()
+            times.append(time.perf_counter() - t0)
+        seconds[B.dtype.name] = float(np.median(times[1:]))
+        del B
+    print(f"cupy float32 EP: POTRF + TRTRI at n={n}: float64 {1e3 * seconds['float64']:.1f} ms, float32 "
+          f"{1e3 * seconds['float32']:.1f} ms (float32 / float64 = {seconds['float32'] / seconds['float64']:.2f})")
 
 
 @pytest.fixture(scope="module")
@@ -189,11 +207,21 @@ def test_gpu_hvp(benchmark, mlp_setup, backend):
                        warmup_rounds=1)
 
 
+def test_gpu_hvp_100_vectors(benchmark, mlp_setup):
+    """The products a 100-probe trace is made of, as one call: the trace's floor."""
+    model, loader, P = mlp_setup
+    V = torch.randn(100, P, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    benchmark.group = "gpu hessian"
+    benchmark.name = "gpu-hvp-100-vectors"
+    benchmark.extra_info["baseline"] = ["gpu-forward-backward"]
+    benchmark.pedantic(_synced(flatfast.hvp, model, loader, V), rounds=3, iterations=1, warmup_rounds=1)
+
+
 def test_gpu_trace_100_probes(benchmark, mlp_setup):
     model, loader, _ = mlp_setup
     benchmark.group = "gpu hessian"
     benchmark.name = "gpu-trace-hutchinson-100"
-    benchmark.extra_info["baseline"] = ["gpu-forward-backward"]
+    benchmark.extra_info["baseline"] = ["gpu-forward-backward", "gpu-hvp-100-vectors"]
     res = benchmark.pedantic(_synced(flatfast.hessian_trace, model, loader, probes=100, method="hutchinson",
-                                     block=25, progress=False), rounds=1, iterations=1, warmup_rounds=1)
+                                     progress=False), rounds=3, iterations=1, warmup_rounds=1)
     benchmark.extra_info["value"] = round(res.value, 4)

@@ -58,8 +58,12 @@ def ep_array(a, name="K"):
 
         def shared_with_cupy():
             import cupy
+            import torch
 
-            return cupy.from_dlpack(t if _either_contiguous(t) else t.contiguous())
+            shared = cupy.from_dlpack(t if _either_contiguous(t) else t.contiguous())
+            # blocks torch has freed but still caches are not free to cupy, whose workspace comes next
+            torch.cuda.empty_cache()
+            return shared
 
         return _on_device_or_host(name, shared_with_cupy, lambda: t.cpu().numpy())
     return a if hasattr(a, "shape") and hasattr(a, "dtype") else np.asarray(a, dtype=np.float64)
@@ -300,7 +304,8 @@ def _cusolver_library():
         cupy.cuda.device.get_cusolver_handle()  # makes cupy load its cuSOLVER first
     except Exception:  # noqa: BLE001 - then the names below decide
         pass
-    names = [os.environ["FLATFAST_CUSOLVER"]] if os.environ.get("FLATFAST_CUSOLVER") else list(_CUSOLVER_NAMES)
+    names = [os.environ["FLATFAST_CUSOLVER"]] if os.environ.get("FLATFAST_CUSOLVER") else \
+        list(_CUSOLVER_NAMES) + _cusolver_paths_of_the_cuda_wheels()
     errors = []
     for name in names:
         try:
@@ -329,6 +334,19 @@ def _cusolver_library():
         fn.argtypes, fn.restype = argtypes, ctypes.c_int
     _CUSOLVER["lib"] = lib
     return lib
+
+
+def _cusolver_paths_of_the_cuda_wheels():
+    """Where NVIDIA's pip wheels (nvidia-cusolver, as cupy-cuda13x installs them) keep libcusolver, found by
+    cuda-pathfinder when it is installed; a soname lookup finds these only once something has loaded them."""
+    try:
+        from cuda.pathfinder import load_nvidia_dynamic_lib
+    except ImportError:
+        return []
+    try:
+        return [load_nvidia_dynamic_lib("cusolver").abs_path]
+    except Exception:  # noqa: BLE001 - not found: the error list above already says what was tried
+        return []
 
 
 class CusolverFactor:  # pragma: no cover - runs only on a GPU
