@@ -1,9 +1,10 @@
 """The array-module seam: the EP solver is written once against `xp` and runs on numpy/scipy on the CPU and on
 cupy on a GPU. Only the dense linear algebra below differs between the two.
 
-Both keep EP in two n x n arrays: K and one workspace that is, in turn, the scaled system B, its Cholesky factor
-and the factor's inverse (POTRF then TRTRI, in place). The probit likelihood's K + I is never formed: its 1 is
-added on the diagonal inside the pass that writes B.
+Both keep EP in two n x n arrays: K and one workspace that is, in turn, the scaled system B and its Cholesky
+factor (POTRF in place); on the CPU TRTRI then inverts the factor there, on the GPU the inverse is applied by
+triangular solves (cuSOLVER's TRTRI is slow and allocates an n x n array). The probit likelihood's K + I is never
+formed: its 1 is added on the diagonal inside the pass that writes B.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def is_cuda_tensor(a) -> bool:
 
 
 def device_ep_unavailable():
-    """None when EP can run on a CUDA device here (cupy with a GPU, and cuSOLVER's in-place POTRF/TRTRI), else
+    """None when EP can run on a CUDA device here (cupy with a GPU, and cuSOLVER's 64-bit POTRF), else
     the reason it cannot."""
     try:
         import cupy
@@ -141,7 +142,7 @@ class NumpyLinalg:
     def cholesky_inplace(self, B):
         """Overwrite B's lower triangle (of its Fortran view) with its Cholesky factor; False if B is not
         numerically positive definite."""
-        return lapack_factor(B, inverse=False) == 0
+        return lapack_factor(B) == 0
 
     def inverse_cholesky_inplace(self, B):
         """Overwrite symmetric positive definite B with W = L^{-1}, B = L L^T. Returns (W, sum log diag L), or
@@ -181,72 +182,84 @@ class NumpyLinalg:
 # --- any array module: the GPU solver, whose factorisation is injected -----------------------------------
 
 class ArrayLinalg:
-    """EP's linear algebra for any array module, given an in-place factorisation
-    ``factor(buffer, inverse=True) -> status``.
+    """EP's linear algebra for any array module, given two in-place primitives on the factor's buffer:
+    ``factor(buffer) -> status`` (POTRF) and ``solve(buffer, start, rhs, transpose=False) -> rhs``
+    (TRSM/TRSV with the factor's trailing block L[start:, start:]).
 
     ``factor`` treats the C-ordered n x n buffer as the column-major matrix it is to cuSOLVER and LAPACK (its
-    transpose; B is symmetric, so the same matrix), factors B = L L^T in its lower triangle and inverts L there
-    (POTRF then, with ``inverse``, TRTRI), and returns 0 or the failing step's nonzero status. The strict other
-    triangle is then
-    zeroed, so the inverse factor W = buffer.T is a plain lower-triangular matrix and every product is an
-    ordinary matrix-vector product. Whole-matrix passes run over blocks of rows: nothing else n x n is allocated.
+    transpose; B is symmetric, so the same matrix), factors B = L L^T in that lower triangle and returns 0 or the
+    leading minor that failed. The inverse factor W = L^-1 is never formed (cuSOLVER's TRTRI was measured slow on
+    an H100 and allocates an n x n array of its own): every product with W is a triangular solve with L, and
+    diag(B^-1) = sum_k W_ki^2 is computed from blocks of W's columns, each solved from a block of identity columns
+    (n^3/3 flops in all, the cost of TRTRI, in n x (block) of extra memory). The stale other triangle is never read.
 
-    On cupy ``factor`` is :class:`CusolverFactor`; the tests run this class on numpy with a LAPACK ``factor``.
+    On cupy these are :class:`CusolverFactor` and :class:`CublasSolve`; the tests run this class on numpy with
+    LAPACK and scipy standing in.
     """
 
-    def __init__(self, xp, factor, special, block_bytes=256 * 2**20):
-        self.xp, self._factor = xp, factor
+    def __init__(self, xp, factor, solve, special, block_bytes=None):
+        self.xp, self._factor, self._solve = xp, factor, solve
         self.erfcx, self.log_ndtr = special
         self._block_bytes = block_bytes
 
-    def _row_blocks(self, n, itemsize):
-        rows = max(1, min(n, int(self._block_bytes // max(1, n * itemsize))))
-        return range(0, n, rows), rows
+    def _block(self, n, itemsize):
+        """Columns per TRSM block: 1/16 of an n x n array (at most 1 GiB) unless ``block_bytes`` says otherwise,
+        so the solves stay wide enough to run at GEMM-like speed and EP's peak stays near two arrays."""
+        budget = self._block_bytes if self._block_bytes is not None else min(2**30, n * n * itemsize / 16)
+        return max(1, min(n, int(budget // max(1, n * itemsize))))
 
     def scaled_system(self, K, s, out, shift=0.0):
-        return scaled_system_blocked(self.xp, K, s, out, shift, self._row_blocks(K.shape[0], K.itemsize)[1])
+        return scaled_system_blocked(self.xp, K, s, out, shift, self._block(K.shape[0], K.itemsize))
 
     def cholesky_inplace(self, B):
-        """Factor B in place (POTRF alone); False if it is not numerically positive definite (a PSD check)."""
-        return self._factor(B, inverse=False) == 0
+        """Factor B in place (POTRF); False if it is not numerically positive definite (a PSD check)."""
+        return self._factor(B) == 0
 
     def inverse_cholesky_inplace(self, B):
+        """Factor B = L L^T in place; (W, sum log diag L) with W = L^-1 held implicitly by the factor, or None
+        when B is not numerically positive definite."""
         xp = self.xp
         if self._factor(B) != 0:
             return None
-        n = B.shape[0]
-        starts, rows = self._row_blocks(n, B.itemsize)
-        columns = xp.arange(n)
-        for start in starts:
-            stop = min(n, start + rows)
-            # buffer row i holds column i of W (entries k >= i); what lies before the diagonal is stale B
-            B[start:stop] *= (columns[None, :] >= xp.arange(start, stop)[:, None])
         diagonal = xp.diagonal(B).astype(xp.float64)
         if not bool(xp.all(diagonal > 0)):
             return None
-        # diag(W) = 1 / diag(L): sum log diag L without keeping the factor
-        return B.T, -float(xp.sum(xp.log(diagonal)))
+        return InverseFactor(B), float(xp.sum(xp.log(diagonal)))
 
     def column_norms_sq(self, W):
-        xp = self.xp
-        buffer = W.T  # C-ordered; its row i is W's column i
+        """diag(B^-1) = sum_k W[k, i]^2: the columns i in [start, stop) of W = L^-1 are zero above row start, and
+        below it they solve L[start:, start:] X = (identity columns), one TRSM per block."""
+        xp, buffer = self.xp, W.buffer
         n = buffer.shape[0]
-        starts, rows = self._row_blocks(n, buffer.itemsize)
+        columns = self._block(n, buffer.itemsize)
         norms = xp.empty(n, dtype=xp.float64)
-        for start in starts:
-            block = buffer[start:start + rows]
-            norms[start:start + rows] = xp.einsum("ij,ij->i", block, block, dtype=xp.float64) \
-                if xp is np else (block * block).sum(axis=1, dtype=xp.float64)
+        for start in range(0, n, columns):
+            stop = min(n, start + columns)
+            width = stop - start
+            X = xp.zeros((n - start, width), dtype=buffer.dtype, order="F")
+            X[xp.arange(width), xp.arange(width)] = 1.0
+            self._solve(buffer, start, X)
+            X *= X
+            norms[start:stop] = X.sum(axis=0, dtype=xp.float64)
         return norms
 
     def sym_matvec(self, K, x):
         return K @ x.astype(K.dtype, copy=False)
 
     def tri_matvec(self, W, x, transpose=False):
-        return (W.T if transpose else W) @ x.astype(W.dtype, copy=False)
+        """W x = L^-1 x (W^T x = L^-T x with ``transpose``), in the factor's precision."""
+        return self._solve(W.buffer, 0, x.astype(W.buffer.dtype, copy=True), transpose)
 
     def tri_matmul(self, W, X):
-        return W @ X.astype(W.dtype, copy=False)
+        """W X = L^-1 X for a block of columns."""
+        return self._solve(W.buffer, 0, self.xp.array(X, dtype=W.buffer.dtype, order="F", copy=True))
+
+
+class InverseFactor:
+    """W = L^-1, held as the buffer whose column-major lower triangle is L (ArrayLinalg applies it by solves)."""
+
+    def __init__(self, buffer):
+        self.buffer = buffer
 
 
 def scaled_system_blocked(xp, K, s, out, shift=0.0, rows=1024):
@@ -262,22 +275,29 @@ def scaled_system_blocked(xp, K, s, out, shift=0.0, rows=1024):
     return out
 
 
-def lapack_factor(buffer, inverse=True):
-    """The CPU stand-in for CusolverFactor: LAPACK POTRF (+ TRTRI) in place on the buffer's Fortran view."""
+def lapack_factor(buffer):
+    """The CPU stand-in for CusolverFactor: LAPACK POTRF in place on the buffer's Fortran view; 0 or the
+    leading minor that is not positive definite."""
     from scipy.linalg import lapack
 
-    potrf, trtri = (lapack.dpotrf, lapack.dtrtri) if buffer.dtype == np.float64 else (lapack.spotrf, lapack.strtri)
-    _, info = potrf(buffer.T, lower=1, overwrite_a=1, clean=0)
-    if info != 0 or not inverse:
-        return info
-    _, info = trtri(buffer.T, lower=1, overwrite_c=1)
-    return -1 if info != 0 else 0
+    potrf = lapack.dpotrf if buffer.dtype == np.float64 else lapack.spotrf
+    return potrf(buffer.T, lower=1, overwrite_a=1, clean=0)[1]
+
+
+def lapack_solve(buffer, start, rhs, transpose=False):
+    """The CPU stand-in for CublasSolve: rhs <- L[start:, start:]^-1 rhs (or L^-T), L the buffer's Fortran lower
+    triangle."""
+    from scipy.linalg import solve_triangular
+
+    rhs[...] = solve_triangular(buffer.T[start:, start:], rhs, lower=True, trans=1 if transpose else 0,
+                                check_finite=False)
+    return rhs
 
 
 # --- cuSOLVER through ctypes -------------------------------------------------------------------------------
 
 _CUSOLVER_NAMES = ("libcusolver.so.12", "libcusolver.so.11", "libcusolver.so")
-_FILL_LOWER, _DIAG_NON_UNIT = 0, 0
+_FILL_LOWER = 0
 _CUDA_R_32F, _CUDA_R_64F = 0, 1
 _CUSOLVER = {}
 
@@ -291,8 +311,8 @@ def _cusolver_unavailable():
 
 
 def _cusolver_library():
-    """cuSOLVER, as cupy loaded it (a library already in the process is found by its soname); the 64-bit generic
-    POTRF and TRTRI (TRTRI is the one cupy does not bind)."""
+    """cuSOLVER, as cupy loaded it (a library already in the process is found by its soname), for the 64-bit
+    generic POTRF (cusolverDnXpotrf, with 64-bit sizes)."""
     if "lib" in _CUSOLVER:
         return _CUSOLVER["lib"]
     import ctypes
@@ -323,8 +343,6 @@ def _cusolver_library():
         "cusolverDnCreateParams": (ctypes.POINTER(p),),
         "cusolverDnXpotrf_bufferSize": (p, p, i32, i64, i32, p, i64, i32, size_p, size_p),
         "cusolverDnXpotrf": (p, p, i32, i64, i32, p, i64, i32, p, size, p, size, p),
-        "cusolverDnXtrtri_bufferSize": (p, i32, i32, i64, i32, p, i64, size_p, size_p),
-        "cusolverDnXtrtri": (p, i32, i32, i64, i32, p, i64, p, size, p, size, p),
     }
     for fname, argtypes in signatures.items():
         try:
@@ -350,9 +368,9 @@ def _cusolver_paths_of_the_cuda_wheels():
 
 
 class CusolverFactor:  # pragma: no cover - runs only on a GPU
-    """POTRF (+ TRTRI with ``inverse``) in place on a cupy buffer (cusolverDnXpotrf, cusolverDnXtrtri), on cupy's
-    handle and current stream. Returns 0, the POTRF devInfo (> 0: the leading minor that is not positive definite),
-    or -1 when TRTRI finds a zero pivot. A nonzero cuSOLVER status raises RuntimeError."""
+    """POTRF in place on a cupy buffer (cusolverDnXpotrf, the 64-bit API), on cupy's handle and current stream.
+    Returns 0 or devInfo (> 0: the leading minor that is not positive definite); a nonzero cuSOLVER status raises
+    RuntimeError."""
 
     def __init__(self, cupy):
         import ctypes
@@ -366,12 +384,9 @@ class CusolverFactor:  # pragma: no cover - runs only on a GPU
         if status != 0:
             raise RuntimeError(f"{what} returned cuSOLVER status {status}")
 
-    def __call__(self, buffer, inverse=True):
+    def __call__(self, buffer):
         cp, ct, lib = self.cp, self.ct, self.lib
-        if buffer.ndim != 2 or buffer.shape[0] != buffer.shape[1] or not buffer.flags.c_contiguous:
-            raise ValueError("buffer: expected a C-contiguous square matrix")
-        if buffer.dtype not in (cp.float64, cp.float32):
-            raise TypeError(f"buffer: expected float64 or float32, got {buffer.dtype}")
+        _check_square_buffer(cp, buffer)
         n = buffer.shape[0]
         kind = _CUDA_R_64F if buffer.dtype == cp.float64 else _CUDA_R_32F
         handle = cp.cuda.device.get_cusolver_handle()
@@ -386,19 +401,40 @@ class CusolverFactor:  # pragma: no cover - runs only on a GPU
         self._check(lib.cusolverDnXpotrf(handle, self._params, _FILL_LOWER, n, kind, buffer.data.ptr, n, kind,
                                          dev_work.data.ptr, dev_bytes.value, host_work.ctypes.data, host_bytes.value,
                                          info.data.ptr), "cusolverDnXpotrf")
-        status = int(info.get()[0])
-        if status != 0 or not inverse:
-            return status
-        del dev_work
-        self._check(lib.cusolverDnXtrtri_bufferSize(handle, _FILL_LOWER, _DIAG_NON_UNIT, n, kind, buffer.data.ptr, n,
-                                                    ct.byref(dev_bytes), ct.byref(host_bytes)),
-                    "cusolverDnXtrtri_bufferSize")
-        dev_work = cp.empty(max(1, dev_bytes.value), dtype=cp.uint8)
-        host_work = np.empty(max(1, host_bytes.value), dtype=np.uint8)
-        self._check(lib.cusolverDnXtrtri(handle, _FILL_LOWER, _DIAG_NON_UNIT, n, kind, buffer.data.ptr, n,
-                                         dev_work.data.ptr, dev_bytes.value, host_work.ctypes.data, host_bytes.value,
-                                         info.data.ptr), "cusolverDnXtrtri")
-        return 0 if int(info.get()[0]) == 0 else -1
+        return int(info.get()[0])
+
+
+class CublasSolve:  # pragma: no cover - runs only on a GPU
+    """rhs <- L[start:, start:]^-1 rhs (L^-T with ``transpose``) in place, by cuBLAS TRSM through cupy's binding:
+    L is the column-major lower triangle of the C-ordered buffer, so its trailing block starts at element
+    (start, start) with leading dimension n; rhs is a vector or an F-ordered (n - start) x k block."""
+
+    def __init__(self, cupy):
+        from cupy.cuda import cublas
+
+        self.cp, self.cublas = cupy, cublas
+
+    def __call__(self, buffer, start, rhs, transpose=False):
+        cp, cublas = self.cp, self.cublas
+        _check_square_buffer(cp, buffer)
+        n = buffer.shape[0]
+        rows = n - start
+        if rhs.dtype != buffer.dtype or rhs.shape[0] != rows or not rhs.flags.f_contiguous:
+            raise ValueError(f"rhs: expected an F-ordered {buffer.dtype} block of {rows} rows")
+        trsm = cublas.dtrsm if buffer.dtype == cp.float64 else cublas.strsm
+        one = np.ones(1, dtype=buffer.dtype)
+        trsm(cp.cuda.device.get_cublas_handle(), cublas.CUBLAS_SIDE_LEFT, cublas.CUBLAS_FILL_MODE_LOWER,
+             cublas.CUBLAS_OP_T if transpose else cublas.CUBLAS_OP_N, cublas.CUBLAS_DIAG_NON_UNIT, rows,
+             1 if rhs.ndim == 1 else rhs.shape[1], one.ctypes.data, buffer.data.ptr + (start * n + start) *
+             buffer.itemsize, n, rhs.data.ptr, rows)
+        return rhs
+
+
+def _check_square_buffer(cp, buffer):
+    if buffer.ndim != 2 or buffer.shape[0] != buffer.shape[1] or not buffer.flags.c_contiguous:
+        raise ValueError("buffer: expected a C-contiguous square matrix")
+    if buffer.dtype not in (cp.float64, cp.float32):
+        raise TypeError(f"buffer: expected float64 or float32, got {buffer.dtype}")
 
 
 def linalg_for(xp):
@@ -406,4 +442,4 @@ def linalg_for(xp):
         return NumpyLinalg()
     from cupyx.scipy.special import erfcx, log_ndtr  # pragma: no cover - GPU only
 
-    return ArrayLinalg(xp, CusolverFactor(xp), (erfcx, log_ndtr))  # pragma: no cover
+    return ArrayLinalg(xp, CusolverFactor(xp), CublasSolve(xp), (erfcx, log_ndtr))  # pragma: no cover
