@@ -72,8 +72,10 @@ def _nngp_tile_kernel(X, Z, SQX, SQZ, QDIAG, OUT, COEF, n, m, d, stride_x, strid
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # 64-bit indices: row * stride passes 2^31 once n > 46,340 (a 32-bit offset wrapped and wrote out of bounds
+    # at n = 60,000 on an H100)
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     row_ok = rows < n
     col_ok = cols < m
@@ -107,8 +109,8 @@ def _nngp_epilogue_kernel(OUT, SQX, SQZ, QDIAG, COEF, n, m, stride_o,
     pid_n = tl.program_id(1)
     if SYMMETRIC and pid_m > pid_n:
         return
-    rows = pid_m * BLOCK + tl.arange(0, BLOCK)
-    cols = pid_n * BLOCK + tl.arange(0, BLOCK)
+    rows = pid_m.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # 64-bit, as in _nngp_tile_kernel
+    cols = pid_n.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     row_ok = rows < n
     col_ok = cols < m
     valid = row_ok[:, None] & col_ok[None, :]
