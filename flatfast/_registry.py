@@ -29,9 +29,10 @@ _TRITON_DEVICES = ("cuda", "cpu") if _native.triton_interpreted() else ("cuda",)
 
 # --- nngp ----------------------------------------------------------------------------------------------------
 # On CUDA "auto" takes Triton (a cuBLAS GEMM and one fused in-place epilogue over the upper tiles) over the CUDA
-# C++ kernel, which computes its own dot products: measured on one H100 80GB (2026-11-27, one run) at 12.5x (n =
-# 5000) and 13.3x (n = 20000) the float64 cuBLAS GEMM of the same X, against 5.1x and 5.5x for Triton's earlier
-# fused tile kernel. The GEMM + epilogue route is not yet measured on a GPU (bench/bench_gpu.py has its rows).
+# C++ kernel, which computes its own dot products. Measured on one H100 80GB (bench/bench_gpu.py, 2026-11-27, two
+# runs), each against the cuBLAS GEMM of the same X at n = 5000 / 20000: GEMM + epilogue 3.4-3.6x / 3.2x in
+# float64 and 4.5-4.7x / 4.0x in float32; Triton's fused tile kernel 5.0-5.2x / 5.4x and 5.4-5.5x / 6.4x; CUDA C++
+# 12.4-13.0x / 13.2x and 7.6x / 8.2-8.3x.
 register("nngp", "cpp", nngp_cpp, devices=("cpu",), priority=30, probe=_native.cpp_unavailable)
 register("nngp", "triton", nngp_triton, devices=_TRITON_DEVICES, priority=20, probe=_native.triton_unavailable,
          auto_devices=("cuda",))

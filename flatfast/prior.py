@@ -469,8 +469,8 @@ def expectation_propagation(K, y, *, tol=1e-6, max_sweeps=200, site_tol=None, in
     in float64. The value is float64 EP's fixed point to within tol; float32 only shortens the way there. If a
     float32 sweep fails (B not positive definite in float32), EP restarts in float64. The float32 copy of K and
     the float32 workspace are the two halves of the float64 workspace: no memory beyond EP's two arrays.
-    On cupy (GPU) it runs float64 only: float32 EP did not settle there (measured on an H100 with the earlier
-    out-of-place GPU solver).
+    On cupy (GPU) it runs float64 only: on an H100 one sweep's cubic work in float32 took 0.91x the float64 time
+    (FP64 runs on its tensor cores) and float32 sweeps stopped at a site change of 0.13.
     """
     t0 = time.perf_counter()
     xp = xp_of(K)
@@ -478,8 +478,8 @@ def expectation_propagation(K, y, *, tol=1e-6, max_sweeps=200, site_tol=None, in
     n = K.shape[0]
     work = xp.empty_like(K) if work is None else work
     low_sweeps = 0
-    # On cupy the float32 sweeps did not settle (site changes still 0.25 after 20 sweeps at n = 10000 on an H100,
-    # where float64 needs 10), so "mixed" runs float64 there; on the CPU float32 settles to ~0.02 in 7 sweeps.
+    # On cupy float32 saves ~9 % of a sweep on an H100 and its sweeps stop at site changes of ~0.13 (n = 10000),
+    # so "mixed" runs float64 there; on the CPU float32 halves LAPACK's time and settles to ~0.02 in 7 sweeps.
     if precision == "mixed" and init is None and xp is np and K.dtype == np.float64:
         halves = work.reshape(-1).view(np.float32)
         work_low, K_low = halves[: n * n].reshape(n, n), halves[n * n:].reshape(n, n)
