@@ -146,7 +146,7 @@ def test_gpu_mixed_precision_sweeps(benchmark):
     """Whether float32 pays on the GPU: float32 EP's site changes per sweep on cupy at n = 10000, and one sweep's
     cubic work (POTRF, then diag(B^-1) by triangular solves) timed in float32 against float64 on the same K."""
     cupy = pytest.importorskip("cupy")
-    from flatfast import prior
+    from flatfast import _ep
     from flatfast._xp import linalg_for, scaled_system_blocked
 
     n = 10000
@@ -155,7 +155,7 @@ def test_gpu_mixed_precision_sweeps(benchmark):
     K32 = cupy.from_dlpack(K).astype(cupy.float32)
     work32 = cupy.empty_like(K32)
     la = linalg_for(cupy)
-    res = prior._ep_sweeps(K32, cupy.asarray(y * 1.0), tol=1e-6, max_sweeps=25, site_tol=None, init=None, shift=0.0,
+    res = _ep._ep_sweeps(K32, cupy.asarray(y * 1.0), tol=1e-6, max_sweeps=25, site_tol=None, init=None, shift=0.0,
                            work=work32, la=la, rough=True)
     print(f"\ncupy float32 EP at n={n}: {res.sweeps} sweeps, last site change {res.max_site_change:.3g}, "
           f"log Z history {[round(v, 2) for v in res.log_z_history]}")

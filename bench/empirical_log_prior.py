@@ -48,10 +48,10 @@ def fcn(args):
 
 
 def cnn(args):
-    from flatfast.experiment import IMAGE_SHAPES, Config, kernel_draws, load_data, make_cnn
+    from flatfast.experiments import IMAGE_SHAPES, Config, kernel_draws, make_cnn
 
     config = Config(arch="cnn")
-    X_pool, y_pool, X_test, y_test = load_data(config)
+    X_pool, y_pool, X_test, y_test = config.load_data()
     X = np.concatenate([X_pool[: config.n_train], X_test])
     f_true = 2 * np.concatenate([y_pool[: config.n_train], y_test]) - 1
     flipped = config.n_train + np.random.default_rng(0).choice(len(y_test), len(y_test) // 5, replace=False)

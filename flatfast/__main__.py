@@ -132,9 +132,9 @@ def main(argv=None) -> int:
                   "the paper's FCN on digits or MNIST)", file=sys.stderr)
             return 2
         if args.experiment == "temporal" and not args.merge:
-            from flatfast.temporal import main as reproduce
+            from flatfast.experiments.temporal import main as reproduce
         else:
-            from flatfast.experiment import main as reproduce
+            from flatfast.experiments.cli import main as reproduce
 
         return reproduce(args)
     return {"info": _info, "demo": _demo}[args.command](args)

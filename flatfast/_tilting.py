@@ -192,3 +192,50 @@ def log_orthant_probability(Sigma, *, n_samples, seed):
     return dict(log_p=peak + math.log(mean_w), stderr=stderr, ess=float(np.sum(w) ** 2 / np.sum(w * w)),
                 pareto_k=pareto_k(log_w), log_upper_bound=psi if feasible and converged else float("nan"),
                 newton_converged=converged, n_samples=n_samples)
+
+
+# --- log P(f) by tilting, from an EP run: the glue log_prior(method="tilting") calls ------------------------
+
+def tilting_estimate(K, y, ep, *, n_samples, seed, shift=0.0):
+    """P(f) by the minimax-tilting importance sampler above (log_orthant_probability) on Sigma = diag(y) (K + shift I) diag(y).
+
+    Exact duplicates (correlation +1, equal labels; the impossible cases returned -inf earlier) carry one
+    constraint twice and make Sigma singular, so all but one of each group are dropped first: P is unchanged.
+    The sampler runs in float64 numpy on the CPU; a cupy K is copied to the host.
+    """
+    from flatfast._kernel_checks import _degenerate_pairs
+    from flatfast._validate import to_numpy
+    from flatfast._xp import xp_of
+    from flatfast.errors import UnreliableEstimateWarning, warn
+
+    if xp_of(K) is not np:
+        warn("method='tilting' runs on the CPU: the GPU kernel is copied to the host for the sampler",
+             RuntimeWarning)
+        K = K.get()
+        y = y.get()
+    K = to_numpy(K)
+    y = to_numpy(y)
+    if shift:
+        K = K + shift * np.eye(len(K))
+    first, second, _ = _degenerate_pairs(K, np)
+    keep = np.ones(len(y), dtype=bool)
+    keep[second] = False
+    idx = np.nonzero(keep)[0]
+    Sigma = K[np.ix_(idx, idx)] * y[idx, None] * y[None, idx] if not keep.all() else K * y[:, None] * y[None, :]
+    est = log_orthant_probability(Sigma, n_samples=n_samples, seed=seed)
+    del Sigma
+    ep.method = "tilting"
+    ep.log_z, ep.stderr, ep.ess, ep.n_samples = est["log_p"], est["stderr"], est["ess"], n_samples
+    ep.pareto_k, ep.log_upper_bound = est["pareto_k"], est["log_upper_bound"]
+    problems = []
+    if not est["newton_converged"]:
+        problems.append("the tilting parameters did not converge (the estimate stays unbiased, its variance may "
+                        "be large)")
+    if not est["pareto_k"] <= PARETO_K_WARN:
+        problems.append(f"the importance weights are heavy-tailed (Pareto k = {est['pareto_k']:.2f} > "
+                        f"{PARETO_K_WARN}; effective sample size {est['ess']:.0f} of {n_samples}), so "
+                        "neither the estimate nor its standard error can be trusted")
+    if problems:
+        warn(f"log P(f) by tilting on {len(y)} points: " + "; ".join(problems) + ". More samples "
+             "(n_samples=) may help; EP's value is in ep_log_z.", UnreliableEstimateWarning)
+    return ep

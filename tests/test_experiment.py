@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import flatfast
-from flatfast.experiment import Config, correlations, measure, merge, read_table, run, train
+from flatfast.experiments import Config, correlations, measure, merge, read_table, run, train
 
 TINY = ["--n-train", "60", "--n-test", "150", "--attack-sizes", "0", "20", "--seeds", "1", "--optimizers", "sgd",
         "adam", "--max-epochs", "300", "--lr", "0.05", "--sharpness-epochs", "3"]
@@ -113,10 +113,10 @@ def test_rescaled_rows_keep_the_function_and_get_sharper(reference_table):
 def test_training_stops_when_S_is_fitted_even_if_A_is_not():
     """A holds S's own first ten images with flipped labels: S u A cannot be fitted, S can. The old rule (stop at
     100 % on S u A) would run to max_epochs; the authors' rule stops as soon as S is right."""
-    from flatfast.experiment import load_data, make_network
+    from flatfast.experiments import make_network
 
     config = _tiny_config("unused", max_epochs=400)
-    X_pool, y_pool, _, _ = load_data(config)
+    X_pool, y_pool, _, _ = config.load_data()
     S = (X_pool[:60], y_pool[:60])
     A = (X_pool[:10], 1 - y_pool[:10])
     model = make_network(64, 40, seed=3)
@@ -126,10 +126,10 @@ def test_training_stops_when_S_is_fitted_even_if_A_is_not():
 
 
 def test_flatness_is_of_the_loss_on_S_alone(reference_table):
-    from flatfast.experiment import load_data, make_network
+    from flatfast.experiments import make_network
 
     config = _tiny_config("unused")
-    X_pool, y_pool, X_test, y_test = load_data(config)
+    X_pool, y_pool, X_test, y_test = config.load_data()
     S, A = (X_pool[:60], y_pool[:60]), (X_pool[60:80], 1 - y_pool[60:80])
     model = make_network(64, 40, seed=1)
     train(model, S, A, "sgd", config, seed=1)
@@ -244,7 +244,7 @@ def test_pac_bayes_bound_formula_and_arguments():
 
 
 def test_temporal_run_rescales_half_way_and_resumes(tmp_path):
-    from flatfast.temporal import TemporalConfig, read_temporal, run_temporal
+    from flatfast.experiments.temporal import TemporalConfig, read_temporal, run_temporal
 
     def config(out, **overrides):
         settings = dict(n_train=60, n_test=40, post_epochs=6, every=2, sharpness_epochs=2, out=str(out))
@@ -268,7 +268,7 @@ def test_temporal_run_rescales_half_way_and_resumes(tmp_path):
 
     # killed after three rows, then resumed: the same table as the uninterrupted run
     out = tmp_path / "killed"
-    script = ("import sys\nfrom flatfast.temporal import TemporalConfig, run_temporal\n"
+    script = ("import sys\nfrom flatfast.experiments.temporal import TemporalConfig, run_temporal\n"
               "def log(s):\n    print(s, flush=True)\n"
               f"run_temporal(TemporalConfig(n_train=60, n_test=40, post_epochs=6, every=2, sharpness_epochs=2, "
               f"out={str(out)!r}), log=log)\n")
@@ -306,7 +306,7 @@ def test_cnn_run_rescales_the_conv_pair_keeps_log_p_and_traces_exactly(tmp_path)
 
 
 def test_cnn_prior_kernel_is_the_empirical_kernel_of_the_same_prior():
-    from flatfast.experiment import kernel_draws, make_cnn, prior_kernel
+    from flatfast.experiments import kernel_draws, make_cnn, prior_kernel
 
     assert kernel_draws(Config(arch="cnn"), 1297) == 130  # the authors' M = n / 10
     assert kernel_draws(Config(arch="cnn", kernel_samples=64), 1297) == 64
@@ -360,25 +360,25 @@ def cifar_dir(tmp_path):
 
 
 def test_cifar10_batches_give_the_cat_vs_car_task(cifar_dir):
-    from flatfast.experiment import load_data, read_cifar10
+    from flatfast.experiments.data import read_cifar10
 
     X, y = read_cifar10(cifar_dir, [f"data_batch_{i}" for i in range(1, 6)])
     classes = np.round(X[:, 0] * 255).astype(int)
     assert set(classes) == {1, 3} and len(classes) > 40 and X.shape[1] == 3072 and 0.0 <= X.min() and X.max() <= 1.0
     np.testing.assert_array_equal(y, (classes == 1).astype(int))  # car -> 1, cat -> 0
     config = Config(data="cifar10", data_dir=str(cifar_dir), n_train=20, attack_sizes=[0, 5])
-    X_pool, y_pool, X_test, y_test = load_data(config)
+    X_pool, y_pool, X_test, y_test = config.load_data()
     n_test_available = len(read_cifar10(cifar_dir / "cifar-10-batches-py", ["test_batch"])[1])
     assert X_pool.shape == (25, 3072) and X_test.shape == (n_test_available, 3072)  # |E| <= the authors' 2000
     np.testing.assert_array_equal(y_test, (np.round(X_test[:, 0] * 255) == 1).astype(int))
     with pytest.raises(ValueError, match="--n-train/--attack-sizes/--n-test: 500 training"):
-        load_data(Config(data="cifar10", data_dir=str(cifar_dir), n_train=500, attack_sizes=[0]))
+        Config(data="cifar10", data_dir=str(cifar_dir), n_train=500, attack_sizes=[0]).load_data()
 
 
 def test_cifar10_files_that_are_missing_or_not_batches_are_named(cifar_dir, tmp_path):
     import pickle
 
-    from flatfast.experiment import read_cifar10
+    from flatfast.experiments.data import read_cifar10
 
     with pytest.raises(FileNotFoundError, match="no CIFAR-10 batch data_batch_9"):
         read_cifar10(cifar_dir, ["data_batch_9"])
@@ -412,7 +412,7 @@ def test_cnn_on_cifar10_from_the_command_line(cifar_dir, tmp_path):
 
 def test_configurations_get_distinct_seeds():
     """1000 * seed + |A| gave seed 1 with |A| = 0 and seed 0 with |A| = 1000 one network and one batch order."""
-    from flatfast.experiment import run_seed
+    from flatfast.experiments.training import run_seed
 
     seeds = {(s, a, o): run_seed(s, a, o) for s in range(5) for a in range(0, 5001, 50)
              for o in ("sgd", "adam", "entropy-sgd")}
@@ -425,7 +425,7 @@ def test_configurations_get_distinct_seeds():
 
 
 def test_left_out_networks_are_counted_in_english():
-    from flatfast.experiment import _left_out_phrase
+    from flatfast.experiments.statistics import _left_out_phrase
 
     assert _left_out_phrase(0) == ""
     assert _left_out_phrase(1) == " (1 that did not is left out)"
@@ -447,13 +447,13 @@ def test_resume_continues_from_the_saved_settings_without_retyping_them(tmp_path
 
 
 def test_ctrl_c_leaves_one_line_saying_what_was_kept(monkeypatch, reference_table, capsys):
-    import flatfast.experiment as experiment
+    import flatfast.experiments.grid as grid
     from flatfast.__main__ import main
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(experiment, "run", interrupted)
+    monkeypatch.setattr(grid, "run", interrupted)
     out = reference_table.parent
     assert main(["reproduce", "--resume", "--out", str(out)]) == 130
     err = capsys.readouterr().err.strip()
@@ -497,6 +497,6 @@ def test_shard_auto_reads_the_slurm_array_and_merges_to_the_whole(tmp_path, refe
     assert _rows_without_timing(tmp_path / "merged" / "results.csv") == _rows_without_timing(reference_table)
     monkeypatch.delenv("SLURM_ARRAY_TASK_ID")
     with pytest.raises(ValueError, match="--shard: auto reads SLURM_ARRAY_TASK_ID"):
-        from flatfast.experiment import _parse_shard
+        from flatfast.experiments.cli import parse_shard
 
-        _parse_shard("auto")
+        parse_shard("auto")

@@ -207,7 +207,7 @@ def test_too_large_fails_early_with_the_size(monkeypatch):
 
 
 def test_non_positive_cavity_is_retried_with_damping(monkeypatch):
-    import flatfast.prior as P
+    import flatfast._ep as P
 
     rng = np.random.default_rng(6)
     X, K, y = _problem(60, 5, rng, "structured")
@@ -446,7 +446,7 @@ def test_ep_on_equicorrelated_kernels_against_the_exact_integral(n, rho, minorit
 
 
 def test_damping_follows_the_secant_estimate_and_grows_back_slowly():
-    from flatfast.prior import next_damping
+    from flatfast._ep import next_damping
 
     step = np.array([1.0, -2.0, 0.5])
     # a two-cycle of undamped EP (each proposal the negative of the last): lam = -1, damping 1 / (1 - lam) = 1/2
@@ -474,6 +474,6 @@ def test_warm_start_mirrors_the_sites_of_flipped_labels(rng):
     warm = ep_log_evidence(K, flipped, return_info=True, warm_start=first)
     np.testing.assert_array_equal(first.labels, y)
     assert warm.converged and abs(warm.log_z - cold.log_z) <= 1e-6
-    unmirrored = flatfast.prior.expectation_propagation(
+    unmirrored = flatfast._ep.expectation_propagation(
         K, flipped, init=(first.site_precision, first.site_natural_mean))
     assert warm.sweeps < min(cold.sweeps, unmirrored.sweeps), (warm.sweeps, cold.sweeps, unmirrored.sweeps)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import flatfast
-from flatfast import _xp, prior
+from flatfast import _ep, _kernel_checks, _xp, prior
 from flatfast.errors import BackendFallbackWarning, NotPSDError
 
 
@@ -36,8 +36,8 @@ def test_array_module_solver_equals_the_lapack_solver(likelihood, precision):
     blocks."""
     X, K, y = _problem(500, 40, 3)
     shift = 1.0 if likelihood == "probit" else 0.0
-    cpu = prior.expectation_propagation(K, y * 1.0, precision=precision, shift=shift)
-    device = prior.expectation_propagation(K, y * 1.0, precision=precision, shift=shift,
+    cpu = _ep.expectation_propagation(K, y * 1.0, precision=precision, shift=shift)
+    device = _ep.expectation_propagation(K, y * 1.0, precision=precision, shift=shift,
                                            linalg=_array_linalg_on_numpy(40_000))
     assert cpu.converged and device.converged and device.sweeps == cpu.sweeps
     tol = 1e-10 if precision == "float64" else 1e-7  # mixed: the float32 phase rounds differently; tol = 1e-6
@@ -53,7 +53,7 @@ def test_array_module_solver_detects_a_failed_factorisation():
     la = _array_linalg_on_numpy(10_000)
     work = np.empty_like(indefinite)
     with pytest.raises(NotPSDError, match="not positive semi-definite"):
-        prior._check_psd(indefinite, la, work)
+        _kernel_checks._check_psd(indefinite, la, work)
     assert la.inverse_cholesky_inplace(la.scaled_system(indefinite, np.ones(60), work, shift=-1.0)) is None
 
 

@@ -22,8 +22,8 @@ def _as_text(value):
 
 
 def test_documented_defaults_are_the_command_lines():
-    from flatfast.experiment import Config
-    from flatfast.temporal import TemporalConfig
+    from flatfast.experiments import Config
+    from flatfast.experiments import TemporalConfig
 
     configs = {"main": dataclasses.asdict(Config()), "temporal": dataclasses.asdict(TemporalConfig()),
                "quick": dataclasses.asdict(Config.quick())}
@@ -41,19 +41,19 @@ def test_documented_defaults_are_the_command_lines():
 
 def test_the_command_line_and_the_module_point_at_the_protocol(capsys):
     from flatfast.__main__ import main
-    import flatfast.experiment
+    import flatfast.experiments
 
     with pytest.raises(SystemExit):
         main(["reproduce", "--help"])
     assert "docs/protocol.md" in capsys.readouterr().out
-    assert "docs/protocol.md" in flatfast.experiment.__doc__
-    assert "shared" not in flatfast.experiment.__doc__
+    assert "docs/protocol.md" in flatfast.experiments.__doc__
+    assert "shared" not in flatfast.experiments.__doc__
 
 
 def test_quick_help_names_every_value_it_changes(capsys):
     from flatfast.__main__ import main
-    from flatfast.experiment import Config
-    from flatfast.temporal import TemporalConfig
+    from flatfast.experiments import Config
+    from flatfast.experiments import TemporalConfig
 
     with pytest.raises(SystemExit):
         main(["reproduce", "--help"])

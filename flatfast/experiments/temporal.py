@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -63,9 +62,7 @@ class TemporalConfig:
         return self.post_epochs // 2
 
     def validate(self):
-        def need(ok, option, message):
-            if not ok:
-                raise ValueError(f"{option}: {message}")
+        from flatfast.experiments.config import require as need
 
         need(self.n_train >= 1, "--n-train", f"must be >= 1, got {self.n_train}")
         need(self.n_test >= 1, "--n-test", f"must be >= 1, got {self.n_test}")
@@ -87,18 +84,19 @@ class _Measurer:
         import torch
 
         import flatfast
-        from flatfast.experiment import flatness_on, recorded_warnings
+        from flatfast.experiments.config import recorded_warnings
+        from flatfast.experiments.measurement import flatness_on
 
         t0 = time.perf_counter()
         bce = torch.nn.BCEWithLogitsLoss()
         row = dict(epoch=epoch, phase=phase, rescaled=rescaled)
         labels = []
-        with torch.no_grad():
-            for name, (X, y) in (("train", self.S), ("test", self.E)):
-                logits = model(torch.from_numpy(X)).reshape(-1)
-                row[f"{name}_loss"] = float(bce(logits, torch.from_numpy(y.astype(np.float64))))
-                row[f"{name}_error"] = float(np.mean((logits.numpy() >= 0) != (y == 1)))
-                labels.append(np.where(logits.numpy() >= 0, 1, -1))
+        for name, (X, y) in (("train", self.S), ("test", self.E)):
+            with torch.no_grad():
+                row[f"{name}_loss"] = float(bce(model(torch.from_numpy(X)).reshape(-1),
+                                                torch.from_numpy(y.astype(np.float64))))
+            labels.append(flatfast.function_of(model, torch.from_numpy(X)))
+            row[f"{name}_error"] = float(np.mean(labels[-1] != 2 * y - 1))
         f = np.concatenate(labels)  # the network's own predictions on S and E
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -126,26 +124,18 @@ def run_temporal(config: TemporalConfig, *, resume=False, log=print):
     import torch
 
     import flatfast
-    from flatfast.experiment import (Config, DurableTable, accuracy, config_differences, load_data, make_network,
-                                     train_epoch)
+    from flatfast.experiments.data import load_data
+    from flatfast.experiments.table import DurableTable, prepare_output
+    from flatfast.experiments.training import fit, make_network, train_epoch
 
     config.validate()
     out = Path(config.out)
     table, state_path = out / "temporal.csv", out / "temporal_state.pt"
     if table.exists() and not resume:
         raise FileExistsError(f"--out: {table} exists; pass --resume to continue it or choose another --out")
-    main_like = Config(data=config.data, data_dir=config.data_dir, n_train=config.n_train, n_test=config.n_test,
-                       attack_sizes=[0], seeds=1)
-    X_pool, y_pool, X_test, y_test = load_data(main_like)
-    current = dataclasses.asdict(config)
-    if resume and (out / "config.json").exists():
-        with open(out / "config.json") as fh:
-            diffs = config_differences(json.load(fh), current, {"out"})
-        if diffs:
-            raise ValueError(f"--resume: the run in {out} was made with other settings ({'; '.join(diffs)})")
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "config.json", "w") as fh:
-        json.dump(current, fh, indent=2)
+    X_pool, y_pool, X_test, y_test = load_data(config.data, config.data_dir, pool=config.n_train,
+                                               n_test=config.n_test)
+    prepare_output(out, dataclasses.asdict(config), resume, ignore={"out"})
 
     S, E = (X_pool, y_pool), (X_test, y_test)
     K = flatfast.nngp_kernel(np.concatenate([S[0], E[0]]), depth=2, sigma_w2=2.0, sigma_b2=1.0)
@@ -172,12 +162,9 @@ def run_temporal(config: TemporalConfig, *, resume=False, log=print):
             done = {(int(r["epoch"]), r["phase"]) for r in csv.DictReader(fh)}
         log(f"flatfast reproduce --experiment temporal: resuming after epoch {epoch} past fitting S")
     else:
-        fit_epochs = 0
-        while accuracy(model, *S) < 1.0:
-            if fit_epochs >= config.max_epochs:
-                raise RuntimeError(f"--max-epochs: SGD did not fit S in {config.max_epochs} epochs")
-            train_epoch(model, opt, "sgd", Xt, yt, config.batch_size, gen)
-            fit_epochs += 1
+        fit_epochs, reached, _ = fit(model, opt, "sgd", Xt, yt, S, config.batch_size, gen, config.max_epochs)
+        if not reached:
+            raise RuntimeError(f"--max-epochs: SGD did not fit S in {config.max_epochs} epochs")
         epoch, rescaled = 0, False
         log(f"flatfast reproduce --experiment temporal: SGD fitted S (|S| = {len(S[1])}) in {fit_epochs} epochs; "
             f"{config.post_epochs} more epochs, alpha = {config.alpha} scale after epoch {config.rescale_epoch}, "
@@ -230,7 +217,7 @@ def run_temporal(config: TemporalConfig, *, resume=False, log=print):
 
 
 def read_temporal(table):
-    from flatfast.experiment import read_typed_csv
+    from flatfast.experiments.table import read_typed_csv
 
     return read_typed_csv(table, FIELDS, {"phase", "warnings"},
                           {"rescaled", "ep_converged_heaviside", "ep_converged_probit"})
@@ -308,7 +295,7 @@ def main(args) -> int:
         config = TemporalConfig.quick(**overrides) if args.quick else TemporalConfig(**overrides)
         run_temporal(config, resume=args.resume, log=lambda s: print(s, flush=True))
     except KeyboardInterrupt:
-        from flatfast.experiment import interrupted_message
+        from flatfast.experiments.cli import interrupted_message
 
         print(interrupted_message(Path(overrides["out"]) / "temporal.csv", overrides["out"]), file=sys.stderr)
         return 130

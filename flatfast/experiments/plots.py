@@ -1,0 +1,68 @@
+"""The PNG plots of a results table: test error against each measure, and the PAC-Bayes bound against the
+measured error."""
+from flatfast.experiments.measurement import MEASURES
+
+
+def plot(rows, out, likelihood):
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"sgd": "tab:blue", "adam": "tab:orange", "entropy-sgd": "tab:green"}
+    shown = [r for r in rows if r["reached_100_on_S"]]
+    left_out = sum(not r["reached_100_on_S"] and not r["rescaled"] for r in rows)
+    note = f" ({left_out} network(s) that never reached 100 % on S not shown)" if left_out else ""
+    fig_all, axes = plt.subplots(2, 3, figsize=(15, 9))
+    for ax_all, (name, label) in zip(axes.flat, MEASURES):
+        fig, ax = plt.subplots(figsize=(5.5, 4.5))
+        for target in (ax, ax_all):
+            for opt in sorted({r["optimizer"] for r in shown}):
+                for rescaled in (False, True):
+                    pts = [r for r in shown if r["optimizer"] == opt and r["rescaled"] == rescaled]
+                    if not pts:
+                        continue
+                    key = f"log_p_{likelihood}" if name == "log_p" else name
+                    target.scatter([r[key] for r in pts], [r["test_error"] for r in pts],
+                                   c=colours.get(opt, "tab:gray"), marker="x" if rescaled else "o",
+                                   s=45 if rescaled else 25, alpha=0.85,
+                                   label=f"{opt}{' (alpha-scaled)' if rescaled else ''}")
+            if name != "log_p":
+                target.set_xscale("log")
+                target.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            target.set_xlabel(label + (f" [{likelihood} likelihood]" if name == "log_p" else " (loss on S)"))
+            target.set_ylabel("test error")
+            target.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title((f"log P(f), {likelihood} likelihood" if name == "log_p" else f"{label} of the loss on S")
+                     + f", against test error{note}", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / f"test_error_vs_{name}.png", dpi=110)
+        plt.close(fig)
+    _plot_bound(axes.flat[len(MEASURES)], shown, colours)
+    axes.flat[0].legend(fontsize=8)
+    fig_all.suptitle(f"Which measure predicts generalization? (each point: one trained network; log P(f) with the "
+                     f"{likelihood} likelihood){note}")
+    fig_all.tight_layout()
+    fig_all.savefig(out / "summary.png", dpi=110)
+    plt.close(fig_all)
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    _plot_bound(ax, shown, colours)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "pac_bayes_bound.png", dpi=110)
+    plt.close(fig)
+
+
+def _plot_bound(ax, rows, colours):
+    for opt in sorted({r["optimizer"] for r in rows}):
+        pts = [r for r in rows if r["optimizer"] == opt and not r["rescaled"]]
+        ax.scatter([r["test_error"] for r in pts], [r["pac_bayes_bound"] for r in pts], c=colours.get(opt, "tab:gray"),
+                   s=25, alpha=0.85, label=opt)
+    ax.plot([0, 1], [0, 1], color="k", lw=0.8, ls="--", label="bound = measured")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("measured test error")
+    ax.set_ylabel("PAC-Bayes bound (log P(U) on S, Heaviside)")
+    ax.grid(alpha=0.3)
