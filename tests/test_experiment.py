@@ -16,13 +16,14 @@ import torch
 import flatfast
 from flatfast.experiments import Config, correlations, measure, merge, read_table, run, train
 
-TINY = ["--n-train", "60", "--n-test", "150", "--attack-sizes", "0", "20", "--seeds", "1", "--optimizers", "sgd",
-        "adam", "--max-epochs", "300", "--lr", "0.05", "--sharpness-epochs", "3"]
+TINY = ["--n-train", "60", "--n-test", "150", "--attack-sizes", "0", "20", "--seeds", "1", "--successful-runs", "1",
+        "--optimizers", "sgd", "adam", "--max-epochs", "300", "--lr", "0.05", "--sharpness-epochs", "3"]
 
 
 def _tiny_config(out, **overrides):
-    settings = dict(n_train=60, n_test=150, attack_sizes=[0, 20], seeds=1, optimizers=["sgd", "adam"],
-                    max_epochs=300, lr=0.05, sharpness_epochs=3, out=str(out))  # |S| = 60: 2 SGD steps an epoch
+    # |S| = 60: 2 SGD steps an epoch
+    settings = dict(n_train=60, n_test=150, attack_sizes=[0, 20], seeds=1, successful_runs=1,
+                    optimizers=["sgd", "adam"], max_epochs=300, lr=0.05, sharpness_epochs=3, out=str(out))
     settings.update(overrides)
     return Config(**settings)
 
@@ -365,12 +366,12 @@ def test_cifar10_batches_give_the_cat_vs_car_task(cifar_dir):
     X, y = read_cifar10(cifar_dir, [f"data_batch_{i}" for i in range(1, 6)])
     classes = np.round(X[:, 0] * 255).astype(int)
     assert set(classes) == {1, 3} and len(classes) > 40 and X.shape[1] == 3072 and 0.0 <= X.min() and X.max() <= 1.0
-    np.testing.assert_array_equal(y, (classes == 1).astype(int))  # car -> 1, cat -> 0
+    np.testing.assert_array_equal(y, (classes == 3).astype(int))  # the authors' mapping: car -> 0, cat -> 1
     config = Config(data="cifar10", data_dir=str(cifar_dir), n_train=20, attack_sizes=[0, 5])
     X_pool, y_pool, X_test, y_test = config.load_data()
     n_test_available = len(read_cifar10(cifar_dir / "cifar-10-batches-py", ["test_batch"])[1])
     assert X_pool.shape == (25, 3072) and X_test.shape == (n_test_available, 3072)  # |E| <= the authors' 2000
-    np.testing.assert_array_equal(y_test, (np.round(X_test[:, 0] * 255) == 1).astype(int))
+    np.testing.assert_array_equal(y_test, (np.round(X_test[:, 0] * 255) == 3).astype(int))
     with pytest.raises(ValueError, match="--n-train/--attack-sizes/--n-test: 500 training"):
         Config(data="cifar10", data_dir=str(cifar_dir), n_train=500, attack_sizes=[0]).load_data()
 
@@ -401,10 +402,13 @@ def test_cnn_on_cifar10_from_the_command_line(cifar_dir, tmp_path):
     result = subprocess.run([sys.executable, "-m", "flatfast", "reproduce", "--data", "cifar10", "--data-dir",
                              str(cifar_dir), "--arch", "cnn", "--channels", "4", "--kernel-samples", "8",
                              "--n-train", "16", "--n-test", "12", "--attack-sizes", "0", "4", "--seeds", "1",
-                             "--optimizers", "sgd", "--max-epochs", "300", "--lr", "0.05", "--sharpness-epochs", "2",
-                             "--out", str(out)], capture_output=True, text=True)
+                             "--successful-runs", "0", "--optimizers", "sgd", "--max-epochs", "300", "--lr", "0.05",
+                             "--sharpness-epochs", "2", "--out", str(out)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "CNN on cifar10, |S| = 16, |E| = 12" in result.stdout
+    # the authors' E3 settings fill in what was not given (batch 128, eps 1e-5), and say so
+    assert "--data cifar10 takes the authors' E3 settings: batch_size = 128, sharpness_eps = 1e-05" in result.stdout
+    assert json.loads((out / "config.json").read_text())["batch_size"] == 128
     rows = read_table(out / "results.csv")
     assert len(rows) == 4 and all(r["data"] == "cifar10" for r in rows)
     assert json.loads((out / "config.json").read_text())["arch"] == "cnn"
@@ -500,3 +504,18 @@ def test_shard_auto_reads_the_slurm_array_and_merges_to_the_whole(tmp_path, refe
         from flatfast.experiments.cli import parse_shard
 
         parse_shard("auto")
+
+
+def test_successful_runs_try_more_seeds_until_enough_fit_S(tmp_path):
+    """--successful-runs 2 with an epoch cap no network meets: each (optimizer, |A|) tries new seeds, one per
+    missing success, up to --max-seeds 3, says so, and says which groups ended short."""
+    lines = []
+    config = _tiny_config(tmp_path / "short", optimizers=["adam"], attack_sizes=[0], seeds=1, successful_runs=2,
+                          max_seeds=3, max_epochs=1)
+    rows = read_table(run(config, log=lines.append))
+    assert sorted(int(r["seed"]) for r in rows) == [0, 1, 2] and not any(r["reached_100_on_S"] for r in rows)
+    assert any("--successful-runs 2: adam |A| = 0 fitted S in 0 of 1 seed(s); trying seed(s) 1, 2" in line
+               for line in lines), lines
+    assert any("adam |A| = 0 fitted S in only 0 of 3 seed(s) (--max-seeds 3" in line for line in lines), lines
+    with pytest.raises(ValueError, match="--max-seeds: must be >= --seeds and --successful-runs"):
+        _tiny_config(tmp_path / "bad", successful_runs=5, max_seeds=3).validate()

@@ -36,6 +36,20 @@ def interrupted_message(table, out):
             f"`flatfast reproduce --resume --out {out}`")
 
 
+def _with_e3_settings(overrides, quick):
+    """The authors' CIFAR-10 (E3) settings for every one not given on the command line (with --quick, not |S|
+    and |A|: the reduced run keeps its own), and one line saying which were applied."""
+    from flatfast.experiments.config import CIFAR10_E3
+
+    applied = {k: v for k, v in CIFAR10_E3.items() if k not in overrides
+               and not (quick and k in ("n_train", "attack_sizes"))}
+    if applied:
+        print("flatfast reproduce: --data cifar10 takes the authors' E3 settings: " + ", ".join(
+            f"{k} = {v[0]}..{v[-1]} by {v[1] - v[0]}" if isinstance(v, list) else f"{k} = {v}"
+            for k, v in applied.items()), flush=True)
+    return {**applied, **overrides}
+
+
 def main(args) -> int:
     temporal_only = [flag for field, flag in (("post_epochs", "--post-epochs"), ("every", "--every"))
                      if getattr(args, field, None) is not None]
@@ -50,8 +64,8 @@ def main(args) -> int:
             return 0
         overrides = {}
         for field in ("data", "data_dir", "arch", "channels", "kernel_samples", "trace_method", "n_train", "n_test",
-                      "attack_sizes", "seeds", "optimizers", "max_epochs", "lr", "likelihood", "out",
-                      "sharpness_method", "sharpness_epochs"):
+                      "attack_sizes", "seeds", "successful_runs", "max_seeds", "optimizers", "max_epochs", "lr",
+                      "likelihood", "out", "sharpness_method", "sharpness_epochs"):
             value = getattr(args, field, None)
             if value is not None:
                 overrides[field] = value
@@ -66,6 +80,8 @@ def main(args) -> int:
             # a change is refused by prepare_output, naming it)
             config = Config(**{**json.loads(saved.read_text()), **overrides})
         else:
+            if overrides.get("data") == "cifar10":
+                overrides = _with_e3_settings(overrides, args.quick)
             config = Config.quick(**overrides) if args.quick else Config(**overrides)
         t0 = time.perf_counter()
         grid.run(config, resume=args.resume, log=lambda s: print(s, flush=True), jobs=jobs)

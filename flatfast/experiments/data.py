@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 
 DATASETS = ("digits", "mnist", "cifar10")
-# CIFAR-10 class indices of the paper's binary task (cat vs car): automobile -> label 1, cat -> label 0.
-CIFAR_CLASSES = {1: 1, 3: 0}
+# CIFAR-10 class indices of the paper's binary task, as the authors label it: automobile -> 0, cat -> 1.
+CIFAR_CLASSES = {1: 0, 3: 1}
 
 
 def load_data(data, data_dir=None, *, pool, n_test=None):
@@ -65,9 +65,9 @@ def _pool_and_test(pool, n_test, Xtr, ytr, Xte, yte, default_n_test, what):
 
 def read_cifar10(directory, names):
     """The cat and car images of the named CIFAR-10 python batches (pickled dicts with b"data", uint8 of shape
-    (m, 3072) in channel-major order, and b"labels"), as float64 in [0, 1] of shape (m', 3072) and labels 1 (car)
-    / 0 (cat). The files are read from ``directory`` or its ``cifar-10-batches-py`` subfolder, unpickled with
-    nothing but numpy arrays allowed (a pickle naming any other callable is refused, not run)."""
+    (m, 3072) in channel-major order, and b"labels"), as float64 in [0, 1] of shape (m', 3072) and the authors'
+    labels 0 (car) / 1 (cat). The files are read from ``directory`` or its ``cifar-10-batches-py`` subfolder,
+    unpickled with nothing but numpy arrays allowed (a pickle naming any other callable is refused, not run)."""
     base = Path(directory)
     if not (base / names[0]).exists() and (base / "cifar-10-batches-py" / names[0]).exists():
         base = base / "cifar-10-batches-py"

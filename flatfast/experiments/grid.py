@@ -13,7 +13,7 @@ import numpy as np
 from flatfast.experiments.config import NOT_COMPARED, Config, config_differences, recorded_warnings
 from flatfast.experiments.measurement import layer_factors, measure, prior_kernel, rescalings
 from flatfast.experiments.statistics import summarise
-from flatfast.experiments.table import FIELDS, DurableTable, prepare_output, row_key
+from flatfast.experiments.table import FIELDS, DurableTable, prepare_output, read_table, row_key
 from flatfast.experiments.training import make_model, run_seed, train
 
 
@@ -56,17 +56,21 @@ def run(config: Config, *, resume=False, log=print, jobs=1):
 
     shared = dict(S=S, A=(A_X, A_y), X_test=X_test, y_test=y_test, K=K, log_p_S=log_p_S, bound=bound)
     with DurableTable(table, FIELDS) as results:
-        for rows in _configurations(config, shared, todo, done, jobs, log):
-            for row, messages in rows:
-                results.append(row)
-                log(f"  {row['optimizer']:<11} |A| = {row['attack_size']:<4} seed {row['seed']}"
-                    f"{' rescaled' if row['rescaled'] else ''}: {row['epochs']} epochs"
-                    f"{'' if row['reached_100_on_S'] else ' (never 100 % on S: left out of the statistics)'}, "
-                    f"test error {row['test_error']:.3f}, log P(f) {row['log_p_' + config.likelihood]:.2f}, "
-                    f"trace {row['trace']:.3g}, top eig {row['top_eigenvalue']:.3g}, "
-                    f"sharpness {row['sharpness']:.3g}")
-                for message in messages:
-                    log(f"    warning: {message}")
+        while todo:
+            for rows in _configurations(config, shared, todo, done, jobs, log):
+                for row, messages in rows:
+                    results.append(row)
+                    log(f"  {row['optimizer']:<11} |A| = {row['attack_size']:<4} seed {row['seed']}"
+                        f"{' rescaled' if row['rescaled'] else ''}: {row['epochs']} epochs"
+                        f"{'' if row['reached_100_on_S'] else ' (never 100 % on S: left out of the statistics)'}, "
+                        f"test error {row['test_error']:.3f}, log P(f) {row['log_p_' + config.likelihood]:.2f}, "
+                        f"trace {row['trace']:.3g}, top eig {row['top_eigenvalue']:.3g}, "
+                        f"sharpness {row['sharpness']:.3g}")
+                    for message in messages:
+                        log(f"    warning: {message}")
+            done = _rows_done(table)
+            todo = _more_seeds(config, table, log)
+    _report_short_groups(config, table, log)
     summarise(table, config, log=log)
     return table
 
@@ -77,6 +81,39 @@ def _rows_done(table):
         return set()
     with open(table, newline="") as fh:
         return {row_key(r) for r in csv.DictReader(fh)}
+
+
+def _more_seeds(config, table, log):
+    """The configurations --successful-runs still asks for: in each (optimizer, |A|) group whose networks fitted
+    S fewer than successful_runs times, as many new seeds as successes are missing (the lowest not yet tried,
+    below max_seeds), and any seed whose rows are incomplete."""
+    rows = read_table(table) if Path(table).exists() else []
+    todo = []
+    for optimizer_name, attack in config.groups():
+        mine = [r for r in rows if r["optimizer"] == optimizer_name and int(r["attack_size"]) == attack]
+        flags = {}
+        for r in mine:
+            flags.setdefault(int(r["seed"]), set()).add(r["rescaled"])
+        partial = [s for s, f in flags.items() if not f >= set(rescalings(optimizer_name))]
+        fitted = sum(r["reached_100_on_S"] and not r["rescaled"] for r in mine)
+        missing = config.successful_runs - fitted
+        fresh = [s for s in range(config.max_seeds) if s not in flags][:max(0, missing)]
+        todo += [(optimizer_name, attack, s) for s in sorted(partial) + fresh]
+        if fresh:
+            log(f"--successful-runs {config.successful_runs}: {optimizer_name} |A| = {attack} fitted S in {fitted} "
+                f"of {len(flags)} seed(s); trying seed(s) {', '.join(map(str, fresh))}")
+    return todo
+
+
+def _report_short_groups(config, table, log):
+    """One line per group that ended with fewer networks fitted to S than --successful-runs asked for."""
+    rows = [r for r in read_table(table) if not r["rescaled"]]
+    for optimizer_name, attack in config.groups():
+        mine = [r for r in rows if r["optimizer"] == optimizer_name and int(r["attack_size"]) == attack]
+        fitted = sum(r["reached_100_on_S"] for r in mine)
+        if fitted < config.successful_runs:
+            log(f"--successful-runs {config.successful_runs}: {optimizer_name} |A| = {attack} fitted S in only "
+                f"{fitted} of {len(mine)} seed(s) (--max-seeds {config.max_seeds}, --max-epochs {config.max_epochs})")
 
 
 def run_configuration(config, shared, optimizer_name, attack, seed, done):
