@@ -43,6 +43,7 @@ class Config:
     lr: float = 0.01
     batch_size: int = 32
     max_epochs: int = 50000
+    train_precision: str = "float32"
     likelihood: str = "probit"
     alpha: float = 5.9
     divided_layer: int = 0
@@ -91,6 +92,8 @@ class Config:
              f"must be >= --seeds and --successful-runs, got {self.max_seeds}")
         need(self.max_epochs >= 1, "--max-epochs", f"must be >= 1, got {self.max_epochs}")
         need(self.lr > 0, "--lr", f"must be > 0, got {self.lr}")
+        need(self.train_precision in ("float32", "float64"), "--train-precision",
+             f"must be float32 or float64, got {self.train_precision!r}")
         need(len(self.optimizers) >= 1, "--optimizers", "needs at least one optimizer")
         for name in self.optimizers:
             need(name in OPTIMIZERS, "--optimizers", f"unknown optimizer {name!r} ({', '.join(OPTIMIZERS)})")

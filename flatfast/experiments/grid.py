@@ -2,6 +2,7 @@
 processes, its rows appended to the durable table; shards of the grid merged into one table."""
 import csv
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -14,7 +15,7 @@ from flatfast.experiments.config import NOT_COMPARED, Config, config_differences
 from flatfast.experiments.measurement import layer_factors, measure, prior_kernel, rescalings
 from flatfast.experiments.statistics import summarise
 from flatfast.experiments.table import FIELDS, DurableTable, prepare_output, read_table, row_key
-from flatfast.experiments.training import make_model, run_seed, train
+from flatfast.experiments.training import every_seconds, make_model, run_seed, train
 
 
 def run(config: Config, *, resume=False, log=print, jobs=1):
@@ -116,7 +117,7 @@ def _report_short_groups(config, table, log):
                 f"{fitted} of {len(mine)} seed(s) (--max-seeds {config.max_seeds}, --max-epochs {config.max_epochs})")
 
 
-def run_configuration(config, shared, optimizer_name, attack, seed, done):
+def run_configuration(config, shared, optimizer_name, attack, seed, done, log=print):
     """Train the (optimizer, |A|, seed) network and measure it (and, for SGD, its alpha-scaled copy): a list of
     (row, warning messages) for the rows not in ``done``. ``shared`` holds what every configuration uses (S, the
     attack pool, the test set, the prior kernel, log P(U) and the PAC-Bayes bound). Deterministic given its
@@ -129,10 +130,17 @@ def run_configuration(config, shared, optimizer_name, attack, seed, done):
     A = (A_X[:attack], A_y[:attack])
     config_seed = run_seed(seed, attack, optimizer_name)
     model = make_model(config, S[0].shape[1], config_seed)
+    if config.train_precision == "float32":  # the authors' training precision; drawn, then measured, in float64
+        model = model.float()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        epochs, reached, accuracy_S, accuracy_A = train(model, S, A, optimizer_name, config, config_seed)
+        say = every_seconds(log)
+        epochs, reached, accuracy_S, accuracy_A = train(
+            model, S, A, optimizer_name, config, config_seed,
+            progress=lambda epoch, acc: say(f"  {optimizer_name:<11} |A| = {attack:<4} seed {seed}: training, "
+                                            f"epoch {epoch}, accuracy on S {acc:.3f}"))
     training_warnings = recorded_warnings(caught)
+    model = model.double()
     n_weighted = len(weighted_layer_positions(model))
     out = []
     for rescaled in rescalings(optimizer_name):
@@ -175,7 +183,8 @@ def _init_worker(shared, threads):
 
 
 def _run_in_worker(config, optimizer_name, attack, seed, done):
-    return run_configuration(config, _WORKER["shared"], optimizer_name, attack, seed, done)
+    return run_configuration(config, _WORKER["shared"], optimizer_name, attack, seed, done,
+                             log=functools.partial(print, flush=True))
 
 
 def _configurations(config, shared, todo, done, jobs, log):
@@ -184,7 +193,7 @@ def _configurations(config, shared, todo, done, jobs, log):
     the order of the rows)."""
     if jobs <= 1 or len(todo) <= 1:
         for optimizer_name, attack, seed in todo:
-            yield run_configuration(config, shared, optimizer_name, attack, seed, done)
+            yield run_configuration(config, shared, optimizer_name, attack, seed, done, log)
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed

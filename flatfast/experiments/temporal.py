@@ -126,7 +126,7 @@ def run_temporal(config: TemporalConfig, *, resume=False, log=print):
     import flatfast
     from flatfast.experiments.data import load_data
     from flatfast.experiments.table import DurableTable, prepare_output
-    from flatfast.experiments.training import fit, make_network, train_epoch
+    from flatfast.experiments.training import every_seconds, fit, make_network, train_epoch
 
     config.validate()
     out = Path(config.out)
@@ -162,7 +162,10 @@ def run_temporal(config: TemporalConfig, *, resume=False, log=print):
             done = {(int(r["epoch"]), r["phase"]) for r in csv.DictReader(fh)}
         log(f"flatfast reproduce --experiment temporal: resuming after epoch {epoch} past fitting S")
     else:
-        fit_epochs, reached, _ = fit(model, opt, "sgd", Xt, yt, S, config.batch_size, gen, config.max_epochs)
+        say = every_seconds(log)
+        fit_epochs, reached, _ = fit(model, opt, "sgd", Xt, yt, S, config.batch_size, gen, config.max_epochs,
+                                     lambda epoch, acc: say(f"  fitting S with SGD: epoch {epoch}, accuracy on S "
+                                                            f"{acc:.3f}"))
         if not reached:
             raise RuntimeError(f"--max-epochs: SGD did not fit S in {config.max_epochs} epochs")
         epoch, rescaled = 0, False

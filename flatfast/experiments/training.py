@@ -116,27 +116,47 @@ def accuracy(model, X, y):
     return float(np.mean(flatfast.function_of(model, torch.from_numpy(X)) == 2 * y - 1))
 
 
-def fit(model, opt, optimizer_name, Xt, yt, S, batch_size, gen, max_epochs):
+def fit(model, opt, optimizer_name, Xt, yt, S, batch_size, gen, max_epochs, progress=None):
     """Epochs of minibatches on (Xt, yt) until the first after which every point of S is classified correctly
-    (the authors' rule), or max_epochs: (epochs, reached, accuracy on S)."""
+    (the authors' rule), or max_epochs: (epochs, reached, accuracy on S). ``progress(epoch, accuracy on S)`` is
+    called after every epoch."""
     for epoch in range(1, max_epochs + 1):
         train_epoch(model, opt, optimizer_name, Xt, yt, batch_size, gen)
         accuracy_S = accuracy(model, *S)
+        if progress is not None:
+            progress(epoch, accuracy_S)
         if accuracy_S == 1.0:
             return epoch, True, accuracy_S
     return max_epochs, False, accuracy_S
 
 
-def train(model, S, A, optimizer_name, config, seed):
+def train(model, S, A, optimizer_name, config, seed, progress=None):
     """Train on S u A until the first epoch after which every point of S is classified correctly (A need not be
     fitted), or max_epochs. Returns (epochs, reached, accuracy on S, accuracy on A)."""
     import torch
 
     X = np.concatenate([S[0], A[0]])
     y = np.concatenate([S[1], A[1]])
-    Xt, yt = torch.from_numpy(X), torch.from_numpy(y.astype(np.float64))[:, None]
+    dtype = next(model.parameters()).dtype  # the training precision (the measurements run in float64)
+    Xt, yt = torch.from_numpy(X).to(dtype), torch.from_numpy(y.astype(np.float64)).to(dtype)[:, None]
     opt = make_optimizer(model, optimizer_name, config, seed)
     gen = torch.Generator().manual_seed(seed)
     epochs, reached, accuracy_S = fit(model, opt, optimizer_name, Xt, yt, S, config.batch_size, gen,
-                                      config.max_epochs)
+                                      config.max_epochs, progress)
     return epochs, reached, accuracy_S, accuracy(model, *A)
+
+
+def every_seconds(log, seconds=10.0):
+    """A ``say(message)`` that passes a message to ``log`` when ``seconds`` have passed since it last did (or
+    since it was made): a line at least that often through long training, and no flood."""
+    import time
+
+    last = [time.perf_counter()]
+
+    def say(message):
+        now = time.perf_counter()
+        if now - last[0] >= seconds:
+            last[0] = now
+            log(message)
+
+    return say
