@@ -20,7 +20,9 @@ class EPResult:
     sweeps, converged, damping (the final damping factor, 1 = undamped), max_site_change (the last proposed,
     undamped relative change of the site parameters), log_z_history (log Z_EP after each
     sweep), seconds, likelihood, method, ep_log_z (plain EP's value), ess (importance sampling's effective
-    sample size), n_samples, float32_sweeps (of ``sweeps``, how many ran in float32 under precision="mixed").
+    sample size), n_samples, float32_sweeps (of ``sweeps``, how many ran in float32 under precision="mixed"),
+    correction (Opper, Paquet & Winther's second-order correction to log_z, with ``correction=True``; see
+    :func:`flatfast.log_prior`) and corrected_log_z.
     """
 
     log_z: float
@@ -42,6 +44,12 @@ class EPResult:
     site_precision: Optional[np.ndarray] = dataclasses.field(default=None, repr=False)
     site_natural_mean: Optional[np.ndarray] = dataclasses.field(default=None, repr=False)
     labels: Optional[np.ndarray] = dataclasses.field(default=None, repr=False)  # the signs it was run for
+    correction: Optional[float] = None
+
+    @property
+    def corrected_log_z(self):
+        """log_z plus the second-order correction (None unless it was asked for with ``correction=True``)."""
+        return None if self.correction is None else self.log_z + self.correction
 
     def __float__(self):
         return float(self.log_z)
