@@ -519,3 +519,22 @@ def test_successful_runs_try_more_seeds_until_enough_fit_S(tmp_path):
     assert any("adam |A| = 0 fitted S in only 0 of 3 seed(s) (--max-seeds 3" in line for line in lines), lines
     with pytest.raises(ValueError, match="--max-seeds: must be >= --seeds and --successful-runs"):
         _tiny_config(tmp_path / "bad", successful_runs=5, max_seeds=3).validate()
+
+
+def test_the_network_trained_is_the_priors_own_draw():
+    """make_network draws with the function the empirical kernel draws with (one prior, written once), from its
+    own generator: re-drawing a copy with that function and seed gives the same weights."""
+    import copy
+
+    from flatfast.empirical import _draw_from_prior
+    from flatfast.experiments import make_network
+
+    model = make_network(8, 5, seed=7)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.zero_()
+        _draw_from_prior(twin, torch.Generator().manual_seed(7), 2.0, 1.0)
+    for ours, theirs in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(ours, theirs)
+    assert not torch.equal(make_network(8, 5, seed=8)[0].weight, model[0].weight)

@@ -45,17 +45,16 @@ def make_cnn(image_shape, channels, seed):
 
 
 def make_network(d, width, seed):
-    """d-width-width-1 ReLU network, weights N(0, 2/fan_in), biases N(0, 1) (float64)."""
+    """d-width-width-1 ReLU network, weights N(0, 2/fan_in), biases N(0, 1) (float64): the same prior draw as
+    make_cnn's and the empirical kernel's (flatfast.empirical), from its own generator seeded with ``seed``."""
     import torch
 
-    torch.manual_seed(seed)
+    from flatfast.empirical import _draw_from_prior
+
     model = torch.nn.Sequential(torch.nn.Linear(d, width), torch.nn.ReLU(), torch.nn.Linear(width, width),
                                 torch.nn.ReLU(), torch.nn.Linear(width, 1)).double()
     with torch.no_grad():
-        for m in model:
-            if isinstance(m, torch.nn.Linear):
-                m.weight.normal_(0.0, math.sqrt(2.0 / m.in_features))
-                m.bias.normal_(0.0, 1.0)
+        _draw_from_prior(model, torch.Generator().manual_seed(seed), 2.0, 1.0)
     return model
 
 
