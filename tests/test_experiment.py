@@ -517,6 +517,14 @@ def test_successful_runs_try_more_seeds_until_enough_fit_S(tmp_path):
     assert any("--successful-runs 2: adam |A| = 0 fitted S in 0 of 1 seed(s); trying seed(s) 1, 2" in line
                for line in lines), lines
     assert any("adam |A| = 0 fitted S in only 0 of 3 seed(s) (--max-seeds 3" in line for line in lines), lines
+    # stopped during the extra seeds (seed 2's row lost): --resume runs the extra seed again
+    table = tmp_path / "short" / "results.csv"
+    lines_kept = table.read_text().splitlines(keepends=True)
+    kept = [line for line in lines_kept if not line.startswith("digits,adam,0,2,")]
+    table.write_text("".join(kept))
+    assert len(read_table(table)) == 2
+    rows = read_table(run(config, resume=True, log=lambda s: None))
+    assert sorted(int(r["seed"]) for r in rows) == [0, 1, 2]
     with pytest.raises(ValueError, match="--max-seeds: must be >= --seeds and --successful-runs"):
         _tiny_config(tmp_path / "bad", successful_runs=5, max_seeds=3).validate()
 

@@ -38,6 +38,7 @@ def run(config: Config, *, resume=False, log=print, jobs=1):
     if resume and table.exists():
         log(f"--resume: {len(grid) - len(todo)} of {len(grid)} configurations are in {table} already and are "
             "skipped")
+        todo = todo or _more_seeds(config, table, log)  # stopped during --successful-runs' extra seeds
 
     S = (X_pool[: config.n_train], y_pool[: config.n_train])
     A_X, A_y = X_pool[config.n_train:], 1 - y_pool[config.n_train:]  # deliberately wrong labels
