@@ -197,7 +197,8 @@ def log_orthant_probability(Sigma, *, n_samples, seed):
 # --- log P(f) by tilting, from an EP run: the glue log_prior(method="tilting") calls ------------------------
 
 def tilting_estimate(K, y, ep, *, n_samples, seed, shift=0.0):
-    """P(f) by the minimax-tilting importance sampler above (log_orthant_probability) on Sigma = diag(y) (K + shift I) diag(y).
+    """P(f) by the minimax-tilting importance sampler above (log_orthant_probability) on
+    Sigma = diag(y) (K + shift I) diag(y).
 
     Exact duplicates (correlation +1, equal labels; the impossible cases returned -inf earlier) carry one
     constraint twice and make Sigma singular, so all but one of each group are dropped first: P is unchanged.

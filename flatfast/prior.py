@@ -26,6 +26,7 @@ _RETIRED_METHODS = {
              "under the Heaviside likelihood and collapses beyond a few dozen points, so its error bar could not "
              "be backed; method='tilting' replaces it"}
 
+
 def log_prior(X, y, *, depth=2, sigma_w2=2.0, sigma_b2=1.0, likelihood="heaviside", method="ep", tol=1e-6,
               max_sweeps=200, backend="auto", return_info=False, n_samples=20000, seed=0, precision="float64",
               kernel=None, model=None, kernel_samples=None, samples=None, progress=None, correction=False):
@@ -165,6 +166,7 @@ def log_prior(X, y, *, depth=2, sigma_w2=2.0, sigma_b2=1.0, likelihood="heavisid
                      max_sweeps=max_sweeps, return_info=return_info, n_samples=n_samples, seed=seed,
                      precision=precision, progress=progress, correction=correction)
 
+
 def ep_log_evidence(K, y, *, likelihood="heaviside", method="ep", tol=1e-6, max_sweeps=200, return_info=False,
                     n_samples=20000, seed=0, check_psd=True, warm_start=None, precision="float64", progress=None,
                     correction=False):
@@ -234,6 +236,7 @@ def ep_log_evidence(K, y, *, likelihood="heaviside", method="ep", tol=1e-6, max_
                      max_sweeps=max_sweeps, return_info=return_info, n_samples=n_samples, seed=seed, init=init,
                      precision=precision, check_psd=check_psd, progress=progress, correction=correction)
 
+
 # --- validation -------------------------------------------------------------------------------------------
 
 def _labels(y, n):
@@ -257,11 +260,13 @@ def _labels(y, n):
         raise ValueError(f"y: labels must be in {{-1, +1}} or {{0, 1}}; found {values[:5].tolist()}")
     return np.atleast_2d(signs)
 
+
 def _check_method(method):
     if method in _RETIRED_METHODS:
         raise ValueError(f"method: {_RETIRED_METHODS[method]}")
     if method not in _METHODS:
         raise ValueError(f"method: expected one of {_METHODS}, got {method!r}")
+
 
 def _module_for_input(X):
     """The array module EP will run on for inputs like X (cupy for CUDA tensors when it can run there)."""
@@ -272,6 +277,7 @@ def _module_for_input(X):
 
         return cupy
     return np
+
 
 def _check_correction(correction, method):
     if not isinstance(correction, bool):
@@ -302,6 +308,7 @@ def _guard_memory(n, likelihood, method, caller, *, xp=np, new_arrays=0, n_sampl
     where = "" if xp is np else " on the GPU"
     memory_guard(arrays * 8.0 * n * n + extra, f"{caller} on n = {n} points{where} ({arrays:g} new float64 n x n "
                  "arrays: " + ("the kernel, " if new_arrays else "") + what + ")", available=free_bytes(xp))
+
 
 def _evidence(K, labels, *, y_was_2d, likelihood, method, tol, max_sweeps, return_info, n_samples, seed, init=None,
               precision="float64", check_psd=False, progress=None, correction=False):
@@ -354,6 +361,7 @@ def _evidence(K, labels, *, y_was_2d, likelihood, method, tol, max_sweeps, retur
     values = np.array([r.log_z for r in results])
     return values if y_was_2d else float(values[0])
 
+
 def _nearest_fixed_point(labels, solved):
     """Warm start for one of several labellings of the same inputs: the sites of the solved labelling that
     differs in the fewest points, with nu_i negated where the label flips (the Heaviside site of -y_i is the
@@ -364,8 +372,3 @@ def _nearest_fixed_point(labels, solved):
     other, res = solved[int(np.argmin(distances))]
     flip = xp_of(res.site_natural_mean).asarray(labels * other)
     return res.site_precision, res.site_natural_mean * flip
-
-# --- the solver --------------------------------------------------------------------------------------------
-
-# --- minimax tilting ---------------------------------------------------------------------------------------
-
