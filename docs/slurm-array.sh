@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The full grid of `flatfast reproduce` on a Slurm cluster, one array task per shard (--shard auto reads
-# SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT: task i runs every N-th configuration from the i-th). Submit the
-# array, then a merge that starts when every task has succeeded:
+# SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT: task i runs every N-th (optimizer, |A|) group from the i-th).
+# Submit the array, then a merge that starts when every task has succeeded:
 #
 #   jobid=$(sbatch --parsable docs/slurm-array.sh)
 #   sbatch --dependency=afterok:$jobid --wrap "flatfast reproduce --merge flatfast-grid/shard-* --out flatfast-grid/merged"

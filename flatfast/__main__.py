@@ -126,7 +126,8 @@ def main(argv=None) -> int:
     rep.add_argument("--jobs", type=int,
                      help="run the grid's configurations in N local worker processes, each with its share of the "
                           "cores' threads (default 1); the rows are those of a serial run")
-    rep.add_argument("--shard", help="i/N: run every N-th configuration of the grid, starting at i (for job arrays); "
+    rep.add_argument("--shard", help="i/N: run every N-th (optimizer, attack size) group of the grid, starting at i, "
+                                     "with all its seeds (for job arrays); "
                                      "auto: i and N from Slurm's SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT "
                                      "(docs/slurm-array.sh runs the whole grid that way and merges it)")
     rep.add_argument("--merge", nargs="+", metavar="DIR",

@@ -19,8 +19,9 @@ trace exact (the network is piecewise linear in each parameter). ``--data cifar1
 batches for their car-vs-cat task.
 
 Rows are appended to results.csv as each network finishes, so a killed run loses nothing and ``--resume``
-continues it (with the same settings only). ``--shard i/N`` runs every N-th configuration of the grid and
-``--merge`` combines shard directories. ``--experiment temporal`` is the paper's Fig. 5 (flatfast.experiments.temporal).
+continues it (with the same settings only). ``--shard i/N`` runs every N-th (optimizer, |A|) group of the grid
+and ``--merge`` combines shard directories. ``--experiment temporal`` is the paper's Fig. 5
+(flatfast.experiments.temporal).
 
 The package, one idea a module: ``config`` (the settings and their checks), ``data`` (the data sets),
 ``training`` (the networks and the training rule), ``measurement`` (what is recorded of a network), ``table``
