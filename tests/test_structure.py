@@ -62,8 +62,9 @@ def test_dispatcher_and_loaders_know_no_clients():
 
 
 def test_auto_ranks_the_measured_safe_paths_first_on_cuda():
-    """No GPU has measured the hand-written CUDA C++ kernels, so on CUDA tensors 'auto' tries cuBLAS (torch) for
-    the R-operator and Triton for the NNGP kernel before them; on the CPU the measured order stands."""
+    """On CUDA tensors 'auto' tries cuBLAS (torch) for the R-operator and Triton for the NNGP kernel before the
+    hand-written CUDA C++ kernels, which an H100 measured slower (flatfast/_registry.py has the figures); on the
+    CPU the measured order stands."""
     import flatfast._registry  # noqa: F401
     from flatfast._dispatch import _REGISTRY
 
