@@ -204,6 +204,7 @@ def test_runs_that_never_fit_S_are_left_out_of_the_statistics():
     (["--experiment", "temporal", "--arch", "cnn"], "--arch apply to --experiment main only"),
     (["--post-epochs", "10"], "--post-epochs apply to --experiment temporal only"),
     (["--experiment", "temporal", "--attack-sizes", "100"], "--attack-sizes apply to the main experiment"),
+    (["--experiment", "temporal", "--successful-runs", "2"], "--successful-runs apply to the main experiment"),
     (["--experiment", "temporal", "--every", "0"], "--every: must be >= 1"),
 ])
 def test_bad_arguments_say_which_and_write_nothing(tmp_path, capsys, args, message):

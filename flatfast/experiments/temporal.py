@@ -275,8 +275,9 @@ def plot_temporal(rows, path, config):
     plt.close(fig)
 
 
-_MAIN_ONLY = {"attack_sizes": "--attack-sizes", "seeds": "--seeds", "optimizers": "--optimizers", "jobs": "--jobs",
-              "likelihood": "--likelihood", "sharpness_method": "--sharpness", "shard": "--shard"}
+_MAIN_ONLY = {"attack_sizes": "--attack-sizes", "seeds": "--seeds", "successful_runs": "--successful-runs",
+              "max_seeds": "--max-seeds", "optimizers": "--optimizers", "jobs": "--jobs", "likelihood": "--likelihood",
+              "sharpness_method": "--sharpness", "shard": "--shard"}
 
 
 def main(args) -> int:
