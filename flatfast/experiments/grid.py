@@ -38,7 +38,6 @@ def run(config: Config, *, resume=False, log=print, jobs=1):
     if resume and table.exists():
         log(f"--resume: {len(grid) - len(todo)} of {len(grid)} configurations are in {table} already and are "
             "skipped")
-        todo = todo or _more_seeds(config, table, log)  # stopped during --successful-runs' extra seeds
 
     S = (X_pool[: config.n_train], y_pool[: config.n_train])
     A_X, A_y = X_pool[config.n_train:], 1 - y_pool[config.n_train:]  # deliberately wrong labels
@@ -57,6 +56,9 @@ def run(config: Config, *, resume=False, log=print, jobs=1):
         f"(delta = {config.pac_bayes_delta:g})")
 
     shared = dict(S=S, A=(A_X, A_y), X_test=X_test, y_test=y_test, K=K, log_p_S=log_p_S, bound=bound)
+    short = []
+    if not todo:  # a resumed run whose grid is done may have stopped among --successful-runs' extra seeds
+        todo, short = _more_seeds(config, table, log)
     with DurableTable(table, FIELDS) as results:
         while todo:
             for rows in _configurations(config, shared, todo, done, jobs, log):
@@ -71,8 +73,9 @@ def run(config: Config, *, resume=False, log=print, jobs=1):
                     for message in messages:
                         log(f"    warning: {message}")
             done = _rows_done(table)
-            todo = _more_seeds(config, table, log)
-    _report_short_groups(config, table, log)
+            todo, short = _more_seeds(config, table, log)
+    for line in short:
+        log(line)
     summarise(table, config, log=log)
     return table
 
@@ -86,11 +89,12 @@ def _rows_done(table):
 
 
 def _more_seeds(config, table, log):
-    """The configurations --successful-runs still asks for: in each (optimizer, |A|) group whose networks fitted
-    S fewer than successful_runs times, as many new seeds as successes are missing (the lowest not yet tried,
-    below max_seeds), and any seed whose rows are incomplete."""
+    """What --successful-runs still asks for, from the table: (configurations, short). In each (optimizer, |A|)
+    group whose networks fitted S fewer than successful_runs times, as many new seeds as successes are missing
+    (the lowest not yet tried, below max_seeds), and any seed whose rows are incomplete; ``short``, one line per
+    group still short with nothing left to try (the lines the run ends with once nothing is left anywhere)."""
     rows = read_table(table) if Path(table).exists() else []
-    todo = []
+    todo, short = [], []
     for optimizer_name, attack in config.groups():
         mine = [r for r in rows if r["optimizer"] == optimizer_name and int(r["attack_size"]) == attack]
         flags = {}
@@ -104,18 +108,11 @@ def _more_seeds(config, table, log):
         if fresh:
             log(f"--successful-runs {config.successful_runs}: {optimizer_name} |A| = {attack} fitted S in {fitted} "
                 f"of {len(flags)} seed(s); trying seed(s) {', '.join(map(str, fresh))}")
-    return todo
-
-
-def _report_short_groups(config, table, log):
-    """One line per group that ended with fewer networks fitted to S than --successful-runs asked for."""
-    rows = [r for r in read_table(table) if not r["rescaled"]]
-    for optimizer_name, attack in config.groups():
-        mine = [r for r in rows if r["optimizer"] == optimizer_name and int(r["attack_size"]) == attack]
-        fitted = sum(r["reached_100_on_S"] for r in mine)
-        if fitted < config.successful_runs:
-            log(f"--successful-runs {config.successful_runs}: {optimizer_name} |A| = {attack} fitted S in only "
-                f"{fitted} of {len(mine)} seed(s) (--max-seeds {config.max_seeds}, --max-epochs {config.max_epochs})")
+        elif missing > 0 and not partial:
+            short.append(f"--successful-runs {config.successful_runs}: {optimizer_name} |A| = {attack} fitted S in "
+                         f"only {fitted} of {len(flags)} seed(s) (--max-seeds {config.max_seeds}, --max-epochs "
+                         f"{config.max_epochs})")
+    return todo, short
 
 
 def run_configuration(config, shared, optimizer_name, attack, seed, done, log=print):
