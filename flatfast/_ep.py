@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from flatfast._kernel_checks import _scan_rows
-from flatfast._xp import linalg_for, xp_of
+from flatfast._xp import linalg_for, to_host, xp_of
 from flatfast.errors import ConvergenceWarning, NotPSDError, warn
 from flatfast.results import EPResult
 
@@ -299,12 +299,9 @@ def second_order_correction(K, y, result, shift=0.0):
     from scipy.linalg import lapack
     from scipy.special import log_ndtr
 
-    from flatfast._validate import to_numpy
-
-    K = K.get() if xp_of(K) is not np else to_numpy(K)
-    y = np.asarray(y.get() if xp_of(y) is not np else y, dtype=np.float64)
-    tau = np.asarray(_host(result.site_precision), dtype=np.float64)
-    nu = np.asarray(_host(result.site_natural_mean), dtype=np.float64)
+    K, y = to_host(K), to_host(y).astype(np.float64)
+    tau = to_host(result.site_precision).astype(np.float64)
+    nu = to_host(result.site_natural_mean).astype(np.float64)
     n = len(y)
     root = np.sqrt(tau)
     # B = I + S^1/2 C S^1/2 = L L^T; V = L^-1 S^1/2 C; Sigma = C - V^T V, C = K + shift I
@@ -334,10 +331,6 @@ def second_order_correction(K, y, result, shift=0.0):
         total += c3[start: start + block] @ rho3 @ c3 / 6.0 + c4[start: start + block] @ (rho3 * rho) @ c4 / 24.0
     total -= np.sum(c3 * c3) / 6.0 + np.sum(c4 * c4) / 24.0  # the i = j terms (rho_ii = 1) are not pairs
     return 0.5 * float(total)
-
-
-def _host(a):
-    return a.get() if xp_of(a) is not np else a
 
 
 def _truncated_hermite_coefficients(y, cav_mean, cav_var, mean, var, log_ndtr, nodes=400):

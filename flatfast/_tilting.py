@@ -205,17 +205,13 @@ def tilting_estimate(K, y, ep, *, n_samples, seed, shift=0.0):
     The sampler runs in float64 numpy on the CPU; a cupy K is copied to the host.
     """
     from flatfast._kernel_checks import _degenerate_pairs
-    from flatfast._validate import to_numpy
-    from flatfast._xp import xp_of
+    from flatfast._xp import to_host, xp_of
     from flatfast.errors import UnreliableEstimateWarning, warn
 
     if xp_of(K) is not np:
         warn("method='tilting' runs on the CPU: the GPU kernel is copied to the host for the sampler",
              RuntimeWarning)
-        K = K.get()
-        y = y.get()
-    K = to_numpy(K)
-    y = to_numpy(y)
+    K, y = to_host(K), to_host(y)
     if shift:
         K = K + shift * np.eye(len(K))
     first, second, _ = _degenerate_pairs(K, np)

@@ -8,7 +8,6 @@ is never formed: its 1 is added on the diagonal inside the pass that writes B.
 """
 from __future__ import annotations
 
-
 import numpy as np
 
 
@@ -19,6 +18,11 @@ def xp_of(a):
 
         return cupy
     return np
+
+
+def to_host(a):
+    """A numpy array for a numpy or cupy array (a cupy array is copied to the host)."""
+    return a.get() if xp_of(a) is not np else np.asarray(a)
 
 
 # --- where EP runs -----------------------------------------------------------------------------------------
