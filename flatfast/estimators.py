@@ -255,6 +255,12 @@ def _tridiagonal_eigh(alphas, betas):
     return np.linalg.eigh(T)
 
 
+def lanczos_iterations(dimension, k, max_iter=None):
+    """The most Lanczos iterations lanczos_eigenvalues runs: max_iter, by default max(4k + 40, 60), and never more
+    than the dimension."""
+    return min(dimension, max_iter or max(4 * k + 40, 60))
+
+
 def lanczos_eigenvalues(matmat: MatMat, dimension: int, *, k=1, max_iter=None, tol=1e-6, seed=0, dtype=None,
                         device="cpu", keep_vectors=False, progress=None) -> EigenResult:
     """Top-k (largest algebraic) eigenvalues by Lanczos with full reorthogonalisation. Stops when every wanted
@@ -272,7 +278,7 @@ def lanczos_eigenvalues(matmat: MatMat, dimension: int, *, k=1, max_iter=None, t
     from flatfast.errors import ConvergenceWarning, warn
 
     dtype = dtype or torch.float64
-    max_iter = min(dimension, max_iter or max(4 * k + 40, 60))
+    max_iter = lanczos_iterations(dimension, k, max_iter)
     gen = _generator(seed)
     q = torch.randn(dimension, generator=gen, dtype=torch.float64).to(dtype).to(device)
     q = q / torch.linalg.norm(q)

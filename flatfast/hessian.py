@@ -24,7 +24,7 @@ from flatfast._operator import HessianOperator
 from flatfast._validate import check_float, check_int
 from flatfast.errors import NotPiecewiseLinearError
 from flatfast.estimators import (EigenResult, SpectrumResult, TraceResult, hutchinson, hutchpp,
-                                 lanczos_eigenvalues, probe_block, slq, unit_vector_trace)
+                                 lanczos_eigenvalues, lanczos_iterations, probe_block, slq, unit_vector_trace)
 
 
 # --- public API ------------------------------------------------------------------------------------------
@@ -283,8 +283,7 @@ def hessian_eigenvalues(model, loader, k=1, *, loss_fn=None, max_iter=None, tol=
     op = HessianOperator(model, loader, loss_fn, backend=backend)
     if k > op.dimension:
         raise ValueError(f"k: asks for {k} eigenvalues of a {op.dimension}-dimensional Hessian")
-    iterations = min(op.dimension, max_iter or max(4 * k + 40, 60))  # lanczos_eigenvalues' own cap
-    return _with_progress(iterations, "flatfast Lanczos", progress, lambda update: lanczos_eigenvalues(
+    return _with_progress(lanczos_iterations(op.dimension, k, max_iter), "flatfast Lanczos", progress, lambda update: lanczos_eigenvalues(
         op.matmat, op.dimension, k=k, max_iter=max_iter, tol=tol, seed=seed, dtype=op.dtype, device=op.device,
         keep_vectors=return_vectors, progress=update))
 
