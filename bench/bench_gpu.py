@@ -156,7 +156,7 @@ def test_gpu_mixed_precision_sweeps(benchmark):
     work32 = cupy.empty_like(K32)
     la = linalg_for(cupy)
     res = _ep._ep_sweeps(K32, cupy.asarray(y * 1.0), tol=1e-6, max_sweeps=25, site_tol=None, init=None, shift=0.0,
-                           work=work32, la=la, rough=True)
+                         work=work32, la=la, rough=True)
     print(f"\ncupy float32 EP at n={n}: {res.sweeps} sweeps, last site change {res.max_site_change:.3g}, "
           f"log Z history {[round(v, 2) for v in res.log_z_history]}")
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 import math
 
-
 from flatfast._validate import check_float, check_int, memory_guard
 
 _READOUTS = ("penultimate", "output")
