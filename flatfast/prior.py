@@ -66,7 +66,7 @@ def log_prior(X, y, *, depth=2, sigma_w2=2.0, sigma_b2=1.0, likelihood="heavisid
         On NNGP kernels of MNIST-like inputs it is within 0.007 nats of the truth up to n = 500. It is weakest
         on near-unanimous labels of strongly correlated points: on equicorrelated kernels (correlation rho) it
         underestimates unanimous labellings by 0.19 / 0.29 / 0.41 nats at rho = 0.9 / 0.96 / 0.99 (n = 100) and
-        0.25 / 0.38 / 0.54 nats (n = 1500), and needs 12-65 sweeps there; with 1 % of the labels the other way
+        0.25 / 0.38 / 0.54 nats (n = 1500), and needs 13-24 sweeps there; with 1 % of the labels the other way
         the error is at most 0.03 nats.
         ``"tilting"``: Botev's minimax-tilting importance sampler (J. R. Stat. Soc. B 79, 2017) after EP, an
         unbiased Monte Carlo estimate of P(f) with, in the :class:`EPResult` (``return_info=True``), its standard
