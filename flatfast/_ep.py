@@ -44,8 +44,9 @@ def expectation_propagation(K, y, *, tol=1e-6, max_sweeps=200, site_tol=None, in
     starts at 1 (none); :func:`next_damping` sets it from how the undamped proposals move (it damps an
     oscillating EP to the secant estimate 1 / (1 - lam) at once and lets it grow back, at most 2x per sweep),
     and a non-positive cavity precision halves it and retries the step from the previous sites. Convergence is
-    judged on the undamped proposal, so a small damped step never stops the loop by itself. ``init``: (tau, nu)
-    to start from.
+    judged on the undamped proposal, so a small damped step never stops the loop by itself. A run that has needed
+    damping also takes secant (Anderson) steps near its fixed point, each undone if it overshoots (see
+    _SecantSteps); undamped runs never do. ``init``: (tau, nu) to start from.
 
     Stopping rule, from the error left in log Z: EP's log Z converges linearly (measured ratio of successive
     changes ~0.09 on NNGP kernels), so after a change d with ratio r < 1 the distance to the fixed point is
