@@ -14,13 +14,14 @@ from flatfast._validate import check_float, check_int, memory_guard
 from flatfast._xp import ep_array, free_bytes, linalg_for, xp_of
 from flatfast._ep import _sweep_counter, expectation_propagation, second_order_correction
 from flatfast._kernel_checks import _check_finite_symmetric, _check_psd, _impossible_points
+from flatfast._smc import RUNS as SMC_RUNS, smc_estimate
 from flatfast._tilting import tilting_estimate
 from flatfast.errors import NotPSDError, warn
 from flatfast.results import EPResult
 
 _LIKELIHOODS = ("heaviside", "probit")
 _PRECISIONS = ("float64", "mixed")
-_METHODS = ("ep", "tilting")
+_METHODS = ("ep", "tilting", "smc")
 _RETIRED_METHODS = {
     "ep-is": "method='ep-is' was removed: importance sampling from the EP posterior has infinite-variance weights "
              "under the Heaviside likelihood and collapses beyond a few dozen points, so its error bar could not "
@@ -60,7 +61,7 @@ def log_prior(X, y, *, depth=2, sigma_w2=2.0, sigma_b2=1.0, likelihood="heavisid
         Labels in {-1, +1} or {0, 1}; a 2-D array holds m labellings of the same X (one kernel, m values).
     depth, sigma_w2, sigma_b2 : the kernel's parameters (see :func:`flatfast.nngp_kernel`).
     likelihood : {"heaviside", "probit"}
-    method : {"ep", "tilting"}
+    method : {"ep", "tilting", "smc"}
         ``"ep"``: plain EP, deterministic and fast (O(n^3) per sweep, about 11 sweeps), but an approximation
         whose error is not reported: see the measured tables in the README ("How far is EP from the truth?").
         On NNGP kernels of MNIST-like inputs it is within 0.007 nats of the truth up to n = 500. It is weakest
@@ -76,6 +77,17 @@ def log_prior(X, y, *, depth=2, sigma_w2=2.0, sigma_b2=1.0, likelihood="heavisid
         ``pareto_k > 0.7`` neither value nor stderr can be trusted and an :class:`UnreliableEstimateWarning` says
         so. On NNGP kernels of MNIST-like inputs it is reliable up to about n = 500 (see the README's table);
         beyond that its weights become heavy-tailed. Runs in float64 on the CPU (a cupy K is copied to the host).
+        ``"smc"``: sequential Monte Carlo after EP: particles drawn from EP's Gaussian travel to the prior
+        restricted to the orthant (EP's sites removed and a soft wall at the orthant's faces hardened, in stages
+        chosen by the particles' effective sample size, each followed by elliptical slice moves). Each of
+        ``RUNS = 10`` independent runs of ``n_samples // 10`` particles gives an unbiased estimate of P(f);
+        ``log_z`` is the log of their mean, ``stderr`` its delta-method standard error, ``smc_runs`` the runs' own
+        log estimates and ``smc_stages`` their mean number of stages; ``ep_log_z`` keeps EP's value. Like tilting
+        it is biased low by about stderr^2 / 2, and more when few particles per run make the runs' estimates
+        skewed: the README's coverage table says how often +-2 stderr holds the exact value, and where the
+        error bar is not yet honest (NNGP kernels with mixed labels beyond ~100 points). Cost: about
+        10 x stages x (particles per run) x n^2 x 2 flops per run (10 slice moves a stage; 8-35 stages at
+        n = 100). An :class:`UnreliableEstimateWarning` says when the runs disagree by more than a nat.
     tol : float
         Stop when the estimated distance of log Z to EP's fixed point is at most ``tol`` nats (from the last
         changes, which shrink geometrically) and the sites have settled.
@@ -91,8 +103,9 @@ def log_prior(X, y, *, depth=2, sigma_w2=2.0, sigma_b2=1.0, likelihood="heavisid
         Return :class:`flatfast.results.EPResult` records (value, sweeps, convergence, damping, history, time)
         instead of floats.
     n_samples, seed : int
-        Importance samples and their seed for ``method="tilting"`` (O(n^2) work each); ``seed`` also seeds the
-        draws of ``model``'s kernel.
+        Importance samples and their seed for ``method="tilting"`` (O(n^2) work each); for ``method="smc"``, the
+        particles of all its independent runs together (at least 2 per run) and their seed. ``seed`` also seeds
+        the draws of ``model``'s kernel.
     progress : bool or None
         A counter of EP's sweeps with log Z and the site change (None: when stderr is a terminal); at n = 10,000
         a sweep takes seconds on a CPU.
@@ -173,8 +186,8 @@ def ep_log_evidence(K, y, *, likelihood="heaviside", method="ep", tol=1e-6, max_
     r"""log P(sign g = y) for g ~ N(0, K), by EP, for a precomputed covariance matrix K.
 
     The same estimator as :func:`log_prior` (see there for ``likelihood``, ``method``, ``tol``, ``max_sweeps``,
-    ``return_info``, ``n_samples``, ``seed``, ``precision``, ``progress``, ``correction``). For 2-D y every labelling after the
-    first starts from the fixed point of the nearest one already solved (same values within ``tol``, fewer sweeps).
+    ``return_info``, ``n_samples``, ``seed``, ``precision``, ``progress``, ``correction``). For 2-D y every
+    labelling after the first starts from the fixed point of the nearest one already solved (same values within ``tol``, fewer sweeps).
     K must be symmetric positive semi-definite; ``check_psd=True`` verifies that with one Cholesky of
     K + 1e-10 mean(diag K) I (in EP's workspace), and raises :class:`flatfast.NotPSDError`.
     K may be a numpy array, a torch tensor (CPU or CUDA) or a cupy array; EP runs where K is: on a CUDA device
@@ -302,6 +315,12 @@ def _guard_memory(n, likelihood, method, caller, *, xp=np, new_arrays=0, n_sampl
         extra = 8.0 * n * min(2048, max(samples, 1))
         what += ", the tilting estimator's four and its sample block" + (" and K + I" if likelihood == "probit"
                                                                         else "")
+    if method == "smc":
+        # EP's posterior covariance, its factor and one temporary (cupy's triangular product copies its operand:
+        # one more), then, with only the factor kept, six blocks of particles per run; measured peak 3.21 n^2
+        samples = n_samples if isinstance(n_samples, int) else 0
+        arrays += max(3.25 + (xp is not np), 1 + 6.0 * samples / SMC_RUNS / n)
+        what += ", the SMC's posterior covariance, its factor and a temporary (on K's device), or its particles"
     if correction:
         arrays += 2.7
         what += ", the correction's posterior covariance and its factor (on the host)"
@@ -319,7 +338,7 @@ def _evidence(K, labels, *, y_was_2d, likelihood, method, tol, max_sweeps, retur
         raise ValueError(f"precision: expected one of {_PRECISIONS}, got {precision!r}")
     tol = check_float(tol, "tol", positive=True)
     max_sweeps = check_int(max_sweeps, "max_sweeps", minimum=1)
-    n_samples = check_int(n_samples, "n_samples", minimum=2)
+    n_samples = check_int(n_samples, "n_samples", minimum=2 * SMC_RUNS if method == "smc" else 2)
     seed = check_int(seed, "seed", minimum=0)
     xp = xp_of(K)
     if not K.flags.c_contiguous:  # EP's LAPACK and fused passes work on C-ordered K; symmetric, so K.T is K
@@ -353,6 +372,9 @@ def _evidence(K, labels, *, y_was_2d, likelihood, method, tol, max_sweeps, retur
         solved.append((row, res))
         if method == "tilting":
             res = tilting_estimate(K, y, res, n_samples=n_samples, seed=seed, shift=shift)
+        elif method == "smc":
+            res = smc_estimate(K, y, res, n_samples=n_samples, seed=seed, shift=shift, work=work,
+                               progress=progress)
         if correction:
             res.correction = second_order_correction(K, y, res, shift=shift)
         results.append(res)

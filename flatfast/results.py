@@ -11,8 +11,8 @@ import numpy as np
 class EPResult:
     """Outcome of one EP run (see :func:`flatfast.ep_log_evidence`).
 
-    log_z: the EP estimate of log P(f) (nats); for method="tilting", the log of the unbiased Monte Carlo estimate
-    of P(f) (so biased low by about stderr**2 / 2).
+    log_z: the EP estimate of log P(f) (nats); for method="tilting" or "smc", the log of the unbiased Monte Carlo
+    estimate of P(f) (so biased low by about stderr**2 / 2).
     stderr: standard error of log_z (0 for plain EP, which is deterministic but biased; see ep_log_z vs log_z).
     pareto_k: the tail shape of the importance weights (tilting): below 0.5 the stderr is backed, above 0.7
     neither value nor stderr is (a warning says so). log_upper_bound: Botev's deterministic bound
@@ -22,7 +22,8 @@ class EPResult:
     sweep), seconds, likelihood, method, ep_log_z (plain EP's value), ess (importance sampling's effective
     sample size), n_samples, float32_sweeps (of ``sweeps``, how many ran in float32 under precision="mixed"),
     correction (Opper, Paquet & Winther's second-order correction to log_z, with ``correction=True``; see
-    :func:`flatfast.log_prior`) and corrected_log_z.
+    :func:`flatfast.log_prior`) and corrected_log_z; for method="smc", smc_runs (each independent run's log
+    estimate of P(f)) and smc_stages (their mean number of annealing stages).
     """
 
     log_z: float
@@ -45,6 +46,8 @@ class EPResult:
     site_natural_mean: Optional[np.ndarray] = dataclasses.field(default=None, repr=False)
     labels: Optional[np.ndarray] = dataclasses.field(default=None, repr=False)  # the signs it was run for
     correction: Optional[float] = None
+    smc_runs: Optional[List[float]] = None
+    smc_stages: Optional[float] = None
 
     @property
     def corrected_log_z(self):

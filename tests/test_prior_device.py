@@ -158,7 +158,9 @@ def test_log_prior_peaks_at_two_arrays():
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"likelihood": "probit"}, {"method": "tilting", "n_samples": 200},
-                                    {"method": "tilting", "n_samples": 200, "likelihood": "probit"}])
+                                    {"method": "tilting", "n_samples": 200, "likelihood": "probit"},
+                                    {"method": "smc", "n_samples": 200},
+                                    {"method": "smc", "n_samples": 200, "likelihood": "probit"}])
 def test_memory_guard_counts_what_is_measured(monkeypatch, kwargs):
     """The guard asks for at least the measured peak, and not much more (an honest count, not a constant)."""
     asked = []
@@ -167,8 +169,8 @@ def test_memory_guard_counts_what_is_measured(monkeypatch, kwargs):
     peak = _peak_bytes(lambda: flatfast.log_prior(X, y, **kwargs))
     assert len(asked) == 1
     assert peak <= asked[0][0] <= 1.3 * peak + 0.3 * K.nbytes, (peak / K.nbytes, asked[0][0] / K.nbytes)
-    if kwargs.get("method") == "tilting":
-        assert "tilting" in asked[0][1]
+    if kwargs.get("method") in ("tilting", "smc"):
+        assert kwargs["method"].upper() in asked[0][1].upper()
 
 
 def test_memory_guard_refuses_before_allocating(monkeypatch):
