@@ -187,7 +187,8 @@ def ep_log_evidence(K, y, *, likelihood="heaviside", method="ep", tol=1e-6, max_
 
     The same estimator as :func:`log_prior` (see there for ``likelihood``, ``method``, ``tol``, ``max_sweeps``,
     ``return_info``, ``n_samples``, ``seed``, ``precision``, ``progress``, ``correction``). For 2-D y every
-    labelling after the first starts from the fixed point of the nearest one already solved (same values within ``tol``, fewer sweeps).
+    labelling after the first starts from the fixed point of the nearest one already solved (same values within
+    ``tol``, fewer sweeps).
     K must be symmetric positive semi-definite; ``check_psd=True`` verifies that with one Cholesky of
     K + 1e-10 mean(diag K) I (in EP's workspace), and raises :class:`flatfast.NotPSDError`.
     K may be a numpy array, a torch tensor (CPU or CUDA) or a cupy array; EP runs where K is: on a CUDA device
