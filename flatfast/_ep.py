@@ -240,13 +240,13 @@ class _SecantSteps:
 
     Unanimous labels on strongly correlated points give F two collective modes: one oscillating (eigenvalue
     -5.8 at n = 1500, rho = 0.99), one slow and monotone (+0.87). The damping that tames the first leaves the
-    second at ~0.98 a sweep. From the last depth + 1 points x_j and residuals f_j = F(x_j) - x_j (sites in the
-    relative scale of _relative_step), the step x + f - (dX + dF) gamma, gamma the least-squares fit of f by the
-    residual differences dF, is Newton's step on the subspace those points span. Used only once the site change
-    is below _SECANT_FROM (far from the fixed point the map is too far from linear) in a run that has needed
-    damping (where it has not, EP contracts ~10x a sweep and the extrapolation only costs sweeps), and judged by
-    the next sweep:
-    a step whose proposal is more than _SECANT_GROWTH times the last is undone, and the damped step taken instead.
+    second at ~0.98 a sweep. From the last depth + 1 points x_j (the sites) and residuals f_j = F(x_j) - x_j, the
+    step x + f - (dX + dF) gamma, gamma the least-squares fit of f by the residual differences dF (weighted by
+    the relative scale of _relative_step), is Newton's step on the subspace those points span. Used only once the
+    site change is below _SECANT_FROM (far from the fixed point the map is too far from linear) in a run that has
+    needed damping (where it has not, EP contracts ~10x a sweep and the extrapolation only costs sweeps), and
+    judged by the next sweep: a step whose proposal is more than _SECANT_GROWTH times the last is undone, and the
+    damped step taken instead.
     """
 
     def __init__(self, xp, depth=2):
@@ -284,6 +284,8 @@ class _SecantSteps:
         scaled = d_residuals * weight[:, None]
         gram = to_host(scaled.T @ scaled)
         rhs = to_host(scaled.T @ (f * weight))
+        if not np.trace(gram) > 0:  # the last sweeps proposed the same step: nothing to fit
+            return None
         gram += 1e-13 * np.trace(gram) * np.eye(gram.shape[0])  # parallel residual differences: stay finite
         gamma = xp.asarray(np.linalg.solve(gram, rhs))
         new = x + f - (d_points + d_residuals) @ gamma

@@ -546,3 +546,13 @@ def test_secant_step_lands_on_the_fixed_point_of_a_linear_map_with_two_bad_modes
     for _ in range(3):
         damped = damped + 0.1 * (A @ (damped - fixed_point) + fixed_point - damped)
     assert np.abs(damped - fixed_point).max() > 1e-5  # the damped steps are still far
+
+
+def test_secant_step_declines_when_the_sweeps_proposed_the_same_step():
+    from flatfast._ep import _SecantSteps
+
+    secant = _SecantSteps(np)
+    for x in (0.1, 0.2, 0.3):  # a constant residual: the differences are zero and fit nothing
+        secant.remember(np.array([x]), np.array([x]), np.array([x + 0.001]), np.array([x + 0.001]),
+                        step=np.array([0.001, 0.001]))
+    assert secant.extrapolate(diag_k=np.ones(1)) is None
