@@ -84,8 +84,9 @@ def log_prior(X, y, *, depth=2, sigma_w2=2.0, sigma_b2=1.0, likelihood="heavisid
         ``log_z`` is the log of their mean, ``stderr`` its delta-method standard error, ``smc_runs`` the runs' own
         log estimates and ``smc_stages`` their mean number of stages; ``ep_log_z`` keeps EP's value. Like tilting
         it is biased low by about stderr^2 / 2, and more when few particles per run make the runs' estimates
-        skewed: the README's coverage table says how often +-2 stderr holds the exact value, and where the
-        error bar is not yet honest (NNGP kernels with mixed labels beyond ~100 points). Cost: about
+        skewed: the README's coverage table says how often +-2 stderr holds the exact value (0.80-0.98 at
+        n = 100 on equicorrelated kernels, 0.5 at n = 1500 with 200 particles a run) and that on NNGP kernels
+        ``"tilting"`` is far more precise wherever it works (n <= 500). Cost: about
         10 x stages x (particles per run) x n^2 x 2 flops per run (10 slice moves a stage; 8-35 stages at
         n = 100). An :class:`UnreliableEstimateWarning` says when the runs disagree by more than a nat.
     tol : float
@@ -108,7 +109,7 @@ def log_prior(X, y, *, depth=2, sigma_w2=2.0, sigma_b2=1.0, likelihood="heavisid
         the draws of ``model``'s kernel.
     progress : bool or None
         A counter of EP's sweeps with log Z and the site change (None: when stderr is a terminal); at n = 10,000
-        a sweep takes seconds on a CPU.
+        a sweep takes seconds on a CPU. ``method="smc"`` adds a bar over its independent runs.
     correction : bool
         Also compute the second-order correction of Opper, Paquet & Winther (``EPResult.correction``, and
         ``EPResult.corrected_log_z = log_z + correction``; method="ep" only): the pair terms of skewness and
