@@ -106,7 +106,7 @@ def _ep_sweeps(K, y, *, tol, max_sweeps, site_tol, init, shift, work, la, rough=
     damping, history, accepted, changes, steps = 1.0, [], [], [], 0
     saved = None  # sites, posterior and proposal before the last step, to go back to
     previous_step = None  # the last proposed (undamped) relative site step, for next_damping
-    secant = None if rough else _SecantSteps(xp)
+    secant = _SecantSteps(xp, usable=not rough)  # mixed precision's float32 phase only needs to get close
     extrapolated = False  # whether this sweep's sites came from the secant extrapolation
     may_extrapolate = False  # only from an accepted sweep
     converged, change, plateau_at = False, float("inf"), None
@@ -139,8 +139,7 @@ def _ep_sweeps(K, y, *, tol, max_sweeps, site_tol, init, shift, work, la, rough=
             damping *= 0.5
             previous_step = None  # the proposal that led here is retried with half the step
             may_extrapolate = False
-            if secant is not None:
-                secant.forget()
+            secant.forget()
         else:
             accepted.append(log_z)
             changes.append(change)
@@ -160,13 +159,10 @@ def _ep_sweeps(K, y, *, tol, max_sweeps, site_tol, init, shift, work, la, rough=
                 break
             if steps >= max_sweeps:
                 break
-            if secant is not None and damping < 1.0:
-                secant.engaged = True
-            if secant is not None and secant.engaged:
-                secant.remember(tau, nu, tau_new, nu_new, step)
+            secant.observe(tau, nu, tau_new, nu_new, step, damped=damping < 1.0)
             may_extrapolate = True
         saved = (tau, nu, post_var, post_mean, half_log_det, tau_new, nu_new, step, change)
-        proposal = secant.extrapolate(diag_k) if may_extrapolate and secant is not None else None
+        proposal = secant.extrapolate(diag_k) if may_extrapolate else None
         extrapolated = proposal is not None
         if extrapolated:
             tau, nu = proposal
@@ -249,13 +245,19 @@ class _SecantSteps:
     damped step taken instead.
     """
 
-    def __init__(self, xp, depth=2):
-        self.xp, self.depth = xp, depth
+    def __init__(self, xp, depth=2, usable=True):
+        self.xp, self.depth, self.usable = xp, depth, usable
         self.points, self.residuals, self.last_size = [], [], float("inf")
         self.engaged = False  # from the first damped sweep on: undamped EP converges fast without help
 
     def forget(self):
         self.points, self.residuals = [], []
+
+    def observe(self, tau, nu, tau_new, nu_new, step, damped):
+        """An accepted sweep: remembered once the run has been damped (and only where the secant is usable)."""
+        self.engaged = self.usable and (self.engaged or damped)
+        if self.engaged:
+            self.remember(tau, nu, tau_new, nu_new, step)
 
     def remember(self, tau, nu, tau_new, nu_new, step):
         """Add the sweep at sites (tau, nu) with proposal (tau_new, nu_new) and relative step ``step``."""
@@ -380,32 +382,18 @@ def second_order_correction(K, y, result, shift=0.0):
     tilted distributions are Gaussians N(m_i, v_i) truncated to y_i g_i > 0, and each c_ki is a 400-point
     Gauss-Legendre integral over that half-line.
 
-    Cost: the posterior covariance (one Cholesky, one triangular solve, one product: ~10 Cholesky-equivalents)
-    and two n x n arrays beside K, in float64 on the CPU (a cupy K is copied to the host). ``K`` is the prior
+    Cost: the posterior covariance (:func:`posterior_covariance`: one Cholesky, one triangular solve, one
+    product, ~10 Cholesky-equivalents) and two n x n arrays beside K, in float64 on the CPU (a cupy K is copied to
+    the host). ``K`` is the prior
     covariance without the probit shift; ``shift`` is added on its diagonal."""
-    from scipy.linalg import lapack
     from scipy.special import log_ndtr
 
-    K, y = to_host(K), to_host(y).astype(np.float64)
+    y = to_host(y).astype(np.float64)
     tau = to_host(result.site_precision).astype(np.float64)
     nu = to_host(result.site_natural_mean).astype(np.float64)
     n = len(y)
-    root = np.sqrt(tau)
-    # B = I + S^1/2 C S^1/2 = L L^T; V = L^-1 S^1/2 C; Sigma = C - V^T V, C = K + shift I
-    B = np.multiply(K, root[:, None])
-    B *= root[None, :]
-    B[np.diag_indices(n)] += 1.0 + shift * tau
-    L, info = lapack.dpotrf(B.T, lower=1, clean=1, overwrite_a=1)  # B's Fortran view: factored in place
-    if info != 0:
-        raise NotPSDError("K: B = I + S^1/2 K S^1/2 is not positive definite (second-order correction)")
-    V = np.multiply(K, root[None, :]).T  # S^1/2 K, Fortran-ordered so that TRTRS solves in place
-    V[np.diag_indices(n)] += shift * root
-    V, info = lapack.dtrtrs(L, V, lower=1, overwrite_b=1)
-    Sigma = np.matmul(V.T, V, out=B)
-    del V, L
-    np.subtract(K, Sigma, out=Sigma)
-    Sigma[np.diag_indices(n)] += shift
-    mean, var = Sigma @ nu, np.diagonal(Sigma).copy()
+    Sigma, mean, _ = posterior_covariance(to_host(K), tau, nu, shift)
+    var = np.diagonal(Sigma).copy()
     tau_cav = 1.0 / var - tau
     cav_mean, cav_var = (mean / var - nu) / tau_cav, 1.0 / tau_cav
     c3, c4 = _truncated_hermite_coefficients(y, cav_mean, cav_var, mean, var, log_ndtr)
@@ -418,6 +406,33 @@ def second_order_correction(K, y, result, shift=0.0):
         total += c3[start: start + block] @ rho3 @ c3 / 6.0 + c4[start: start + block] @ (rho3 * rho) @ c4 / 24.0
     total -= np.sum(c3 * c3) / 6.0 + np.sum(c4 * c4) / 24.0  # the i = j terms (rho_ii = 1) are not pairs
     return 0.5 * float(total)
+
+
+def posterior_covariance(K, tau, nu, shift=0.0):
+    """EP's Gaussian posterior N(mean, Sigma) from its sites (tau, nu), for the prior covariance C = K + shift I,
+    in float64 numpy on the host: (Sigma, mean, half_log_det) with B = I + S^1/2 C S^1/2 = L L^T,
+    V = L^-1 S^1/2 C, Sigma = (C^-1 + S)^-1 = C - V^T V, mean = Sigma nu and half_log_det = sum log diag L
+    (= 1/2 log|B|). Two n x n arrays beside K: B's buffer, factored in place, ends as Sigma; V is solved in place.
+    Raises NotPSDError when B is not positive definite."""
+    from scipy.linalg import lapack
+
+    n = len(tau)
+    root = np.sqrt(tau)
+    B = np.multiply(K, root[:, None])
+    B *= root[None, :]
+    B[np.diag_indices(n)] += 1.0 + shift * tau
+    L, info = lapack.dpotrf(B.T, lower=1, clean=1, overwrite_a=1)  # B's Fortran view: factored in place
+    if info != 0:
+        raise NotPSDError("K: B = I + S^1/2 K S^1/2 is not positive definite at EP's sites")
+    half_log_det = float(np.sum(np.log(np.diagonal(L))))
+    V = np.multiply(K, root[None, :]).T  # S^1/2 K, Fortran-ordered so that TRTRS solves in place
+    V[np.diag_indices(n)] += shift * root
+    V, info = lapack.dtrtrs(L, V, lower=1, overwrite_b=1)
+    Sigma = np.matmul(V.T, V, out=B)
+    del V, L
+    np.subtract(K, Sigma, out=Sigma)
+    Sigma[np.diag_indices(n)] += shift
+    return Sigma, Sigma @ nu, half_log_det
 
 
 def _truncated_hermite_coefficients(y, cav_mean, cav_var, mean, var, log_ndtr, nodes=400):

@@ -22,7 +22,8 @@ estimate of P(f) / C (Del Moral 2004) whatever the moves' mixing; the error bar 
 not enough: when the moves mix slowly the runs' estimates are right-skewed, most runs land low and their spread
 understates the error (measured: 3 moves a stage left unanimous labels 1 stderr low on average, 10 do not), so
 the error bar is only as honest as the coverage measured for the kind of kernel (README).
-Written against K's array module (numpy or cupy) like EP; so far run on numpy only.
+EP's posterior covariance is formed on the host, as for the second-order correction (flatfast._ep.posterior_covariance);
+the particles are written against K's array module (numpy or cupy) like EP; so far run on numpy only.
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ import time
 
 import numpy as np
 
-from flatfast._xp import linalg_for, xp_of
+from flatfast._ep import posterior_covariance
+from flatfast._xp import to_host, xp_of
 
 RUNS = 10  # independent runs behind the error bar (their spread is the standard error)
 MOVES = 10  # elliptical slice moves per particle and stage (3 left unanimous labels 1 stderr low on average)
@@ -42,19 +44,18 @@ _SPREAD_WARN = 1.0  # nats of spread among the runs' log estimates beyond which 
 _STEP_SHARE = 0.25  # of the largest step with finite-variance weights (see _next_stage)
 
 
-def smc_estimate(K, y, ep, *, n_samples, seed, shift=0.0, work=None, progress=None, runs=RUNS, moves=MOVES):
+def smc_estimate(K, y, ep, *, n_samples, seed, shift=0.0, progress=None, runs=RUNS, moves=MOVES):
     """Fill ``ep`` (an EPResult of EP on K + shift I, y) with the SMC estimate of log P(f): log_z, stderr,
     n_samples (particles, all runs together), smc_runs (each run's log estimate) and smc_stages (their mean
-    number of stages). ``seed`` seeds every run (numpy.random.SeedSequence(seed).spawn(runs)); ``work``: an
-    n x n float64 scratch array (EP's workspace) to use instead of a new one; ``progress``: a bar over the runs
-    (None: when stderr is a terminal)."""
+    number of stages). ``seed`` seeds every run (numpy.random.SeedSequence(seed).spawn(runs)); ``progress``: a
+    bar over the runs (None: when stderr is a terminal)."""
     from flatfast.errors import UnreliableEstimateWarning, warn
     from flatfast.hessian import _progress_counter
 
     t0 = time.perf_counter()
     xp = xp_of(K)
     particles = n_samples // runs
-    posterior = _ep_posterior(K, y, ep, shift, xp, work)
+    posterior = _ep_posterior(K, y, ep, shift, xp)
     update, bar = _progress_counter(runs, f"flatfast SMC (n = {K.shape[0]})", progress)
     estimates, stages = [], []
     try:
@@ -99,30 +100,16 @@ def _generator(xp, seed_sequence):
     return xp.random.default_rng(int(seed_sequence.generate_state(1, np.uint64)[0]))  # pragma: no cover
 
 
-def _ep_posterior(K, y, ep, shift, xp, work=None):
+def _ep_posterior(K, y, ep, shift, xp):
     """EP's Gaussian in the signed coordinates h = y g (the orthant is h > 0): mean, lower Cholesky factor of the
-    covariance, marginal sds, the sites (tau, y nu) and log C of the module doc."""
-    la = linalg_for(xp)
+    covariance, marginal sds, the sites (tau, y nu) and log C of the module doc. The covariance is formed on the
+    host (flatfast._ep.posterior_covariance) and the particles' arrays live on K's array module."""
     n = K.shape[0]
-    tau = xp.asarray(ep.site_precision, dtype=xp.float64)
-    nu = xp.asarray(ep.site_natural_mean, dtype=xp.float64)
-    y = xp.asarray(y, dtype=xp.float64)
-    sqrt_tau = xp.sqrt(tau)
-    work = xp.empty_like(K) if work is None else work
-    factored = la.inverse_cholesky_inplace(la.scaled_system(K, sqrt_tau, work, shift))
-    if factored is None:
-        raise ValueError("K: I + S^1/2 K S^1/2 is not positive definite at EP's sites")
-    W, half_log_det = factored
-    cov = K.copy()
-    cov[xp.diag_indices(n)] += shift
-    # built Fortran-ordered, where LAPACK's TRMM reads it, so that no third n x n copy is made on the CPU
-    scaled = xp.multiply(sqrt_tau[:, None], cov, order="F")
-    V = la.tri_matmul(W, scaled)
-    del W, work, scaled
-    cov -= V.T @ V
-    del V
-    mean = cov @ nu
+    tau, nu = to_host(ep.site_precision).astype(np.float64), to_host(ep.site_natural_mean).astype(np.float64)
+    cov, mean, half_log_det = posterior_covariance(to_host(K), tau, nu, shift)
     log_c = -half_log_det + 0.5 * float(nu @ mean)
+    cov = xp.asarray(cov)  # on numpy the same array; on cupy its copy on the device, the host one freed here
+    mean, tau, nu, y = (xp.asarray(a, dtype=xp.float64) for a in (mean, tau, nu, y))
     cov *= y[:, None]
     cov *= y[None, :]
     sd = xp.sqrt(xp.diagonal(cov).copy())
@@ -134,7 +121,7 @@ def _ep_posterior(K, y, ep, shift, xp, work=None):
         cov[xp.diag_indices(n)] += 1e-10 * float(xp.mean(sd * sd))
         factor = xp.linalg.cholesky(cov)
     return dict(mean=y * mean, factor=factor, sd=sd, tau=tau, nu=y * nu, log_c=log_c,
-                stiffness=_largest_eigenvalue(K, shift, sqrt_tau, xp))
+                stiffness=_largest_eigenvalue(K, shift, xp.sqrt(tau), xp))
 
 
 def _largest_eigenvalue(K, shift, sqrt_tau, xp, iterations=50):

@@ -318,11 +318,11 @@ def _guard_memory(n, likelihood, method, caller, *, xp=np, new_arrays=0, n_sampl
         what += ", the tilting estimator's four and its sample block" + (" and K + I" if likelihood == "probit"
                                                                         else "")
     if method == "smc":
-        # EP's posterior covariance, its factor and one temporary (cupy's triangular product copies its operand:
-        # one more), then, with only the factor kept, six blocks of particles per run; measured peak 3.21 n^2
+        # EP's posterior covariance and its factor (made on the host beside one temporary, then on K's device),
+        # then, with only the factor kept, seven blocks of particles per run; measured peaks 2.34 and 3.2 n^2
         samples = n_samples if isinstance(n_samples, int) else 0
-        arrays += max(3.25 + (xp is not np), 1 + 6.0 * samples / SMC_RUNS / n)
-        what += ", the SMC's posterior covariance, its factor and a temporary (on K's device), or its particles"
+        arrays += max(2.5, 1 + 7.0 * samples / SMC_RUNS / n)
+        what += ", the SMC's posterior covariance and its factor, or its factor and particles"
     if correction:
         arrays += 2.7
         what += ", the correction's posterior covariance and its factor (on the host)"
@@ -375,8 +375,7 @@ def _evidence(K, labels, *, y_was_2d, likelihood, method, tol, max_sweeps, retur
         if method == "tilting":
             res = tilting_estimate(K, y, res, n_samples=n_samples, seed=seed, shift=shift)
         elif method == "smc":
-            res = smc_estimate(K, y, res, n_samples=n_samples, seed=seed, shift=shift, work=work,
-                               progress=progress)
+            res = smc_estimate(K, y, res, n_samples=n_samples, seed=seed, shift=shift, progress=progress)
         if correction:
             res.correction = second_order_correction(K, y, res, shift=shift)
         results.append(res)
