@@ -283,7 +283,8 @@ def hessian_eigenvalues(model, loader, k=1, *, loss_fn=None, max_iter=None, tol=
     op = HessianOperator(model, loader, loss_fn, backend=backend)
     if k > op.dimension:
         raise ValueError(f"k: asks for {k} eigenvalues of a {op.dimension}-dimensional Hessian")
-    return _with_progress(lanczos_iterations(op.dimension, k, max_iter), "flatfast Lanczos", progress, lambda update: lanczos_eigenvalues(
+    iterations = lanczos_iterations(op.dimension, k, max_iter)
+    return _with_progress(iterations, "flatfast Lanczos", progress, lambda update: lanczos_eigenvalues(
         op.matmat, op.dimension, k=k, max_iter=max_iter, tol=tol, seed=seed, dtype=op.dtype, device=op.device,
         keep_vectors=return_vectors, progress=update))
 
