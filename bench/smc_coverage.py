@@ -3,13 +3,16 @@
 Equicorrelated kernels K = rho 11^T + (1 - rho) I have an exact orthant probability at any n (a 1-D integral,
 tests/orthant_reference.py); NNGP kernels of uniform inputs are compared with method="tilting" (reliable up to
 n ~ 500). Each row: SEEDS seeded estimates, the fraction with |SMC - exact| <= 2 stderr, the mean of
-(SMC - exact) / stderr (0 for an unbiased, honest error bar), the mean stderr and stages, seconds per estimate.
+(SMC - exact) / stderr (0 for an unbiased, honest error bar), the mean stderr, EP's error, the stages, the wall
+reflections per trajectory and the seconds per estimate.
 
     python bench/smc_coverage.py --n 100 --seeds 50 --particles 2000
+    python bench/smc_coverage.py --n 1500 --seeds 50 --particles 2000 --only "rho=0.99 minority=0$"
     python bench/smc_coverage.py --n 300 --nngp --seeds 20 --particles 20000
 """
 import argparse
 import os
+import re
 import sys
 import time
 import warnings
@@ -19,6 +22,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 import flatfast  # noqa: E402
+from flatfast import _smc  # noqa: E402
 from orthant_reference import equicorrelated_log_orthant  # noqa: E402
 
 
@@ -47,15 +51,19 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, default=50)
     parser.add_argument("--particles", type=int, default=2000, help="n_samples: all runs together")
     parser.add_argument("--nngp", action="store_true", help="NNGP kernels against tilting, not equicorrelated")
-    parser.add_argument("--only", default=None, help="run only the cases whose name contains this")
+    parser.add_argument("--moves", type=int, default=None, help="trajectories a stage (default flatfast's)")
+    parser.add_argument("--only", default=None, help="run only the cases whose name this regular expression finds")
     args = parser.parse_args(argv)
+    if args.moves:
+        _smc.MOVES = args.moves
     cases = nngp_cases(args.n) if args.nngp else equicorrelated_cases(args.n)
     print(f"n = {args.n}, {args.seeds} seeds, n_samples = {args.particles}")
-    print(f"{'case':48s} {'cover':>6s} {'mean z':>7s} {'stderr':>7s} {'EP err':>7s} {'stages':>7s} {'s/est':>6s}")
+    print(f"{'case':48s} {'cover':>6s} {'mean z':>7s} {'stderr':>7s} {'EP err':>7s} {'stages':>7s} {'bounce':>6s} "
+          f"{'s/est':>6s}")
     for name, K, y, exact in cases:
-        if args.only and args.only not in name:
+        if args.only and not re.search(args.only, name):
             continue
-        z, errors, stages, t0 = [], [], [], time.perf_counter()
+        z, errors, stages, bounces, t0 = [], [], [], [], time.perf_counter()
         for seed in range(args.seeds):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -64,10 +72,11 @@ def main(argv=None):
             z.append((res.log_z - exact) / res.stderr)
             errors.append(res.stderr)
             stages.append(res.smc_stages)
+            bounces.append(res.smc_bounces)
         z = np.array(z)
         print(f"{name:48s} {np.mean(np.abs(z) <= 2):6.2f} {z.mean():+7.2f} {np.mean(errors):7.4f} "
-              f"{res.ep_log_z - exact:+7.4f} {np.mean(stages):7.1f} {(time.perf_counter() - t0) / args.seeds:6.2f}",
-              flush=True)
+              f"{res.ep_log_z - exact:+7.4f} {np.mean(stages):7.1f} {np.mean(bounces):6.1f} "
+              f"{(time.perf_counter() - t0) / args.seeds:6.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@
 #include "cpu/ep_cpu.h"
 #include "cpu/mlp_hvp_cpu.h"
 #include "cpu/nngp_cpu.h"
+#include "cpu/orthant_hmc_cpu.h"
 #include "cpu/parallel.h"
 
 namespace py = pybind11;
@@ -123,6 +124,38 @@ py::array ep_factor_column_norms(const py::array& W) {
   return std::move(norms);
 }
 
+// method="smc"'s moves: (U, V) updated in place; returns (reflections per row, rows stopped at max_events).
+py::tuple orthant_trajectories(py::array& U, py::array& V, const py::array& gap, const py::array& cov,
+                               double duration, double graze, int64_t max_events) {
+  check_matrix<double>(U, "U");
+  check_matrix<double>(V, "V");
+  check_matrix<double>(cov, "cov");
+  const int64_t rows = U.shape(0), n = U.shape(1);
+  FF_CHECK_ARG(V.shape(0) == rows && V.shape(1) == n, "V", "must have U's shape");
+  FF_CHECK_ARG(U.writeable() && V.writeable(), "U", "U and V must be writeable");
+  FF_CHECK_ARG(cov.shape(0) == n && cov.shape(1) == n, "cov", "must be n x n with n = U's columns");
+  FF_CHECK_ARG(gap.ndim() == 1 && gap.shape(0) == n && py::isinstance<carray<double>>(gap), "gap",
+               "must be a contiguous float64 vector of length n");
+  FF_CHECK_ARG(std::isfinite(duration) && duration >= 0 && duration <= 1.5707963267948966, "duration",
+               "must be in [0, pi / 2]");
+  FF_CHECK_ARG(std::isfinite(graze) && graze >= 0, "graze", "must be non-negative and finite");
+  FF_CHECK_ARG(max_events >= 1, "max_events", "must be >= 1");
+  const double* c = static_cast<const double*>(cov.data());
+  for (int64_t j = 0; j < n; ++j)
+    FF_CHECK_ARG(c[j * n + j] > 0, "cov", "must have a positive diagonal");
+  carray<int64_t> reflections({rows});
+  double* u = static_cast<double*>(U.mutable_data());
+  double* v = static_cast<double*>(V.mutable_data());
+  const double* g = static_cast<const double*>(gap.data());
+  int64_t* r = reflections.mutable_data();
+  int64_t stopped = 0;
+  if (rows > 0 && n > 0) {
+    py::gil_scoped_release release;
+    stopped = orthant_trajectories_cpu(u, v, rows, n, g, c, duration, graze, max_events, r);
+  }
+  return py::make_tuple(std::move(reflections), stopped);
+}
+
 // A 2x3 times 3x2 product through the BLAS the kernels borrow, in both precisions: the largest error
 // against the exact answer. scipy.linalg.cython_blas wraps whatever BLAS scipy links (OpenBLAS, MKL,
 // Accelerate) behind one ABI; this checks that the pointers resolve and compute, once, at load time.
@@ -163,6 +196,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("shift") = 0.0);
   m.def("ep_factor_column_norms_f64", &ep_factor_column_norms<double>, py::arg("W"));
   m.def("ep_factor_column_norms_f32", &ep_factor_column_norms<float>, py::arg("W"));
+  m.def("orthant_trajectories_f64", &orthant_trajectories, py::arg("U"), py::arg("V"), py::arg("gap"),
+        py::arg("cov"), py::arg("duration"), py::arg("graze"), py::arg("max_events"));
   m.def("threading", []() { return std::string(threading_backend()); },
         "What the tile loops run on: 'openmp' or 'std::thread'.");
   m.def("num_threads", &max_threads, "Worker threads per kernel call (FLATFAST_NUM_THREADS overrides).");

@@ -1,29 +1,31 @@
 """log P(f) by sequential Monte Carlo from EP's Gaussian to the orthant: method="smc" of flatfast.log_prior.
 
-With EP's sites t_i(g) = exp(-tau_i g^2 / 2 + nu_i g), the prior times the sites is C q(g), q = N(mu, Sigma) the
-EP posterior and log C = -1/2 log|I + S^1/2 K S^1/2| + 1/2 nu^T mu. So
+In the signed coordinates h = y g (the orthant is h >= 0) EP's sites are t_i(h) = exp(-tau_i h^2 / 2 + nu_i h)
+and the prior times the sites is C q(h), q = N(mu, Sigma) EP's posterior and
+log C = -1/2 log|I + S^1/2 K S^1/2| + 1/2 nu^T mu. The particles travel through hard-walled targets
 
-    P(f) = int N(g; 0, K) 1[y g > 0] dg = C E_q[ prod_i 1[y_i g_i > 0] / t_i(g_i) ],
+    walls:    pi_c(h) ∝ q(h) 1[h >= -c s]                     (s the sds of q), c from above the particles to 0;
+    sites:    pi_t(h) ∝ N(h; 0, K) prod_i t_i(h_i)^(1 - t) 1[h >= 0],   t from 0 to 1,
 
-and the particles travel from q to the orthant through
-
-    pi_t(g) ∝ q(g) exp(t A(g) - lambda(t) V(g)),  A(g) = sum_i (tau_i g_i^2 / 2 - nu_i g_i),
-    V(g) = sum_i relu(-y_i g_i / s_i)^2 / 2 (s_i the posterior sd),  lambda(t) = (t / (1 - t))^2,
-
-from t = 0 (q itself, sampled exactly) to t = 1 (the sites removed and the soft wall made hard: pi_1 is the prior
-restricted to the orthant). Each stage picks the next t by bisection so that the effective sample size of the
-incremental weights is half the particles, multiplies the running estimate of P(f) / C by the mean incremental
-weight, resamples (systematic) and moves every particle by elliptical slice sampling (Murray, Adams & MacKay,
-2010) with q as the Gaussian "prior" and exp(t A - lambda V) as the "likelihood": each move keeps pi_t invariant,
-and one draw from q for all particles is one matrix product. No step goes beyond a quarter of the largest one
-whose incremental weights have finite variance (see _next_stage). The product of the mean weights is an unbiased
-estimate of P(f) / C (Del Moral 2004) whatever the moves' mixing; the error bar comes from independent runs
-(the log of the mean of their unbiased estimates, and the delta-method standard error of that mean). Unbiased is
-not enough: when the moves mix slowly the runs' estimates are right-skewed, most runs land low and their spread
-understates the error (measured: 3 moves a stage left unanimous labels 1 stderr low on average, 10 do not), so
-the error bar is only as honest as the coverage measured for the kind of kernel (README).
-EP's posterior covariance is formed on the host, as for the second-order correction (flatfast._ep.posterior_covariance);
-the particles are written against K's array module (numpy or cupy) like EP; so far run on numpy only.
+starting from exact draws of q and ending at the prior restricted to the orthant, whose mass is P(f). Every
+target is a Gaussian restricted to a box of lower bounds (N(m_t, Sigma_t) with Sigma_t = (K^-1 + (1 - t) S)^-1,
+m_t = (1 - t) Sigma_t nu on the sites' leg), so the moves are exact Hamiltonian trajectories with reflections at
+the walls (Pakman & Paninski, J. Comput. Graph. Stat. 23, 2014): h(s) = m + u cos s + v sin s between walls,
+the velocity v drawn from N(0, Sigma_t), reflected at a wall j by v -= 2 v_j / Sigma_jj Sigma[:, j]; each move
+keeps the target invariant and needs no tuning. On the walls' leg the next level is the particles' median
+distance outside (multilevel splitting: about half survive, and the estimate gains the fraction that does); on
+the sites' leg the next t is chosen by bisection so that the effective sample size of the incremental weights
+exp((t' - t) A(h)), A = sum_i (tau_i h_i^2 / 2 - nu_i h_i), is half the particles, and never beyond a quarter of
+the largest step whose weights have finite variance (see _next_stage). After each stage the particles are
+resampled (systematic) and moved. Both choices are made by a pilot run's particles only; the runs that count
+follow the pilot's schedule, so that given the pilot each run's product of mean weights is an unbiased estimate
+of P(f) / C (Del Moral 2004) and the runs are independent: the error bar comes from them (the log of the mean of
+their estimates, and the delta-method standard error of that mean). All runs advance together (_lockstep_runs),
+so that one Gaussian a stage serves them. On numpy the trajectories run in the C++ core, one particle per worker
+(flatfast._C.orthant_trajectories_f64); trajectories_reference is the same loop written against the array module,
+all particles in lockstep, the oracle the C++ is tested against and what cupy arrays run (so far on numpy only).
+Each stage's Gaussian is formed on the host (flatfast._ep.posterior_covariance), as for the second-order
+correction.
 """
 from __future__ import annotations
 
@@ -36,44 +38,49 @@ from flatfast._ep import posterior_covariance
 from flatfast._xp import to_host, xp_of
 
 RUNS = 10  # independent runs behind the error bar (their spread is the standard error)
-MOVES = 10  # elliptical slice moves per particle and stage (3 left unanimous labels 1 stderr low on average)
+MOVES = 5  # reflected Hamiltonian trajectories per particle and stage
+_DURATION = math.pi / 2  # of a trajectory: without walls, an independent draw; at most pi / 2 (_first_wall_hits)
 _ESS_FRACTION = 0.5  # the incremental weights' effective sample size each stage aims at
-_MAX_SHRINKS = 100  # bracket shrinks of one slice move; a particle still unplaced then stays where it is
 _MAX_STAGES = 10_000
 _SPREAD_WARN = 1.0  # nats of spread among the runs' log estimates beyond which the error bar is not backed
 _STEP_SHARE = 0.25  # of the largest step with finite-variance weights (see _next_stage)
+_BLOCK_ROWS = 2048  # particles moved together: the moves' temporaries are a few blocks of this many rows
+_GRAZE = 1e-9  # a wall hit this close to the one just reflected from is that one's rounding, not a new hit
 
 
-def smc_estimate(K, y, ep, *, n_samples, seed, shift=0.0, progress=None, runs=RUNS, moves=MOVES):
+def smc_estimate(K, y, ep, *, n_samples, seed, shift=0.0, progress=None, runs=None, moves=None):
     """Fill ``ep`` (an EPResult of EP on K + shift I, y) with the SMC estimate of log P(f): log_z, stderr,
-    n_samples (particles, all runs together), smc_runs (each run's log estimate) and smc_stages (their mean
-    number of stages). ``seed`` seeds every run (numpy.random.SeedSequence(seed).spawn(runs)); ``progress``: a
-    bar over the runs (None: when stderr is a terminal)."""
+    n_samples (particles, all runs together), smc_runs (each run's log estimate), smc_stages (their mean number
+    of stages: the pilot's schedule, which every run follows) and smc_bounces (wall reflections per trajectory,
+    averaged over all moves). ``seed`` seeds the pilot and the runs together; ``progress``: a counter
+    of the stages (None: when stderr is a terminal)."""
     from flatfast.errors import UnreliableEstimateWarning, warn
     from flatfast.hessian import _progress_counter
 
     t0 = time.perf_counter()
+    runs, moves = runs or RUNS, moves or MOVES  # read at call time, so that a script may change them
     xp = xp_of(K)
     particles = n_samples // runs
-    posterior = _ep_posterior(K, y, ep, shift, xp)
-    update, bar = _progress_counter(runs, f"flatfast SMC (n = {K.shape[0]})", progress)
-    estimates, stages = [], []
+    path = _Path(K, y, ep, shift, xp)
+    update, bar = _progress_counter(None, f"flatfast SMC stages (n = {K.shape[0]})", progress)
     try:
-        for child in np.random.SeedSequence(seed).spawn(runs):
-            log_ratio, count = _smc_run(posterior, particles, _generator(xp, child), moves, xp)
-            estimates.append(posterior["log_c"] + log_ratio)
-            stages.append(count)
-            if update is not None:
-                update(len(estimates))
+        log_ratios, stages, bounces, stopped = _lockstep_runs(path, runs, particles, _generator(xp, seed), moves,
+                                                              update)
     finally:
         if bar is not None:
             bar.close()
+    estimates = [path.log_c + float(v) for v in log_ratios]
     log_p, stderr = combine_runs(estimates)
     ep.method = "smc"
     ep.log_z, ep.stderr, ep.n_samples = log_p, stderr, particles * runs
-    ep.smc_runs, ep.smc_stages = [float(v) for v in estimates], float(np.mean(stages))
+    ep.smc_runs, ep.smc_stages = estimates, stages
+    ep.smc_bounces = float(np.mean(bounces)) if bounces else 0.0
     ep.seconds += time.perf_counter() - t0
     spread = float(np.std(estimates)) if all(math.isfinite(v) for v in estimates) else math.inf
+    if stopped:
+        warn(f"log P(f) by SMC on {K.shape[0]} points: {stopped} trajectories were stopped after "
+             f"{_max_reflections(K.shape[0])} wall reflections, where they no longer sample the target exactly",
+             UnreliableEstimateWarning)
     if not spread <= _SPREAD_WARN:
         warn(f"log P(f) by SMC on {K.shape[0]} points: the {runs} independent runs' log estimates spread by "
              f"{spread:.2f} nats (> {_SPREAD_WARN}), so their mean is carried by a few runs and neither the value "
@@ -87,41 +94,60 @@ def combine_runs(log_estimates):
     of that log: sd(estimates) / (sqrt(R) mean(estimates))."""
     values = np.asarray(log_estimates, dtype=np.float64)
     peak = float(values.max())
-    if not math.isfinite(peak):  # every run lost all its particles at the hard wall
+    if not math.isfinite(peak):  # every run lost all its particles
         return -math.inf, math.inf
     scaled = np.exp(values - peak)
     mean = float(scaled.mean())
     return peak + math.log(mean), float(scaled.std(ddof=1) / math.sqrt(values.size) / mean)
 
 
-def _generator(xp, seed_sequence):
+def _generator(xp, seed):
     if xp is np:
-        return np.random.default_rng(seed_sequence)
-    return xp.random.default_rng(int(seed_sequence.generate_state(1, np.uint64)[0]))  # pragma: no cover
+        return np.random.default_rng(seed)
+    return xp.random.default_rng(seed)  # pragma: no cover
 
 
-def _ep_posterior(K, y, ep, shift, xp):
-    """EP's Gaussian in the signed coordinates h = y g (the orthant is h > 0): mean, lower Cholesky factor of the
-    covariance, marginal sds, the sites (tau, y nu) and log C of the module doc. The covariance is formed on the
-    host (flatfast._ep.posterior_covariance) and the particles' arrays live on K's array module."""
-    n = K.shape[0]
-    tau, nu = to_host(ep.site_precision).astype(np.float64), to_host(ep.site_natural_mean).astype(np.float64)
-    cov, mean, half_log_det = posterior_covariance(to_host(K), tau, nu, shift)
-    log_c = -half_log_det + 0.5 * float(nu @ mean)
-    cov = xp.asarray(cov)  # on numpy the same array; on cupy its copy on the device, the host one freed here
-    mean, tau, nu, y = (xp.asarray(a, dtype=xp.float64) for a in (mean, tau, nu, y))
-    cov *= y[:, None]
-    cov *= y[None, :]
-    sd = xp.sqrt(xp.diagonal(cov).copy())
+class _Path:
+    """The problem's fixed parts: K on the host (for the stages' Gaussians), the sites (tau, y nu) on K's array
+    module, log C, and the stiffness m = lambda_max(S^1/2 (K + shift I) S^1/2) that bounds the sites' steps."""
+
+    def __init__(self, K, y, ep, shift, xp):
+        self.xp, self.shift = xp, shift
+        self.host_K = to_host(K)
+        self.host_y = to_host(y).astype(np.float64)
+        self.host_tau = to_host(ep.site_precision).astype(np.float64)
+        self.host_nu = to_host(ep.site_natural_mean).astype(np.float64)
+        self.tau = xp.asarray(self.host_tau)
+        self.nu = xp.asarray(self.host_y * self.host_nu)
+        self.log_c = None  # set by the first gaussian(0)
+        self.stiffness = _largest_eigenvalue(K, shift, xp.sqrt(self.tau), xp)
+
+    def gaussian(self, t):
+        """N(m_t, Sigma_t) of the module doc in the signed coordinates, on the array module: (mean, covariance,
+        its lower Cholesky factor)."""
+        xp = self.xp
+        keep = 1.0 - t
+        cov, mean, half_log_det = posterior_covariance(self.host_K, keep * self.host_tau, keep * self.host_nu,
+                                                       self.shift)
+        if t == 0.0:
+            self.log_c = -half_log_det + 0.5 * float(self.host_nu @ mean)
+        cov *= self.host_y[:, None]
+        cov *= self.host_y[None, :]
+        cov = xp.asarray(cov)  # on numpy the same array; on cupy its copy on the device
+        mean = xp.asarray(self.host_y * mean)
+        return mean, cov, _cholesky(cov, xp)
+
+
+def _cholesky(cov, xp):
+    """Lower factor of cov; with a jitter of 1e-10 of the mean variance where it is singular to rounding."""
     try:
         factor = xp.linalg.cholesky(cov)
-    except Exception:  # numpy's LinAlgError, cupy's NaNs below: a jitter of 1e-10 of the scale
+    except Exception:  # numpy's LinAlgError; cupy returns NaNs instead
         factor = None
     if factor is None or not bool(xp.isfinite(factor).all()):
-        cov[xp.diag_indices(n)] += 1e-10 * float(xp.mean(sd * sd))
-        factor = xp.linalg.cholesky(cov)
-    return dict(mean=y * mean, factor=factor, sd=sd, tau=tau, nu=y * nu, log_c=log_c,
-                stiffness=_largest_eigenvalue(K, shift, xp.sqrt(tau), xp))
+        jittered = cov + (1e-10 * float(xp.mean(xp.diagonal(cov)))) * xp.eye(cov.shape[0])
+        factor = xp.linalg.cholesky(jittered)
+    return factor
 
 
 def _largest_eigenvalue(K, shift, sqrt_tau, xp, iterations=50):
@@ -138,28 +164,6 @@ def _largest_eigenvalue(K, shift, sqrt_tau, xp, iterations=50):
     return 1.05 * value
 
 
-def _wall(t):
-    """lambda(t) of the module doc: 0 at t = 0, infinite at t = 1."""
-    return math.inf if t >= 1.0 else (t / (1.0 - t)) ** 2
-
-
-def _log_likelihood(H, post, t, xp):
-    """log of pi_t / q for each particle (rows of H), and its two parts A and V."""
-    A = xp.sum((0.5 * post["tau"] * H - post["nu"]) * H, axis=1)
-    violation = xp.minimum(H, 0.0) / post["sd"]
-    V = 0.5 * xp.sum(violation * violation, axis=-1)
-    if t >= 1.0:
-        return xp.where(V > 0, -xp.inf, A), A, V
-    return t * A - _wall(t) * V, A, V
-
-
-def _log_mean_exp(values, xp):
-    peak = float(xp.max(values))
-    if not math.isfinite(peak):
-        return -math.inf
-    return peak + math.log(float(xp.mean(xp.exp(values - peak))))
-
-
 def _ess_fraction(log_w, xp):
     peak = float(xp.max(log_w))
     if not math.isfinite(peak):
@@ -168,91 +172,228 @@ def _ess_fraction(log_w, xp):
     return float(xp.sum(w) ** 2 / xp.sum(w * w)) / log_w.shape[0]
 
 
-def _increment(t, t_next, A, V, xp):
-    """log pi_t_next / pi_t at each particle."""
-    if t_next >= 1.0:
-        return xp.where(V > 0, -xp.inf, (1.0 - t) * A)
-    return (t_next - t) * A - (_wall(t_next) - _wall(t)) * V
-
-
-def _next_stage(t, A, V, stiffness, xp):
-    """The largest t' in (t, 1] whose incremental weights keep _ESS_FRACTION of the particles, within the step
-    that keeps their variance finite: under pi_t the Gaussian part has precision P_t = K^-1 + (1 - t) S, and
-    exp((t' - t) A) has a finite second moment only while P_t - 2 (t' - t) S is positive definite, i.e.
-    t' - t < (1 / m + 1 - t) / 2 with m = lambda_max(S^1/2 K S^1/2) (``stiffness``). An infinite-variance weight
-    keeps a high effective sample size on every finite set of particles and biases the log estimate low
-    (measured: -0.023 nats at n = 100, with a particle ESS above half), so steps stay within half that bound."""
+def _next_stage(t, A, stiffness, xp):
+    """The largest t' in (t, 1] whose incremental weights exp((t' - t) A) keep _ESS_FRACTION of the particles,
+    within the step that keeps their variance finite: under pi_t the Gaussian part has precision
+    P_t = K^-1 + (1 - t) S, and exp((t' - t) A) has a finite second moment only while P_t - 2 (t' - t) S is
+    positive definite, i.e. t' - t < (1 / m + 1 - t) / 2 with m = lambda_max(S^1/2 K S^1/2) (``stiffness``). An
+    infinite-variance weight keeps a high effective sample size on every finite set of particles and biases the
+    log estimate low (measured: -0.023 nats at n = 100, with a particle ESS above half), so steps stay within
+    half that bound."""
     limit = t + _STEP_SHARE * (1.0 / stiffness + 1.0 - t)
-    if limit >= 1.0 and _ess_fraction(_increment(t, 1.0, A, V, xp), xp) >= _ESS_FRACTION:
+    if limit >= 1.0 and _ess_fraction((1.0 - t) * A, xp) >= _ESS_FRACTION:
         return 1.0
     low, high = t, min(limit, 1.0)
-    if high < 1.0 and _ess_fraction(_increment(t, high, A, V, xp), xp) >= _ESS_FRACTION:
+    if high < 1.0 and _ess_fraction((high - t) * A, xp) >= _ESS_FRACTION:
         return high
     for _ in range(60):
         middle = 0.5 * (low + high)
-        if _ess_fraction(_increment(t, middle, A, V, xp), xp) >= _ESS_FRACTION:
+        if _ess_fraction((middle - t) * A, xp) >= _ESS_FRACTION:
             low = middle
         else:
             high = middle
     return low if low > t else 0.5 * (t + high)  # never stall: a tiny step loses particles but moves on
 
 
-def _resample(H, log_w, generator, xp):
-    """Systematic resampling of the rows of H by the weights exp(log_w)."""
-    N = H.shape[0]
-    w = xp.exp(log_w - xp.max(log_w))
-    cumulative = xp.cumsum(w / xp.sum(w))
-    cumulative[-1] = 1.0
-    positions = (generator.random() + xp.arange(N)) / N
-    return H[xp.searchsorted(cumulative, positions)]
+def _resample_rows(log_w, generator, xp):
+    """Systematic resampling within each row of the weights exp(log_w) (rows x particles): indices into the rows
+    flattened. A row without weight (a run that lost every particle at a wall) keeps its particles."""
+    rows, N = log_w.shape
+    peak = xp.max(log_w, axis=1, keepdims=True)
+    w = xp.exp(log_w - xp.where(xp.isfinite(peak), peak, 0.0))
+    total = xp.sum(w, axis=1, keepdims=True)
+    w = xp.where(total > 0, w / xp.where(total > 0, total, 1.0), 1.0 / N)
+    cumulative = xp.cumsum(w, axis=1)
+    cumulative[:, -1] = 1.0
+    cumulative += xp.arange(rows)[:, None]  # rows side by side on one increasing scale
+    positions = (generator.random() + xp.arange(N))[None, :] / N + xp.arange(rows)[:, None]
+    return xp.minimum(xp.searchsorted(cumulative.ravel(), positions.ravel()), rows * N - 1)
 
 
-def _slice_moves(H, post, t, generator, moves, xp):
-    """Elliptical slice sampling of every particle under pi_t, with q as the Gaussian part."""
+def _log_mean_exp_rows(values, xp):
+    peak = xp.max(values, axis=1, keepdims=True)
+    safe = xp.where(xp.isfinite(peak), peak, 0.0)
+    return (safe + xp.log(xp.mean(xp.exp(values - safe), axis=1, keepdims=True)))[:, 0]
+
+
+def _max_reflections(n):
+    """Reflections after which a trajectory stops where it is (a guard against a particle trapped in a corner;
+    the most measured is about 3 n, on the orthant of an NNGP prior with 10 % of the labels flipped)."""
+    return 100 * n + 10_000
+
+
+def _native_trajectories(xp):
+    """The C++ trajectories (flatfast._C.orthant_trajectories_f64) for numpy particles, or None: cupy's run the
+    lockstep loop below, and numpy's do too, with one BackendFallbackWarning, when the extension is missing."""
+    if xp is not np:
+        return None  # pragma: no cover
+    from flatfast import _native
+    from flatfast._xp import _warn_once
+
+    module, reason = _native.load_cpp()
+    if module is None:
+        _warn_once(("smc-moves", reason), "flatfast: method='smc' moves its particles with the numpy reference "
+                   f"loop, 10-100x slower than the C++ core: {reason}")
+        return None
+    return module.orthant_trajectories_f64
+
+
+def _correlated_normals(factor, count, generator, xp):
+    """``count`` rows drawn from N(0, factor factor^T): Z factor^T, on numpy as one triangular BLAS-3 product
+    (TRMM, half the flops of a general one) computed in place as (factor Z^T)^T."""
+    Z = generator.standard_normal((count, factor.shape[0]))
+    if xp is not np:
+        return Z @ factor.T  # pragma: no cover
+    from scipy.linalg.blas import dtrmm
+
+    return dtrmm(1.0, factor.T, Z.T, lower=0, trans_a=1, overwrite_b=1).T
+
+
+def _first_wall_hits(u, v, gap, gap2, last, graze, xp):
+    """Per row of (u, v): the time of its first outward wall crossing within a quarter period (inf if none) and
+    that wall. Wall j is crossed where u_j cos s + v_j sin s + gap_j = 0; in t = tan(s / 2) that is the quadratic
+    (gap_j - u_j) t^2 + 2 v_j t + (gap_j + u_j) = 0 with discriminant D = u_j^2 + v_j^2 - gap_j^2, solved in the
+    stable form q = -(v_j + sign(v_j) sqrt(D)), roots q / (gap_j - u_j) and (gap_j + u_j) / q. A row starts inside
+    (gap_j + u_j >= 0), so its first positive root is an outward crossing, and s = 2 atan(t) is monotone: rows
+    compare t, and only the winner's is turned into a time. Only walls that may be crossed for s in [0, pi / 2]
+    are solved: D > 0 and, as cos s and sin s lie in [0, 1] there, min(u, 0) + min(v, 0) + gap < 0. The root
+    t <= ``graze`` of the wall a row was just reflected from (``last``) is that reflection itself."""
+    may_cross = u * u + v * v > gap2
+    may_cross &= xp.minimum(u, 0.0) + xp.minimum(v, 0.0) + gap < 0.0
+    rows, cols = xp.nonzero(may_cross)
+    first, face = xp.full(u.shape[0], xp.inf), xp.full(u.shape[0], -1, dtype=xp.int64)
+    if rows.size == 0:
+        return first, face
+    uu, vv, gg = u[rows, cols], v[rows, cols], gap[cols]
+    q = -(vv + xp.copysign(xp.sqrt(uu * uu + vv * vv - gg * gg), vv))
+    floor = xp.where(cols == last[rows], graze, 0.0)
+    t = xp.full(rows.shape, xp.inf)
+    for numerator, denominator in ((q, gg - uu), (gg + uu, q)):
+        root = numerator / xp.where(denominator != 0, denominator, 1.0)
+        t = xp.where((denominator != 0) & (root > floor) & (root < t), root, t)
+    order = xp.lexsort(xp.stack([t, rows.astype(t.dtype)]))  # by row, then by root
+    rows, cols, t = rows[order], cols[order], t[order]
+    lead = xp.ones(rows.size, dtype=bool)
+    lead[1:] = rows[1:] != rows[:-1]
+    first[rows[lead]], face[rows[lead]] = 2.0 * xp.arctan(t[lead]), cols[lead]
+    return first, face
+
+
+def _move(H, gaussian, wall, generator, moves, xp):
+    """_reflected_trajectories on blocks of _BLOCK_ROWS particles, in place: their temporaries stay a few blocks
+    whatever the number of particles. Returns (H, wall reflections per trajectory, one mean per move, and the
+    number of trajectories stopped by _max_reflections)."""
+    total, stopped = [0.0] * moves, 0
+    for start in range(0, H.shape[0], _BLOCK_ROWS):
+        block = H[start:start + _BLOCK_ROWS]
+        H[start:start + _BLOCK_ROWS], per_move, cut = _reflected_trajectories(block, gaussian, wall, generator,
+                                                                              moves, xp)
+        total = [a + b * block.shape[0] for a, b in zip(total, per_move)]
+        stopped += cut
+    return H, [a / H.shape[0] for a in total], stopped
+
+
+def _reflected_trajectories(H, gaussian, wall, generator, moves, xp):
+    """``moves`` exact Hamiltonian trajectories of duration _DURATION for every row of H under N(mean, cov)
+    restricted to H >= wall (each row starts inside), by the C++ core on numpy (trajectories_reference
+    otherwise). Returns (H, wall reflections per trajectory, one mean per move, trajectories stopped by
+    _max_reflections)."""
+    mean, cov, factor = gaussian
     N, n = H.shape
-    mean, factor = post["mean"], post["factor"]
+    gap = xp.ascontiguousarray(mean - wall)  # h >= wall  <=>  u + gap >= 0, u = h - mean
+    trajectories = _native_trajectories(xp) or (lambda *args: trajectories_reference(*args, xp=xp))
+    per_move, stopped = [], 0
     for _ in range(moves):
-        offset = H - mean
-        direction = generator.standard_normal((N, n)) @ factor.T
-        level = _log_likelihood(H, post, t, xp)[0] + xp.log(generator.random(N))
-        angle = generator.random(N) * (2.0 * math.pi)
-        low, high = angle - 2.0 * math.pi, angle.copy()
-        pending = xp.arange(N)
-        for _ in range(_MAX_SHRINKS):
-            a = angle[pending]
-            proposal = mean + offset[pending] * xp.cos(a)[:, None] + direction[pending] * xp.sin(a)[:, None]
-            accept = _log_likelihood(proposal, post, t, xp)[0] > level[pending]
-            H[pending[accept]] = proposal[accept]
-            rejected = pending[~accept]
-            if rejected.size == 0:
-                break
-            a = angle[rejected]
-            below = a < 0
-            low[rejected] = xp.where(below, a, low[rejected])
-            high[rejected] = xp.where(below, high[rejected], a)
-            angle[rejected] = low[rejected] + generator.random(rejected.size) * (high[rejected] - low[rejected])
-            pending = rejected
-    return H
+        U = H - mean
+        V = _correlated_normals(factor, N, generator, xp)
+        reflections, cut = trajectories(U, V, gap, cov, _DURATION, _GRAZE, _max_reflections(n))
+        H = U + mean
+        per_move.append(float(reflections.mean()))
+        stopped += int(cut)
+    return H, per_move, stopped
 
 
-def _smc_run(post, particles, generator, moves, xp):
-    """One SMC run: (log of its estimate of P(f) / C, number of stages)."""
-    n = post["mean"].shape[0]
-    H = post["mean"] + generator.standard_normal((particles, n)) @ post["factor"].T
-    t, log_ratio, stages = 0.0, 0.0, 0
-    while t < 1.0:
+def trajectories_reference(U, V, gap, cov, duration, graze, max_events, xp=np):
+    """The reference of flatfast._C.orthant_trajectories_f64, on any array module: each row of (U, V), a
+    particle's offset u = h - mean and velocity v under N(mean, cov) restricted to u + gap >= 0, follows
+    u(s) = u cos s + v sin s, v(s) = v cos s - u sin s for ``duration`` (<= pi / 2), reflected at the first outward
+    crossing of wall j (_first_wall_hits) by v -= 2 v_j / cov[j, j] cov[j, :]; a row stops after ``max_events``
+    reflections. All rows advance in lockstep, one event (the next wall hit, or the end) each per step. Updates U
+    and V in place; returns (reflections per row, rows stopped by max_events)."""
+    N = U.shape[0]
+    gap2 = gap * gap
+    variance = xp.diagonal(cov).copy()
+    count = xp.zeros(N, dtype=xp.int64)
+    remaining = xp.full(N, float(duration))
+    last = xp.full(N, -1, dtype=xp.int64)
+    active = xp.arange(N)
+    while active.size:
+        u, v = U[active], V[active]
+        first, face = _first_wall_hits(u, v, gap, gap2, last[active], graze, xp)
+        left = remaining[active]
+        bounce = first < left
+        step = xp.where(bounce, first, left)
+        c, s = xp.cos(step)[:, None], xp.sin(step)[:, None]
+        u, v = u * c + v * s, v * c - u * s
+        at = xp.nonzero(bounce)[0]
+        wall_hit = face[at]
+        v[at] -= (2.0 * v[at, wall_hit] / variance[wall_hit])[:, None] * cov[wall_hit]
+        U[active] = xp.maximum(u, -gap)  # rounding may leave a coordinate a hair outside its wall
+        V[active] = v
+        remaining[active] = left - step
+        last[active] = face
+        count[active[at]] += 1
+        active = active[at]
+        active = active[count[active] < max_events]
+    return count, int(xp.sum(count >= max_events))
+
+
+def _lockstep_runs(path, runs, particles, generator, moves, update=None):
+    """``runs`` SMC runs of ``particles`` each, advanced together behind a pilot run that picks every stage's wall
+    level or t from its own particles: the runs share each stage's Gaussian (one factorisation a stage, whatever
+    the number of runs) and, given the pilot, follow a fixed schedule and are independent of each other.
+    Returns (log of each run's estimate of P(f) / C, number of stages, wall reflections per trajectory of each
+    move, trajectories stopped by _max_reflections)."""
+    xp = path.xp
+    gaussian = path.gaussian(0.0)
+    n, rows = gaussian[0].shape[0], runs + 1  # row 0: the pilot
+    H = _correlated_normals(gaussian[2], rows * particles, generator, xp)
+    H += gaussian[0]
+    log_ratio, stages, bounces, stopped = xp.zeros(rows), 0, [], 0
+
+    scale = xp.sqrt(xp.diagonal(gaussian[1]))
+    level = math.inf
+    while level > 0.0:  # the walls' leg: h >= -level * scale, down to the orthant
         if stages >= _MAX_STAGES:
             raise RuntimeError(f"method='smc': no path to the orthant in {_MAX_STAGES} stages")
-        _, A, V = _log_likelihood(H, post, t, xp)
-        t_next = _next_stage(t, A, V, post["stiffness"], xp)
-        log_w = _increment(t, t_next, A, V, xp)
-        log_ratio += _log_mean_exp(log_w, xp)
-        if not math.isfinite(log_ratio):
-            return -math.inf, stages + 1
+        outside = xp.max(-H / scale, axis=1).reshape(rows, particles)  # lowest level each particle is inside of
+        level = max(0.0, float(xp.sort(outside[0])[(particles - 1) // 2]))
+        inside = outside <= level
+        fraction = xp.mean(inside, axis=1)
+        log_ratio += xp.where(fraction > 0, xp.log(xp.where(fraction > 0, fraction, 1.0)), -xp.inf)
+        H = H[_resample_rows(xp.where(inside, 0.0, -xp.inf), generator, xp)]
+        H, per_move, cut = _move(H, gaussian, -level * scale, generator, moves, xp)
+        bounces, stopped = bounces + per_move, stopped + cut
+        stages += 1
+        if update is not None:
+            update(stages)
+
+    t, floor = 0.0, xp.zeros(n)
+    while t < 1.0:  # the sites' leg
+        if stages >= _MAX_STAGES:
+            raise RuntimeError(f"method='smc': no path to the orthant in {_MAX_STAGES} stages")
+        A = ((H * H) @ (0.5 * path.tau) - H @ path.nu).reshape(rows, particles)
+        t_next = _next_stage(t, A[0], path.stiffness, xp)
+        log_w = (t_next - t) * A
+        log_ratio += _log_mean_exp_rows(log_w, xp)
         t = t_next
         stages += 1
         if t < 1.0:
-            H = _resample(H, log_w, generator, xp)
-            H = _slice_moves(H, post, t, generator, moves, xp)
-    return log_ratio, stages
-
+            H = H[_resample_rows(log_w, generator, xp)]
+            gaussian = None  # the last stage's arrays go before the next are made
+            gaussian = path.gaussian(t)
+            H, per_move, cut = _move(H, gaussian, floor, generator, moves, xp)
+            bounces, stopped = bounces + per_move, stopped + cut
+        if update is not None:
+            update(stages)
+    return to_host(log_ratio[1:]), stages, bounces, stopped

@@ -159,8 +159,8 @@ def test_log_prior_peaks_at_two_arrays():
 
 @pytest.mark.parametrize("kwargs", [{}, {"likelihood": "probit"}, {"method": "tilting", "n_samples": 200},
                                     {"method": "tilting", "n_samples": 200, "likelihood": "probit"},
-                                    {"method": "smc", "n_samples": 200},
-                                    {"method": "smc", "n_samples": 200, "likelihood": "probit"}])
+                                    {"method": "smc", "n_samples": 40},
+                                    {"method": "smc", "n_samples": 40, "likelihood": "probit"}])
 def test_memory_guard_counts_what_is_measured(monkeypatch, kwargs):
     """The guard asks for at least the measured peak, and not much more (an honest count, not a constant)."""
     asked = []

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import flatfast
-from flatfast import _smc
+from flatfast import _ep, _smc
 from orthant_reference import equicorrelated_log_orthant
 
 
@@ -61,13 +61,13 @@ def test_stages_stay_within_the_step_that_keeps_the_weights_variance_finite():
     """exp((t' - t) A) has infinite variance under pi_t beyond t' - t = (1/m + 1 - t) / 2 (m the stiffness), where
     a finite set of particles still shows equal weights: the step is capped at a quarter of (1/m + 1 - t)."""
     flat = np.zeros(100)
-    assert _smc._next_stage(0.0, flat, flat, 1000.0, np) == pytest.approx(0.25 * (1e-3 + 1.0))
-    assert _smc._next_stage(0.9, flat, flat, 1000.0, np) == pytest.approx(0.9 + 0.25 * (1e-3 + 0.1))
-    assert _smc._next_stage(0.5, flat, flat, 0.1, np) == 1.0  # 1/m large: the last step is safe at once
+    assert _smc._next_stage(0.0, flat, 1000.0, np) == pytest.approx(0.25 * (1e-3 + 1.0))
+    assert _smc._next_stage(0.9, flat, 1000.0, np) == pytest.approx(0.9 + 0.25 * (1e-3 + 0.1))
+    assert _smc._next_stage(0.5, flat, 0.1, np) == 1.0  # 1/m large: the last step is safe at once
 
 
 def test_smc_warns_when_its_runs_disagree():
-    K, y, _ = _equicorrelated(60, 0.99, 6)
+    K, y, _ = _equicorrelated(200, 0.9, 20)  # two particles a run: spread 1.4 nats
     with pytest.warns(flatfast.UnreliableEstimateWarning, match="independent runs"):
         flatfast.ep_log_evidence(K, y, method="smc", n_samples=20, seed=0)
 
@@ -78,3 +78,95 @@ def test_smc_arguments():
         flatfast.ep_log_evidence(K, y, method="smc", n_samples=10)
     with pytest.raises(ValueError, match="correction"):
         flatfast.ep_log_evidence(K, y, method="smc", correction=True)
+
+
+def _truncated_gaussian_moves(reference):
+    """Particles of N(0, [[1, r], [r, 1]]) restricted to the positive quadrant, moved by reflected trajectories
+    from one start: the moves must leave the restricted Gaussian invariant, so the sample mean converges to
+    E[h_1 | h > 0] = (1 + r) / (2 sqrt(2 pi) P) with P = 1/4 + asin(r) / (2 pi)."""
+    r = 0.8
+    cov = np.array([[1.0, r], [r, 1.0]])
+    factor = np.linalg.cholesky(cov)
+    H = np.full((4000, 2), 0.05)
+    generator = np.random.default_rng(0)
+    samples = []
+    for _ in range(30):
+        U = H.copy()
+        V = generator.standard_normal(H.shape) @ factor.T
+        if reference:
+            _smc.trajectories_reference(U, V, np.zeros(2), cov, math.pi / 2, _smc._GRAZE, 10**6)
+        else:
+            _native_module().orthant_trajectories_f64(U, V, np.zeros(2), cov, math.pi / 2, _smc._GRAZE, 10**6)
+        H = U
+        samples.append(H.copy())
+    assert H.min() >= 0.0
+    mass = 0.25 + math.asin(r) / (2 * math.pi)
+    return np.concatenate(samples[10:]).mean(axis=0), (1 + r) / (2 * math.sqrt(2 * math.pi) * mass)
+
+
+def _native_module():
+    from flatfast import _native
+
+    module, reason = _native.load_cpp()
+    if module is None:
+        pytest.skip(f"the C++ core is not built: {reason}")
+    return module
+
+
+@pytest.mark.parametrize("reference", [True, False], ids=["reference", "native"])
+def test_reflected_trajectories_keep_the_truncated_gaussian(reference):
+    mean, exact = _truncated_gaussian_moves(reference)
+    assert mean == pytest.approx([exact, exact], abs=0.02)  # sd of the mean about 0.005 (correlated draws)
+
+
+def test_native_trajectories_equal_the_reference():
+    """Same start, same velocities: the C++ loop and the numpy lockstep loop take the same reflections, on the
+    Gaussian of a stage near the prior of an NNGP kernel, where a trajectory is reflected about 250 times."""
+    native = _native_module()
+    rng = np.random.default_rng(0)
+    n = 120
+    X = rng.random((n, 50))
+    K = flatfast.nngp_kernel(X)
+    y = np.where(X[:, :25].sum(1) > X[:, 25:].sum(1), 1.0, -1.0)
+    ep = flatfast.ep_log_evidence(K, y, return_info=True)
+    cov, mean, _ = _ep.posterior_covariance(K, 0.01 * ep.site_precision, 0.01 * ep.site_natural_mean)
+    cov *= np.outer(y, y)
+    mean = y * mean
+    factor = np.linalg.cholesky(cov)
+    start = np.maximum(mean + rng.standard_normal((60, n)) @ factor.T, 1e-3) - mean
+    velocity = rng.standard_normal((60, n)) @ factor.T
+    U1, V1, U2, V2 = start.copy(), velocity.copy(), start.copy(), velocity.copy()
+    count1, stopped1 = _smc.trajectories_reference(U1, V1, mean.copy(), cov, math.pi / 2, _smc._GRAZE, 10**6)
+    count2, stopped2 = native.orthant_trajectories_f64(U2, V2, mean.copy(), cov, math.pi / 2, _smc._GRAZE, 10**6)
+    assert count1.mean() > 20 and stopped1 == stopped2 == 0
+    np.testing.assert_array_equal(count1, count2)
+    np.testing.assert_allclose(U1, U2, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(V1, V2, rtol=0, atol=1e-9)
+    assert (U2 + mean).min() >= 0.0
+    # the reflection cap stops a row where it is and is reported
+    U3, V3 = start.copy(), velocity.copy()
+    count3, stopped3 = native.orthant_trajectories_f64(U3, V3, mean.copy(), cov, math.pi / 2, _smc._GRAZE, 3)
+    assert count3.max() == 3 and stopped3 == int(np.sum(count1 >= 3))
+
+
+def test_native_trajectories_check_their_arguments():
+    native = _native_module()
+    U, V, cov = np.zeros((3, 2)), np.ones((3, 2)), np.eye(2)
+    with pytest.raises(ValueError, match="duration"):
+        native.orthant_trajectories_f64(U, V, np.ones(2), cov, 2.0, 1e-9, 10)
+    with pytest.raises(ValueError, match="V"):
+        native.orthant_trajectories_f64(U, np.ones((3, 3)), np.ones(2), cov, 1.0, 1e-9, 10)
+    with pytest.raises(ValueError, match="gap"):
+        native.orthant_trajectories_f64(U, V, np.ones(3), cov, 1.0, 1e-9, 10)
+    with pytest.raises(ValueError, match="cov"):
+        native.orthant_trajectories_f64(U, V, np.ones(2), -np.eye(2), 1.0, 1e-9, 10)
+
+
+def test_resampling_stays_within_each_run():
+    weights = np.array([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    log_w = np.where(weights > 0, 0.0, -np.inf)
+    picks = _smc._resample_rows(log_w, np.random.default_rng(0), np)
+    rows = picks.reshape(3, 4)
+    assert (rows[0] == 0).all()
+    assert set(rows[1].tolist()) == {6, 7}
+    assert sorted(rows[2].tolist()) == [8, 9, 10, 11]  # a run that lost every particle keeps them
