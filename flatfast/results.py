@@ -23,7 +23,7 @@ class EPResult:
     sample size), n_samples, float32_sweeps (of ``sweeps``, how many ran in float32 under precision="mixed"),
     correction (Opper, Paquet & Winther's second-order correction to log_z, with ``correction=True``; see
     :func:`flatfast.log_prior`) and corrected_log_z; for method="smc", smc_runs (each independent run's log
-    estimate of P(f)), smc_stages (their mean number of stages) and smc_bounces (wall reflections per
+    estimate of P(f)), smc_stages (the number of stages, which every run shares) and smc_bounces (wall reflections per
     Hamiltonian trajectory, averaged over all moves).
     """
 
