@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import flatfast
-from flatfast import _ep, _native, _smc
+from flatfast import _native, _smc
 
 N_POINTS, PARTICLES = 300, 220
 
@@ -22,10 +22,7 @@ def stage():
     K = flatfast.nngp_kernel(X)
     y = np.where(X[:, :392].sum(1) > X[:, 392:].sum(1), 1.0, -1.0)
     ep = flatfast.ep_log_evidence(K, y, return_info=True)
-    cov, mean, _ = _ep.posterior_covariance(K, 0.01 * ep.site_precision, 0.01 * ep.site_natural_mean)
-    cov *= np.outer(y, y)
-    mean = y * mean
-    factor = np.linalg.cholesky(cov)
+    mean, cov, factor = _smc._Path(K, y, ep, 0.0, np).gaussian(0.99)  # EP's sites at 1 % of their strength
     rng = np.random.default_rng(1)
     start = np.maximum(mean + rng.standard_normal((PARTICLES, N_POINTS)) @ factor.T, 1e-3) - mean
     velocity = rng.standard_normal((PARTICLES, N_POINTS)) @ factor.T

@@ -50,8 +50,8 @@ _GRAZE = 1e-9  # a wall hit this close to the one just reflected from is that on
 
 def smc_estimate(K, y, ep, *, n_samples, seed, shift=0.0, progress=None, runs=None, moves=None):
     """Fill ``ep`` (an EPResult of EP on K + shift I, y) with the SMC estimate of log P(f): log_z, stderr,
-    n_samples (particles, all runs together), smc_runs (each run's log estimate), smc_stages (their mean number
-    of stages: the pilot's schedule, which every run follows) and smc_bounces (wall reflections per trajectory,
+    n_samples (particles, all runs together), smc_runs (each run's log estimate), smc_stages (the number of
+    stages: the pilot's schedule, which every run follows) and smc_bounces (wall reflections per trajectory,
     averaged over all moves). ``seed`` seeds the pilot and the runs together; ``progress``: a counter
     of the stages (None: when stderr is a terminal)."""
     from flatfast.errors import UnreliableEstimateWarning, warn
@@ -64,8 +64,8 @@ def smc_estimate(K, y, ep, *, n_samples, seed, shift=0.0, progress=None, runs=No
     path = _Path(K, y, ep, shift, xp)
     update, bar = _progress_counter(None, f"flatfast SMC stages (n = {K.shape[0]})", progress)
     try:
-        log_ratios, stages, bounces, stopped = _lockstep_runs(path, runs, particles, _generator(xp, seed), moves,
-                                                              update)
+        log_ratios, stages, bounces, stopped = _lockstep_runs(path, runs, particles, xp.random.default_rng(seed),
+                                                              moves, update)
     finally:
         if bar is not None:
             bar.close()
@@ -99,12 +99,6 @@ def combine_runs(log_estimates):
     scaled = np.exp(values - peak)
     mean = float(scaled.mean())
     return peak + math.log(mean), float(scaled.std(ddof=1) / math.sqrt(values.size) / mean)
-
-
-def _generator(xp, seed):
-    if xp is np:
-        return np.random.default_rng(seed)
-    return xp.random.default_rng(seed)  # pragma: no cover
 
 
 class _Path:

@@ -48,7 +48,7 @@ class EPResult:
     labels: Optional[np.ndarray] = dataclasses.field(default=None, repr=False)  # the signs it was run for
     correction: Optional[float] = None
     smc_runs: Optional[List[float]] = None
-    smc_stages: Optional[float] = None
+    smc_stages: Optional[int] = None
     smc_bounces: Optional[float] = None
 
     @property

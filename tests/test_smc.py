@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import flatfast
-from flatfast import _ep, _smc
+from flatfast import _smc
 from orthant_reference import equicorrelated_log_orthant
 
 
@@ -129,10 +129,7 @@ def test_native_trajectories_equal_the_reference():
     K = flatfast.nngp_kernel(X)
     y = np.where(X[:, :25].sum(1) > X[:, 25:].sum(1), 1.0, -1.0)
     ep = flatfast.ep_log_evidence(K, y, return_info=True)
-    cov, mean, _ = _ep.posterior_covariance(K, 0.01 * ep.site_precision, 0.01 * ep.site_natural_mean)
-    cov *= np.outer(y, y)
-    mean = y * mean
-    factor = np.linalg.cholesky(cov)
+    mean, cov, factor = _smc._Path(K, y, ep, 0.0, np).gaussian(0.99)  # EP's sites at 1 % of their strength
     start = np.maximum(mean + rng.standard_normal((60, n)) @ factor.T, 1e-3) - mean
     velocity = rng.standard_normal((60, n)) @ factor.T
     U1, V1, U2, V2 = start.copy(), velocity.copy(), start.copy(), velocity.copy()
