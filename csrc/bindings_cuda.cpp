@@ -7,6 +7,7 @@
 #include "common/check.h"
 #include "cuda/mlp_hvp_cuda.h"
 #include "cuda/nngp_cuda.h"
+#include "cuda/orthant_hmc_cuda.h"
 
 namespace py = pybind11;
 using namespace flatfast;
@@ -48,6 +49,23 @@ void masked_matmul(uintptr_t a, int64_t M, int64_t K, uintptr_t b, int64_t N, bo
                               reinterpret_cast<float*>(out), s);
 }
 
+// method="smc"'s moves on device arrays (float64, C-ordered; shapes and the covariance's diagonal are checked by
+// flatfast._smc, which owns the arrays): U, V (rows x n) updated in place, reflections (rows, int64) written.
+void orthant_trajectories(uintptr_t U, uintptr_t V, int64_t rows, int64_t n, uintptr_t gap, uintptr_t cov,
+                          double duration, double graze, int64_t max_events, uintptr_t reflections, uintptr_t stream) {
+  FF_CHECK_ARG(rows >= 0 && n >= 1, "U", "bad shape");
+  FF_CHECK_ARG(rows == 0 || (U != 0 && V != 0 && gap != 0 && cov != 0 && reflections != 0), "U",
+               "null device pointer");
+  FF_CHECK_ARG(std::isfinite(duration) && duration >= 0 && duration <= 1.5707963267948966, "duration",
+               "must be in [0, pi / 2]");
+  FF_CHECK_ARG(std::isfinite(graze) && graze >= 0, "graze", "must be non-negative and finite");
+  FF_CHECK_ARG(max_events >= 1, "max_events", "must be >= 1");
+  py::gil_scoped_release release;
+  orthant_trajectories_cuda(reinterpret_cast<double*>(U), reinterpret_cast<double*>(V), rows, n,
+                            reinterpret_cast<const double*>(gap), reinterpret_cast<const double*>(cov), duration, graze,
+                            max_events, reinterpret_cast<int64_t*>(reflections), reinterpret_cast<void*>(stream));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C_cuda, m) {
@@ -57,4 +75,7 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def("masked_matmul", &masked_matmul, py::arg("a"), py::arg("M"), py::arg("K"), py::arg("b"), py::arg("N"),
         py::arg("b_transposed"), py::arg("mask"), py::arg("mask_rows"), py::arg("c"), py::arg("out"),
         py::arg("is_double"), py::arg("stream"));
+  m.def("orthant_trajectories", &orthant_trajectories, py::arg("U"), py::arg("V"), py::arg("rows"), py::arg("n"),
+        py::arg("gap"), py::arg("cov"), py::arg("duration"), py::arg("graze"), py::arg("max_events"),
+        py::arg("reflections"), py::arg("stream"));
 }

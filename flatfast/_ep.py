@@ -410,12 +410,16 @@ def second_order_correction(K, y, result, shift=0.0):
 
 def posterior_covariance(K, tau, nu, shift=0.0):
     """EP's Gaussian posterior N(mean, Sigma) from its sites (tau, nu), for the prior covariance C = K + shift I,
-    in float64 numpy on the host: (Sigma, mean, half_log_det) with B = I + S^1/2 C S^1/2 = L L^T,
-    V = L^-1 S^1/2 C, Sigma = (C^-1 + S)^-1 = C - V^T V, mean = Sigma nu and half_log_det = sum log diag L
-    (= 1/2 log|B|). Two n x n arrays beside K: B's buffer, factored in place, ends as Sigma; V is solved in place.
-    Raises NotPSDError when B is not positive definite."""
+    in float64 on K's array module (numpy on the host, cupy on its device): (Sigma, mean, half_log_det) with
+    B = I + S^1/2 C S^1/2 = L L^T, V = L^-1 S^1/2 C, Sigma = (C^-1 + S)^-1 = C - V^T V, mean = Sigma nu and
+    half_log_det = sum log diag L (= 1/2 log|B|). On numpy two n x n arrays beside K: B's buffer, factored in place,
+    ends as Sigma; V is solved in place (on cupy three: B's factor is a copy). Raises NotPSDError when B is not
+    positive definite."""
     from scipy.linalg import lapack
 
+    xp = xp_of(K)
+    if xp is not np:  # pragma: no cover - GPU only
+        return _posterior_covariance_on_device(K, tau, nu, shift, xp)
     n = len(tau)
     root = np.sqrt(tau)
     B = np.multiply(K, root[:, None])
@@ -432,6 +436,32 @@ def posterior_covariance(K, tau, nu, shift=0.0):
     del V, L
     np.subtract(K, Sigma, out=Sigma)
     Sigma[np.diag_indices(n)] += shift
+    return Sigma, Sigma @ nu, half_log_det
+
+
+def _posterior_covariance_on_device(K, tau, nu, shift, xp):  # pragma: no cover - GPU only
+    """posterior_covariance's algorithm on cupy arrays (cuSOLVER's Cholesky, cuBLAS's triangular solve)."""
+    from cupyx.scipy.linalg import solve_triangular
+
+    n = tau.shape[0]
+    diagonal = xp.arange(n)
+    root = xp.sqrt(tau)
+    B = K * root[:, None]
+    B *= root[None, :]
+    B[diagonal, diagonal] += 1.0 + shift * tau
+    L = xp.linalg.cholesky(B)
+    del B
+    half_log_det = float(xp.sum(xp.log(xp.diagonal(L))))
+    if not math.isfinite(half_log_det):  # cuSOLVER leaves NaNs where numpy raises
+        raise NotPSDError("K: B = I + S^1/2 K S^1/2 is not positive definite at EP's sites")
+    V = K * root[:, None]  # S^1/2 C
+    V[diagonal, diagonal] += shift * root
+    V = solve_triangular(L, V, lower=True, overwrite_b=True)
+    del L
+    Sigma = V.T @ V
+    del V
+    xp.subtract(K, Sigma, out=Sigma)
+    Sigma[diagonal, diagonal] += shift
     return Sigma, Sigma @ nu, half_log_det
 
 

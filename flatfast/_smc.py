@@ -44,7 +44,8 @@ _ESS_FRACTION = 0.5  # the incremental weights' effective sample size each stage
 _MAX_STAGES = 10_000
 _SPREAD_WARN = 1.0  # nats of spread among the runs' log estimates beyond which the error bar is not backed
 _STEP_SHARE = 0.25  # of the largest step with finite-variance weights (see _next_stage)
-_BLOCK_ROWS = 2048  # particles moved together: the moves' temporaries are a few blocks of this many rows
+_BLOCK_ROWS = 2048  # particles moved together on the CPU: the moves' temporaries are a few blocks of this many rows
+_DEVICE_BLOCK_ROWS = 1 << 16  # on a GPU, where one launch should hold every particle to fill the device
 _GRAZE = 1e-9  # a wall hit this close to the one just reflected from is that one's rounding, not a new hit
 
 
@@ -102,34 +103,29 @@ def combine_runs(log_estimates):
 
 
 class _Path:
-    """The problem's fixed parts: K on the host (for the stages' Gaussians), the sites (tau, y nu) on K's array
-    module, log C, and the stiffness m = lambda_max(S^1/2 (K + shift I) S^1/2) that bounds the sites' steps."""
+    """The problem's fixed parts on K's array module: K, the labels y, EP's sites (tau, nu) and the signed
+    y nu, log C, and the stiffness m = lambda_max(S^1/2 (K + shift I) S^1/2) that bounds the sites' steps."""
 
     def __init__(self, K, y, ep, shift, xp):
-        self.xp, self.shift = xp, shift
-        self.host_K = to_host(K)
-        self.host_y = to_host(y).astype(np.float64)
-        self.host_tau = to_host(ep.site_precision).astype(np.float64)
-        self.host_nu = to_host(ep.site_natural_mean).astype(np.float64)
-        self.tau = xp.asarray(self.host_tau)
-        self.nu = xp.asarray(self.host_y * self.host_nu)
+        self.xp, self.shift, self.K = xp, shift, K
+        self.y = xp.asarray(to_host(y), dtype=xp.float64)
+        self.tau = xp.asarray(ep.site_precision, dtype=xp.float64)
+        self.site_nu = xp.asarray(ep.site_natural_mean, dtype=xp.float64)
+        self.nu = self.y * self.site_nu
         self.log_c = None  # set by the first gaussian(0)
         self.stiffness = _largest_eigenvalue(K, shift, xp.sqrt(self.tau), xp)
 
     def gaussian(self, t):
-        """N(m_t, Sigma_t) of the module doc in the signed coordinates, on the array module: (mean, covariance,
-        its lower Cholesky factor)."""
-        xp = self.xp
+        """N(m_t, Sigma_t) of the module doc in the signed coordinates, on K's array module (cupy's on the
+        device): (mean, covariance, its lower Cholesky factor)."""
         keep = 1.0 - t
-        cov, mean, half_log_det = posterior_covariance(self.host_K, keep * self.host_tau, keep * self.host_nu,
-                                                       self.shift)
+        cov, mean, half_log_det = posterior_covariance(self.K, keep * self.tau, keep * self.site_nu, self.shift)
         if t == 0.0:
-            self.log_c = -half_log_det + 0.5 * float(self.host_nu @ mean)
-        cov *= self.host_y[:, None]
-        cov *= self.host_y[None, :]
-        cov = xp.asarray(cov)  # on numpy the same array; on cupy its copy on the device
-        mean = xp.asarray(self.host_y * mean)
-        return mean, cov, _cholesky(cov, xp)
+            self.log_c = -half_log_det + 0.5 * float(self.site_nu @ mean)
+        cov *= self.y[:, None]
+        cov *= self.y[None, :]
+        mean = self.y * mean
+        return mean, cov, _cholesky(cov, self.xp)
 
 
 def _cholesky(cov, xp):
@@ -218,19 +214,40 @@ def _max_reflections(n):
 
 
 def _native_trajectories(xp):
-    """The C++ trajectories (flatfast._C.orthant_trajectories_f64) for numpy particles, or None: cupy's run
-    trajectories_reference, and numpy's do too, with one BackendFallbackWarning, when the extension is missing."""
-    if xp is not np:
-        return None  # pragma: no cover
+    """The native trajectories for K's array module, or None: the C++ core (flatfast._C.orthant_trajectories_f64)
+    for numpy particles, the CUDA kernel (flatfast._C_cuda.orthant_trajectories, _cuda_trajectories) for cupy's;
+    where that extension is missing, trajectories_reference runs instead, after one BackendFallbackWarning."""
     from flatfast import _native
     from flatfast._xp import _warn_once
 
-    module, reason = _native.load_cpp()
+    module, reason = _native.load_cpp() if xp is np else _native.load_cuda()
     if module is None:
-        _warn_once(("smc-moves", reason), "flatfast: method='smc' moves its particles with the numpy reference "
-                   f"loop, 10-100x slower than the C++ core: {reason}")
+        _warn_once(("smc-moves", reason), "flatfast: method='smc' moves its particles with the array-module "
+                   f"reference loop, 10-100x slower than the native kernel: {reason}")
         return None
-    return module.orthant_trajectories_f64
+    if xp is np:
+        return module.orthant_trajectories_f64
+    return lambda *args: _cuda_trajectories(module, *args)  # pragma: no cover - GPU only
+
+
+def _cuda_trajectories(module, U, V, gap, cov, duration, graze, max_events):  # pragma: no cover - GPU only
+    """flatfast._C_cuda.orthant_trajectories on cupy arrays, with the C++ binding's checks (the kernel sees raw
+    device pointers): the same arguments and results as flatfast._C.orthant_trajectories_f64."""
+    import cupy
+
+    rows, n = U.shape
+    for name, array, shape in (("U", U, (rows, n)), ("V", V, (rows, n)), ("gap", gap, (n,)), ("cov", cov, (n, n))):
+        if not isinstance(array, cupy.ndarray) or array.dtype != cupy.float64 or not array.flags.c_contiguous:
+            raise TypeError(f"{name}: expected a C-contiguous float64 cupy array")
+        if array.shape != shape:
+            raise ValueError(f"{name}: expected shape {shape}, got {array.shape}")
+    if not bool((cupy.diagonal(cov) > 0).all()):
+        raise ValueError("cov: must have a positive diagonal")
+    reflections = cupy.empty(rows, dtype=cupy.int64)
+    module.orthant_trajectories(U.data.ptr, V.data.ptr, rows, n, gap.data.ptr, cov.data.ptr, float(duration),
+                                float(graze), int(max_events), reflections.data.ptr,
+                                cupy.cuda.get_current_stream().ptr)
+    return reflections, int((reflections >= max_events).sum())
 
 
 def _correlated_normals(factor, count, generator, xp):
@@ -274,14 +291,20 @@ def _first_wall_hits(u, v, gap, gap2, last, graze, xp):
     return first, face
 
 
+def block_rows(xp):
+    """Particles moved together (_move) on this array module."""
+    return _BLOCK_ROWS if xp is np else _DEVICE_BLOCK_ROWS
+
+
 def _move(H, gaussian, wall, generator, moves, xp):
-    """_reflected_trajectories on blocks of _BLOCK_ROWS particles, in place: their temporaries stay a few blocks
+    """_reflected_trajectories on blocks of block_rows(xp) particles, in place: their temporaries stay a few blocks
     whatever the number of particles. Returns (H, wall reflections per trajectory, one mean per move, and the
     number of trajectories stopped by _max_reflections)."""
     total, stopped = [0.0] * moves, 0
-    for start in range(0, H.shape[0], _BLOCK_ROWS):
-        block = H[start:start + _BLOCK_ROWS]
-        H[start:start + _BLOCK_ROWS], per_move, cut = _reflected_trajectories(block, gaussian, wall, generator,
+    size = block_rows(xp)
+    for start in range(0, H.shape[0], size):
+        block = H[start:start + size]
+        H[start:start + size], per_move, cut = _reflected_trajectories(block, gaussian, wall, generator,
                                                                               moves, xp)
         total = [a + b * block.shape[0] for a, b in zip(total, per_move)]
         stopped += cut
@@ -364,7 +387,7 @@ def _lockstep_runs(path, runs, particles, generator, moves, update=None):
         outside = xp.max(-H / scale, axis=1).reshape(rows, particles)  # lowest level each particle is inside of
         level = max(0.0, float(xp.sort(outside[0])[(particles - 1) // 2]))
         inside = outside <= level
-        fraction = xp.mean(inside, axis=1)
+        fraction = xp.count_nonzero(inside, axis=1) / particles
         log_ratio += xp.where(fraction > 0, xp.log(xp.where(fraction > 0, fraction, 1.0)), -xp.inf)
         H = H[_resample_rows(xp.where(inside, 0.0, -xp.inf), generator, xp)]
         H, per_move, cut = _move(H, gaussian, -level * scale, generator, moves, xp)

@@ -14,7 +14,7 @@ from flatfast._validate import check_float, check_int, memory_guard
 from flatfast._xp import ep_array, free_bytes, linalg_for, xp_of
 from flatfast._ep import _sweep_counter, expectation_propagation, second_order_correction
 from flatfast._kernel_checks import _check_finite_symmetric, _check_psd, _impossible_points
-from flatfast._smc import _BLOCK_ROWS as SMC_BLOCK_ROWS, RUNS as SMC_RUNS, smc_estimate
+from flatfast._smc import RUNS as SMC_RUNS, block_rows as smc_block_rows, smc_estimate
 from flatfast._tilting import tilting_estimate
 from flatfast.errors import NotPSDError, warn
 from flatfast.results import EPResult
@@ -323,11 +323,11 @@ def _guard_memory(n, likelihood, method, caller, *, xp=np, new_arrays=0, n_sampl
         what += ", the tilting estimator's four and its sample block" + (" and K + I" if likelihood == "probit"
                                                                         else "")
     if method == "smc":
-        # each stage's Gaussian (its covariance and factor, made on the host beside one temporary) and all runs'
-        # particles with the pilot's, twice while they are resampled, plus the moves' blocks of _BLOCK_ROWS
+        # each stage's Gaussian (its covariance and factor, made beside one temporary on the host, two on a GPU)
+        # and all runs' particles with the pilot's, twice while they are resampled, plus the moves' blocks
         samples = n_samples if isinstance(n_samples, int) else 0
         rows = samples // SMC_RUNS * (SMC_RUNS + 1)
-        arrays += 2 + (2 * rows + 8 * min(rows, SMC_BLOCK_ROWS)) / n
+        arrays += (2 if xp is np else 3) + (2 * rows + 8 * min(rows, smc_block_rows(xp))) / n
         what += ", the SMC's stage covariance and its factor, and its particles"
     if correction:
         arrays += 2.7

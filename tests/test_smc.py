@@ -123,15 +123,7 @@ def test_native_trajectories_equal_the_reference():
     """Same start, same velocities: the C++ loop and the numpy lockstep loop take the same reflections, on the
     Gaussian of a stage near the prior of an NNGP kernel, where a trajectory is reflected about 250 times."""
     native = _native_module()
-    rng = np.random.default_rng(0)
-    n = 120
-    X = rng.random((n, 50))
-    K = flatfast.nngp_kernel(X)
-    y = np.where(X[:, :25].sum(1) > X[:, 25:].sum(1), 1.0, -1.0)
-    ep = flatfast.ep_log_evidence(K, y, return_info=True)
-    mean, cov, factor = _smc._Path(K, y, ep, 0.0, np).gaussian(0.99)  # EP's sites at 1 % of their strength
-    start = np.maximum(mean + rng.standard_normal((60, n)) @ factor.T, 1e-3) - mean
-    velocity = rng.standard_normal((60, n)) @ factor.T
+    mean, cov, start, velocity = _reflecting_problem()
     U1, V1, U2, V2 = start.copy(), velocity.copy(), start.copy(), velocity.copy()
     count1, stopped1 = _smc.trajectories_reference(U1, V1, mean.copy(), cov, math.pi / 2, _smc._GRAZE, 10**6)
     count2, stopped2 = native.orthant_trajectories_f64(U2, V2, mean.copy(), cov, math.pi / 2, _smc._GRAZE, 10**6)
@@ -167,3 +159,71 @@ def test_resampling_stays_within_each_run():
     assert (rows[0] == 0).all()
     assert set(rows[1].tolist()) == {6, 7}
     assert sorted(rows[2].tolist()) == [8, 9, 10, 11]  # a run that lost every particle keeps them
+
+
+def _cupy_with_a_device():
+    cupy = pytest.importorskip("cupy")
+    if not cupy.cuda.is_available():
+        pytest.skip("cupy is installed but sees no CUDA device")
+    return cupy
+
+
+def _reflecting_problem(rows=60, n=120):
+    """A stage's Gaussian near the prior of an NNGP kernel with mixed labels, where a trajectory is reflected
+    about 250 times, and (start, velocity) rows inside its orthant."""
+    rng = np.random.default_rng(0)
+    X = rng.random((n, 50))
+    K = flatfast.nngp_kernel(X)
+    y = np.where(X[:, :25].sum(1) > X[:, 25:].sum(1), 1.0, -1.0)
+    ep = flatfast.ep_log_evidence(K, y, return_info=True)
+    mean, cov, factor = _smc._Path(K, y, ep, 0.0, np).gaussian(0.99)  # EP's sites at 1 % of their strength
+    start = np.maximum(mean + rng.standard_normal((rows, n)) @ factor.T, 1e-3) - mean
+    return mean, cov, start, rng.standard_normal((rows, n)) @ factor.T
+
+
+@pytest.mark.parametrize("kernel", ["cuda", "cupy_reference"])
+def test_gpu_trajectories_equal_the_cpp_core(kernel):
+    """The CUDA kernel (one warp a particle) and the lockstep reference on cupy arrays take the C++ core's
+    reflections from the same start and velocities, to 1e-9 (GPU only)."""
+    cupy = _cupy_with_a_device()
+    mean, cov, start, velocity = _reflecting_problem()
+    U1, V1 = start.copy(), velocity.copy()
+    count1, stopped1 = _native_module().orthant_trajectories_f64(U1, V1, mean.copy(), cov, math.pi / 2,
+                                                                 _smc._GRAZE, 10**6)
+    U2, V2, gap, cov_d = (cupy.asarray(a) for a in (start, velocity, mean, cov))
+    if kernel == "cuda":
+        trajectories = _smc._native_trajectories(cupy)
+        assert trajectories is not None, "flatfast._C_cuda is not built (FLATFAST_CUDA=1)"
+    else:
+        def trajectories(*args):
+            return _smc.trajectories_reference(*args, xp=cupy)
+    count2, stopped2 = trajectories(U2, V2, gap, cov_d, math.pi / 2, _smc._GRAZE, 10**6)
+    assert count1.mean() > 20 and stopped1 == stopped2 == 0
+    np.testing.assert_array_equal(count1, cupy.asnumpy(count2))
+    np.testing.assert_allclose(U1, cupy.asnumpy(U2), rtol=0, atol=1e-9)
+    np.testing.assert_allclose(V1, cupy.asnumpy(V2), rtol=0, atol=1e-9)
+    U3, V3 = cupy.asarray(start), cupy.asarray(velocity)  # the reflection cap, as on the CPU
+    count3, stopped3 = trajectories(U3, V3, gap, cov_d, math.pi / 2, _smc._GRAZE, 3)
+    assert int(count3.max()) == 3 and stopped3 == int(np.sum(count1 >= 3))
+    if kernel == "cuda":
+        with pytest.raises(ValueError, match="cov: expected shape"):
+            trajectories(U3, V3, gap, cov_d[:5, :5], math.pi / 2, _smc._GRAZE, 3)
+        with pytest.raises(TypeError, match="U: expected a C-contiguous float64 cupy array"):
+            trajectories(U3.astype(cupy.float32), V3, gap, cov_d, math.pi / 2, _smc._GRAZE, 3)
+
+
+def test_smc_on_a_cupy_kernel_finds_the_exact_value():
+    """method="smc" on a kernel on the GPU (every stage's Gaussian, the particles and their moves on the device)
+    against the exact equicorrelated value, and the stage Gaussians against the host's (GPU only)."""
+    cupy = _cupy_with_a_device()
+    K, y, exact = _equicorrelated(40, 0.9, 3)
+    ep = flatfast.ep_log_evidence(K, y, return_info=True)
+    host = _smc._Path(K, y, ep, 0.0, np)
+    device = _smc._Path(cupy.asarray(K), y, ep, 0.0, cupy)
+    for t in (0.0, 0.5):
+        for a, b in zip(host.gaussian(t), device.gaussian(t)):
+            np.testing.assert_allclose(a, cupy.asnumpy(b), rtol=0, atol=1e-10)
+    assert device.log_c == pytest.approx(host.log_c, abs=1e-10)
+    res = flatfast.ep_log_evidence(cupy.asarray(K), y, method="smc", n_samples=4000, seed=3, return_info=True)
+    assert res.method == "smc" and 0 < res.stderr < 0.06
+    assert abs(res.log_z - exact) <= 4 * res.stderr, (res.log_z - exact, res.stderr)

@@ -5,32 +5,10 @@
 #include <cmath>
 #include <limits>
 
+#include "common/orthant_wall.h"
 #include "cpu/parallel.h"
 
 namespace flatfast {
-
-namespace {
-
-// Wall j's contribution to the first outward crossing within a quarter period, as _smc._first_wall_hits computes
-// it: the smallest root t = tan(s / 2) > floor of (gap - u) t^2 + 2 v t + (gap + u) = 0, for walls that may be
-// crossed (D = u^2 + v^2 - gap^2 > 0 and min(u, 0) + min(v, 0) + gap < 0), in the stable form
-// q = -(v + sign(v) sqrt(D)), roots q / (gap - u) and (gap + u) / q. Lowers (best, where) when it is earlier.
-inline void consider_wall(double uj, double vj, double g, int64_t j, double floor, double& best, int64_t& where) {
-  const double reach2 = uj * uj + vj * vj;
-  if (!(reach2 > g * g) || !(std::min(uj, 0.0) + std::min(vj, 0.0) + g < 0.0)) return;
-  const double q = -(vj + std::copysign(std::sqrt(reach2 - g * g), vj));
-  const double a = g - uj, c = g + uj;
-  if (a != 0) {
-    const double root = q / a;
-    if (root > floor && root < best) best = root, where = j;
-  }
-  if (q != 0) {
-    const double root = c / q;
-    if (root > floor && root < best) best = root, where = j;
-  }
-}
-
-}  // namespace
 
 int64_t orthant_trajectories_cpu(double* U, double* V, int64_t rows, int64_t n, const double* gap, const double* cov,
                                  double duration, double graze, int64_t max_events, int64_t* reflections) {
