@@ -1,13 +1,15 @@
 """How often does log_prior(method="smc")'s +-2 stderr hold the exact value? A script, not a benchmark (minutes).
 
 Equicorrelated kernels K = rho 11^T + (1 - rho) I have an exact orthant probability at any n (a 1-D integral,
-tests/orthant_reference.py); NNGP kernels of uniform inputs are compared with method="tilting" (reliable up to
+tests/orthant_reference.py), and so do diagonal-plus-low-rank kernels of rank 2 (--low-rank: a 2-D integral, about
+a minute each at n = 1500); NNGP kernels of uniform inputs are compared with method="tilting" (reliable up to
 n ~ 500). Each row: SEEDS seeded estimates, the fraction with |SMC - exact| <= 2 stderr, the mean of
 (SMC - exact) / stderr (0 for an unbiased, honest error bar), the mean stderr, EP's error, the stages, the wall
 reflections per trajectory and the seconds per estimate.
 
     python bench/smc_coverage.py --n 100 --seeds 50 --particles 2000
     python bench/smc_coverage.py --n 1500 --seeds 50 --particles 2000 --only "rho=0.99 minority=0$"
+    python bench/smc_coverage.py --n 1500 --low-rank --seeds 50 --particles 2000
     python bench/smc_coverage.py --n 300 --nngp --seeds 20 --particles 20000
 """
 import argparse
@@ -23,7 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 import flatfast  # noqa: E402
 from flatfast import _smc  # noqa: E402
-from orthant_reference import equicorrelated_log_orthant  # noqa: E402
+from orthant_reference import equicorrelated_log_orthant, low_rank_log_orthant, low_rank_problem  # noqa: E402
 
 
 def equicorrelated_cases(n):
@@ -33,6 +35,15 @@ def equicorrelated_cases(n):
             y = np.ones(n)
             y[:minority] = -1
             yield f"equicorrelated rho={rho} minority={minority}", K, y, equicorrelated_log_orthant(n, minority, rho)
+
+
+def low_rank_cases(n, only=None):
+    for labels in ("unanimous", "minority", "rule"):
+        name = f"diagonal + rank 2, {labels} labels"
+        if only and not re.search(only, name):
+            continue
+        diagonal, U, K, y = low_rank_problem(n, labels)
+        yield name, K, y, low_rank_log_orthant(diagonal, U, y)
 
 
 def nngp_cases(n):
@@ -51,12 +62,14 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, default=50)
     parser.add_argument("--particles", type=int, default=2000, help="n_samples: all runs together")
     parser.add_argument("--nngp", action="store_true", help="NNGP kernels against tilting, not equicorrelated")
+    parser.add_argument("--low-rank", action="store_true", help="diagonal-plus-rank-2 kernels, not equicorrelated")
     parser.add_argument("--moves", type=int, default=None, help="trajectories a stage (default flatfast's)")
     parser.add_argument("--only", default=None, help="run only the cases whose name this regular expression finds")
     args = parser.parse_args(argv)
     if args.moves:
         _smc.MOVES = args.moves
-    cases = nngp_cases(args.n) if args.nngp else equicorrelated_cases(args.n)
+    cases = (nngp_cases(args.n) if args.nngp else low_rank_cases(args.n, args.only) if args.low_rank
+             else equicorrelated_cases(args.n))
     print(f"n = {args.n}, {args.seeds} seeds, n_samples = {args.particles}")
     print(f"{'case':48s} {'cover':>6s} {'mean z':>7s} {'stderr':>7s} {'EP err':>7s} {'stages':>7s} {'bounce':>6s} "
           f"{'s/est':>6s}")

@@ -22,10 +22,11 @@ follow the pilot's schedule, so that given the pilot each run's product of mean 
 of P(f) / C (Del Moral 2004) and the runs are independent: the error bar comes from them (the log of the mean of
 their estimates, and the delta-method standard error of that mean). All runs advance together (_lockstep_runs),
 so that one Gaussian a stage serves them. On numpy the trajectories run in the C++ core, one particle per worker
-(flatfast._C.orthant_trajectories_f64); trajectories_reference is the same loop written against the array module,
-all particles in lockstep, the oracle the C++ is tested against and what cupy arrays run (so far on numpy only).
-Each stage's Gaussian is formed on the host (flatfast._ep.posterior_covariance), as for the second-order
-correction.
+(flatfast._C.orthant_trajectories_f64), and on cupy in the CUDA kernel, one warp per particle
+(flatfast._C_cuda.orthant_trajectories); trajectories_reference is the same loop written against the array module,
+all particles in lockstep, the oracle both are tested against and the fallback where neither is built. Each
+stage's Gaussian is formed where K is (flatfast._ep.posterior_covariance: LAPACK on the host, cuSOLVER on the
+device), so on a GPU no n x n array crosses to the host.
 """
 from __future__ import annotations
 

@@ -81,11 +81,12 @@ def log_prior(X, y, *, depth=2, sigma_w2=2.0, sigma_b2=1.0, likelihood="heavisid
         restricted to the orthant through Gaussians restricted to boxes — walls moved in from outside the
         particles to the orthant's faces, then EP's sites removed in stages chosen by the particles' effective
         sample size — each stage followed by ``MOVES = 5`` exact Hamiltonian trajectories reflected at the walls
-        (Pakman & Paninski 2014; run by the C++ core). ``RUNS = 10`` independent runs of ``n_samples // 10``
-        particles follow the stages that an eleventh, pilot run picks, and each gives an unbiased estimate of
-        P(f); ``log_z`` is the log of their mean, ``stderr`` its delta-method standard error, ``smc_runs`` the
-        runs' own log estimates, ``smc_stages`` the number of stages and ``smc_bounces`` the wall reflections
-        per trajectory; ``ep_log_z`` keeps EP's value. Like tilting it is biased low by about stderr^2 / 2.
+        (Pakman & Paninski 2014; by the C++ core, or for a CUDA X or kernel by a CUDA kernel, with every stage
+        on the device). ``RUNS = 10`` independent runs of ``n_samples // 10`` particles follow the stages that
+        an eleventh, pilot run picks, and each gives an unbiased estimate of P(f); ``log_z`` is the log of their
+        mean, ``stderr`` its delta-method standard error, ``smc_runs`` the runs' own log estimates,
+        ``smc_stages`` the number of stages and ``smc_bounces`` the wall reflections per trajectory;
+        ``ep_log_z`` keeps EP's value. Like tilting it is biased low by about stderr^2 / 2.
         Measured on equicorrelated kernels with n_samples = 2000 (README, "A third estimator"): +-2 stderr held
         the exact value in 0.90-1.00 of 50 seeds at n = 100 (unanimous and 1 % minority labels) and 0.92 at
         n = 1500 (unanimous, rho = 0.99, where EP is 0.54 nats low; stderr 0.01, 12 s an estimate on 2 cores).

@@ -75,3 +75,69 @@ def equicorrelated_log_orthant(n, minority, rho, points=400001):
     z = np.linspace(-12.0, 12.0, points)
     f = -0.5 * z * z - 0.5 * np.log(2 * np.pi) + (n - minority) * log_ndtr(a * z) + minority * log_ndtr(-a * z)
     return float(logsumexp(f) + np.log(z[1] - z[0]))
+
+
+def low_rank_problem(n, labels, seed=0):
+    """(diagonal, U, K, y) of the diagonal-plus-low-rank family K = diag(d) + U U^T with rank 2 and unit diagonal:
+    U = [sqrt(0.7) 1, 0.2 x] with x ~ N(0, 1) per point clipped to |x| <= 2.5 (a component all points share, as
+    the NNGP kernel's leading eigenvector, and a point-dependent one), d = 1 - 0.7 - 0.04 x^2 >= 0.05; so the
+    correlation of points i and j is 0.7 + 0.04 x_i x_j. ``labels``: "unanimous" (all +1),
+    "rule" (the sign of x, the labelling the second component explains), or "minority" (unanimous with 1 % of
+    the points, chosen by ``seed``, -1)."""
+    rng = np.random.default_rng(seed)
+    x = np.clip(rng.standard_normal(n), -2.5, 2.5)
+    U = np.stack([np.full(n, np.sqrt(0.7)), 0.2 * x], axis=1)
+    diagonal = 1.0 - np.sum(U * U, axis=1)
+    if labels == "unanimous":
+        y = np.ones(n)
+    elif labels == "rule":
+        y = np.where(x > 0, 1.0, -1.0)
+    elif labels == "minority":
+        y = np.ones(n)
+        y[rng.choice(n, size=max(1, n // 100), replace=False)] = -1.0
+    else:
+        raise ValueError(f"labels: expected unanimous, rule or minority, got {labels!r}")
+    return diagonal, U, np.diag(diagonal) + U @ U.T, y
+
+
+def low_rank_log_orthant(diagonal, U, y, points=301):
+    """Exact log P(y g > 0) for K = diag(diagonal) + U U^T with U of rank r in (1, 2): with g = U z + sqrt(d) e,
+    P = E_z[prod_i Phi(a_i . z)], a_i = y_i U_i / sqrt(d_i), z ~ N(0, I_r), an r-dimensional integral of the
+    log-concave f(z) = log phi_r(z) + sum_i log Phi(a_i . z). Here by the trapezoid rule in log space on a grid of
+    ``points`` per axis in the coordinates whitened at f's mode (z = mode + L w, L L^T the inverse Hessian), over a
+    box widened until f on its boundary is 60 nats below the peak; the rule converges spectrally for such smooth,
+    fast-decaying integrands: on the family of low_rank_problem at n = 1500, 301 points agree with 401 and 601 to
+    1e-13 (101: 4e-4). tests/test_smc.py checks it against the equicorrelated value and Genz's algorithm."""
+    from scipy.optimize import minimize
+    from scipy.special import log_ndtr, logsumexp
+
+    A = (np.asarray(y, dtype=np.float64)[:, None] * U) / np.sqrt(diagonal)[:, None]
+    r = A.shape[1]
+
+    def log_f(Z):  # Z: (..., r)
+        return -0.5 * np.sum(Z * Z, axis=-1) - 0.5 * r * np.log(2 * np.pi) + log_ndtr(Z @ A.T).sum(axis=-1)
+
+    def mills(s):  # phi(s) / Phi(s), stably
+        return np.exp(-0.5 * s * s - 0.5 * np.log(2 * np.pi) - log_ndtr(s))
+
+    def negative_and_gradient(z):
+        s = A @ z
+        return -float(log_f(z)), z - A.T @ mills(s)
+
+    mode = minimize(negative_and_gradient, np.zeros(r), jac=True, method="BFGS", options={"gtol": 1e-10}).x
+    s = A @ mode
+    lam = mills(s)
+    hessian = np.eye(r) + A.T @ ((lam * (lam + s))[:, None] * A)
+    L = np.linalg.cholesky(np.linalg.inv(hessian))
+    peak = float(log_f(mode))
+    width = 6.0
+    while True:
+        w = np.linspace(-width, width, points)
+        grids = np.meshgrid(*([w] * r), indexing="ij")
+        W = np.stack([g.ravel() for g in grids], axis=1)
+        values = log_f(mode + W @ L.T).reshape((points,) * r)
+        edges = [np.take(values, [0, -1], axis=k) for k in range(r)]
+        if max(float(e.max()) for e in edges) < peak - 60.0:
+            break
+        width *= 1.5
+    return float(logsumexp(values) + r * np.log(w[1] - w[0]) + np.log(np.linalg.det(L)))

@@ -6,7 +6,7 @@ import pytest
 
 import flatfast
 from flatfast import _smc
-from orthant_reference import equicorrelated_log_orthant
+from orthant_reference import equicorrelated_log_orthant, genz_log_orthant, low_rank_log_orthant, low_rank_problem
 
 
 def _equicorrelated(n, rho, minority):
@@ -25,6 +25,29 @@ def test_smc_finds_the_exact_orthant_probability_where_ep_is_off(minority):
     assert abs(res.log_z - exact) <= 4 * res.stderr, (res.log_z - exact, res.stderr)
     if minority == 0:  # EP is 0.14 nats low here: the estimate is much closer than EP
         assert res.ep_log_z - exact < -0.1 and abs(res.log_z - exact) < 0.05
+
+
+def test_the_low_rank_reference_is_exact():
+    """The diagonal-plus-low-rank reference (a 2-D integral on a whitened grid) against the equicorrelated 1-D
+    integral (rank 1, and rank 2 with a zero column) and against Genz's algorithm on a small rank-2 problem."""
+    n, rho, minority = 50, 0.9, 3
+    y = np.ones(n)
+    y[:minority] = -1
+    exact = equicorrelated_log_orthant(n, minority, rho)
+    U = np.full((n, 1), math.sqrt(rho))
+    assert low_rank_log_orthant(np.full(n, 1 - rho), U, y) == pytest.approx(exact, abs=1e-9)
+    U2 = np.concatenate([U, np.zeros((n, 1))], axis=1)
+    assert low_rank_log_orthant(np.full(n, 1 - rho), U2, y, points=101) == pytest.approx(exact, abs=1e-9)
+    diagonal, U, K, y = low_rank_problem(8, "rule", seed=2)
+    assert low_rank_log_orthant(diagonal, U, y) == pytest.approx(genz_log_orthant(K, y), abs=2e-5)
+
+
+def test_smc_on_a_diagonal_plus_low_rank_kernel():
+    diagonal, U, K, y = low_rank_problem(60, "rule")
+    exact = low_rank_log_orthant(diagonal, U, y, points=201)
+    res = flatfast.ep_log_evidence(K, y, method="smc", n_samples=2000, seed=0, return_info=True)
+    assert 0 < res.stderr < 0.15
+    assert abs(res.log_z - exact) <= 4 * res.stderr, (res.log_z - exact, res.stderr)
 
 
 def test_smc_under_the_probit_likelihood_agrees_with_tilting():
