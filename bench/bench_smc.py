@@ -58,50 +58,45 @@ def _run(trajectories, stage, synchronize=None):
     return result
 
 
-def test_trajectories_reference(benchmark, stage):
-    benchmark.group = "smc trajectories"
-    benchmark.name = "smc-trajectories-reference"
-    count, _ = benchmark.pedantic(_run, args=(_smc.trajectories_reference, stage), rounds=3, iterations=1,
+def _time(benchmark, group, name, trajectories, stage, baseline=(), synchronize=None):
+    benchmark.group, benchmark.name = group, name
+    if baseline:
+        benchmark.extra_info["baseline"] = list(baseline)
+    count, _ = benchmark.pedantic(_run, args=(trajectories, stage, synchronize), rounds=3, iterations=1,
                                   warmup_rounds=1)
     benchmark.extra_info["reflections per trajectory"] = float(count.mean())
+
+
+def _cpp_core():
+    module, reason = _native.load_cpp()
+    if module is None:
+        pytest.skip(reason)
+    return module.orthant_trajectories_f64
+
+
+def test_trajectories_reference(benchmark, stage):
+    _time(benchmark, "smc trajectories", "smc-trajectories-reference", _smc.trajectories_reference, stage)
 
 
 def test_trajectories_native(benchmark, stage):
-    module, reason = _native.load_cpp()
-    if module is None:
-        pytest.skip(reason)
-    benchmark.group = "smc trajectories"
-    benchmark.name = "smc-trajectories-native"
-    benchmark.extra_info["baseline"] = ["smc-trajectories-reference"]
-    count, _ = benchmark.pedantic(_run, args=(module.orthant_trajectories_f64, stage), rounds=3, iterations=1,
-                                  warmup_rounds=1)
-    benchmark.extra_info["reflections per trajectory"] = float(count.mean())
+    _time(benchmark, "smc trajectories", "smc-trajectories-native", _cpp_core(), stage,
+          baseline=["smc-trajectories-reference"])
 
 
 def test_trajectories_cuda_cpp_core(benchmark, gpu_stage):
-    module, reason = _native.load_cpp()
-    if module is None:
-        pytest.skip(reason)
-    benchmark.group = "smc trajectories, GPU-sized"
-    benchmark.name = "smc-trajectories-cpp-22k"
-    count, _ = benchmark.pedantic(_run, args=(module.orthant_trajectories_f64, gpu_stage[0]), rounds=3,
-                                  iterations=1, warmup_rounds=1)
-    benchmark.extra_info["reflections per trajectory"] = float(count.mean())
+    _time(benchmark, "smc trajectories, GPU-sized", "smc-trajectories-cpp-22k", _cpp_core(), gpu_stage[0])
 
 
 @pytest.mark.parametrize("route", ["cuda", "cupy-reference"])
 def test_trajectories_cuda(benchmark, gpu_stage, route):
     import cupy
 
-    benchmark.group = "smc trajectories, GPU-sized"
-    benchmark.name = f"smc-trajectories-{route}-22k"
     if route == "cuda":
         trajectories = _smc._native_trajectories(cupy)
-        benchmark.extra_info["baseline"] = ["smc-trajectories-cpp-22k", "smc-trajectories-cupy-reference-22k"]
+        baseline = ["smc-trajectories-cpp-22k", "smc-trajectories-cupy-reference-22k"]
     else:
         def trajectories(*args):
             return _smc.trajectories_reference(*args, xp=cupy)
-        benchmark.extra_info["baseline"] = ["smc-trajectories-cpp-22k"]
-    count, _ = benchmark.pedantic(_run, args=(trajectories, gpu_stage[1], cupy.cuda.Device().synchronize),
-                                  rounds=3, iterations=1, warmup_rounds=1)
-    benchmark.extra_info["reflections per trajectory"] = float(count.mean())
+        baseline = ["smc-trajectories-cpp-22k"]
+    _time(benchmark, "smc trajectories, GPU-sized", f"smc-trajectories-{route}-22k", trajectories, gpu_stage[1],
+          baseline=baseline, synchronize=cupy.cuda.Device().synchronize)

@@ -91,7 +91,8 @@ void orthant_trajectories_cuda(double* U, double* V, int64_t rows, int64_t n, co
                         static_cast<cudaStream_t>(stream)>>>(U, V, rows, n, gap, cov, duration, graze, max_events,
                                                              reflections);
   const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) throw std::runtime_error(std::string("orthant_trajectories_cuda: ") + cudaGetErrorString(err));
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("orthant_trajectories_cuda: ") + cudaGetErrorString(err));
 }
 
 }  // namespace flatfast
