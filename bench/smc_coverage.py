@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 import flatfast  # noqa: E402
 from flatfast import _smc  # noqa: E402
 from orthant_reference import equicorrelated_log_orthant, low_rank_log_orthant, low_rank_problem  # noqa: E402
+from smc_paper_scale import uniform_problem  # noqa: E402
 
 
 def equicorrelated_cases(n):
@@ -47,11 +48,10 @@ def low_rank_cases(n, only=None):
 
 
 def nngp_cases(n):
-    X = np.random.default_rng(0).random((n, 784))
-    K = flatfast.nngp_kernel(X)
-    rule = np.where(X[:, :392].sum(1) > X[:, 392:].sum(1), 1.0, -1.0)
-    flipped = np.where(np.random.default_rng(1).random(n) < 0.1, -rule, rule)
-    for name, y in (("linear rule", rule), ("10 % flipped", flipped), ("unanimous", np.ones(n))):
+    """The uniform-input NNGP problems of bench/smc_paper_scale.py (one X, so one kernel, for every labelling)."""
+    K = flatfast.nngp_kernel(uniform_problem(n, "unanimous")[0])
+    for name, labelling in (("linear rule", "rule"), ("10 % flipped", "flipped"), ("unanimous", "unanimous")):
+        y = uniform_problem(n, labelling)[1]
         reference = flatfast.ep_log_evidence(K, y, method="tilting", n_samples=200_000, return_info=True)
         yield f"NNGP {name} (tilting +-{reference.stderr:.3f})", K, y, reference.log_z
 

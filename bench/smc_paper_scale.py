@@ -66,9 +66,10 @@ def network_problem():
 
 
 def estimate(X, y, n_samples, seed, device):
-    import torch
+    if device != "cpu":
+        import torch
 
-    X = torch.from_numpy(X).to(device) if device != "cpu" else X
+        X = torch.from_numpy(X).to(device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         t0 = time.perf_counter()
