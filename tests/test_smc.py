@@ -230,7 +230,7 @@ def test_gpu_trajectories_equal_the_cpp_core(kernel):
     assert int(count3.max()) == 3 and stopped3 == int(np.sum(count1 >= 3))
     if kernel == "cuda":
         with pytest.raises(ValueError, match="cov: expected shape"):
-            trajectories(U3, V3, gap, cov_d[:5, :5], math.pi / 2, _smc._GRAZE, 3)
+            trajectories(U3, V3, gap, cupy.ascontiguousarray(cov_d[:5, :5]), math.pi / 2, _smc._GRAZE, 3)
         with pytest.raises(TypeError, match="U: expected a C-contiguous float64 cupy array"):
             trajectories(U3.astype(cupy.float32), V3, gap, cov_d, math.pi / 2, _smc._GRAZE, 3)
 
