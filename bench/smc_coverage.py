@@ -13,6 +13,7 @@ reflections per trajectory and the seconds per estimate.
     python bench/smc_coverage.py --n 300 --nngp --seeds 20 --particles 20000
 """
 import argparse
+import json
 import os
 import re
 import sys
@@ -56,40 +57,79 @@ def nngp_cases(n):
         yield f"NNGP {name} (tilting +-{reference.stderr:.3f})", K, y, reference.log_z
 
 
+def coverage_row(name, log_z, stderr, exact, ep_log_z, stages, bounces, seconds):
+    """One printed row: the fraction of |SMC - exact| <= 2 stderr, the mean z, the mean stderr, EP's error, ..."""
+    z = (np.asarray(log_z) - exact) / np.asarray(stderr)
+    return (f"{name:48s} {np.mean(np.abs(z) <= 2):6.2f} {z.mean():+7.2f} {np.mean(stderr):7.4f} "
+            f"{ep_log_z - exact:+7.4f} {np.mean(stages):7.1f} {np.mean(bounces):6.1f} {np.mean(seconds):6.2f}")
+
+
+HEADER = (f"{'case':48s} {'cover':>6s} {'mean z':>7s} {'stderr':>7s} {'EP err':>7s} {'stages':>7s} {'bounce':>6s} "
+          f"{'s/est':>6s}")
+
+
+def pool(path):
+    """Rows from the estimates that earlier runs appended to PATH (--out), grouped by case, n and n_samples."""
+    groups = {}
+    with open(path) as lines:
+        for line in lines:
+            record = json.loads(line)
+            groups.setdefault((record["case"], record["n"], record["n_samples"]), {})[record["seed"]] = record
+    print(HEADER)
+    for (name, n, n_samples), by_seed in groups.items():
+        records = list(by_seed.values())
+        print(f"n = {n}, n_samples = {n_samples}, {len(records)} seeds")
+        print(coverage_row(name, *([r[key] for r in records] for key in ("log_z", "stderr")),
+                           records[0]["exact"], records[0]["ep_log_z"],
+                           *([r[key] for r in records] for key in ("stages", "bounces", "seconds"))))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--seeds", type=int, default=50)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds are FIRST_SEED .. FIRST_SEED + SEEDS - 1")
     parser.add_argument("--particles", type=int, default=2000, help="n_samples: all runs together")
     parser.add_argument("--nngp", action="store_true", help="NNGP kernels against tilting, not equicorrelated")
     parser.add_argument("--low-rank", action="store_true", help="diagonal-plus-rank-2 kernels, not equicorrelated")
     parser.add_argument("--moves", type=int, default=None, help="trajectories a stage (default flatfast's)")
     parser.add_argument("--only", default=None, help="run only the cases whose name this regular expression finds")
+    parser.add_argument("--out", default=None,
+                        help="append one JSON line per estimate to this file, so separate runs can be pooled")
+    parser.add_argument("--pool", metavar="FILE", default=None,
+                        help="print the rows of the estimates stored in FILE by --out (one per seed) and exit")
     args = parser.parse_args(argv)
+    if args.pool:
+        return pool(args.pool)
     if args.moves:
         _smc.MOVES = args.moves
     cases = (nngp_cases(args.n) if args.nngp else low_rank_cases(args.n, args.only) if args.low_rank
              else equicorrelated_cases(args.n))
-    print(f"n = {args.n}, {args.seeds} seeds, n_samples = {args.particles}")
-    print(f"{'case':48s} {'cover':>6s} {'mean z':>7s} {'stderr':>7s} {'EP err':>7s} {'stages':>7s} {'bounce':>6s} "
-          f"{'s/est':>6s}")
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    print(f"n = {args.n}, seeds {seeds.start}..{seeds.stop - 1}, n_samples = {args.particles}")
+    print(HEADER)
     for name, K, y, exact in cases:
         if args.only and not re.search(args.only, name):
             continue
-        z, errors, stages, bounces, t0 = [], [], [], [], time.perf_counter()
-        for seed in range(args.seeds):
+        log_z, errors, stages, bounces, seconds = [], [], [], [], []
+        for seed in seeds:
+            started = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 res = flatfast.ep_log_evidence(K, y, method="smc", n_samples=args.particles, seed=seed,
                                                return_info=True)
-            z.append((res.log_z - exact) / res.stderr)
+            if args.out:
+                record = dict(case=name, n=args.n, n_samples=args.particles, seed=seed, log_z=res.log_z,
+                              stderr=res.stderr, exact=exact, ep_log_z=res.ep_log_z, stages=res.smc_stages,
+                              bounces=res.smc_bounces, seconds=time.perf_counter() - started)
+                with open(args.out, "a") as out:
+                    out.write(json.dumps(record) + "\n")
+            log_z.append(res.log_z)
             errors.append(res.stderr)
             stages.append(res.smc_stages)
             bounces.append(res.smc_bounces)
-        z = np.array(z)
-        print(f"{name:48s} {np.mean(np.abs(z) <= 2):6.2f} {z.mean():+7.2f} {np.mean(errors):7.4f} "
-              f"{res.ep_log_z - exact:+7.4f} {np.mean(stages):7.1f} {np.mean(bounces):6.1f} "
-              f"{(time.perf_counter() - t0) / args.seeds:6.2f}", flush=True)
+            seconds.append(time.perf_counter() - started)
+        print(coverage_row(name, log_z, errors, exact, res.ep_log_z, stages, bounces, seconds), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """method="smc": sequential Monte Carlo from EP's Gaussian to the orthant (flatfast._smc), against exact values."""
 import math
+import pathlib
 
 import numpy as np
 import pytest
@@ -250,3 +251,21 @@ def test_smc_on_a_cupy_kernel_finds_the_exact_value():
     res = flatfast.ep_log_evidence(cupy.asarray(K), y, method="smc", n_samples=4000, seed=3, return_info=True)
     assert res.method == "smc" and 0 < res.stderr < 0.06
     assert abs(res.log_z - exact) <= 4 * res.stderr, (res.log_z - exact, res.stderr)
+
+
+def test_coverage_runs_of_disjoint_seeds_pool_to_one_run(tmp_path, capsys, monkeypatch):
+    """bench/smc_coverage.py --out/--pool: coverage rows gathered over several sessions equal one long run's."""
+    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).parents[1] / "bench"))
+    import smc_coverage
+
+    case = ["--n", "20", "--particles", "40", "--only", "rho=0.9 minority=0$"]
+    smc_coverage.main(case + ["--seeds", "4"])
+    one_run = capsys.readouterr().out.splitlines()[-1]
+    estimates = tmp_path / "estimates.jsonl"
+    smc_coverage.main(case + ["--seeds", "2", "--out", str(estimates)])
+    smc_coverage.main(case + ["--seeds", "2", "--first-seed", "2", "--out", str(estimates)])
+    capsys.readouterr()
+    smc_coverage.main(["--pool", str(estimates)])
+    pooled = capsys.readouterr().out.splitlines()
+    assert "4 seeds" in pooled[-2]
+    assert pooled[-1].split()[:-1] == one_run.split()[:-1]  # all but the seconds
