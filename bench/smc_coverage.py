@@ -57,11 +57,18 @@ def nngp_cases(n):
         yield f"NNGP {name} (tilting +-{reference.stderr:.3f})", K, y, reference.log_z
 
 
-def coverage_row(name, log_z, stderr, exact, ep_log_z, stages, bounces, seconds):
-    """One printed row: the fraction of |SMC - exact| <= 2 stderr, the mean z, the mean stderr, EP's error, ..."""
-    z = (np.asarray(log_z) - exact) / np.asarray(stderr)
-    return (f"{name:48s} {np.mean(np.abs(z) <= 2):6.2f} {z.mean():+7.2f} {np.mean(stderr):7.4f} "
-            f"{ep_log_z - exact:+7.4f} {np.mean(stages):7.1f} {np.mean(bounces):6.1f} {np.mean(seconds):6.2f}")
+def coverage_row(records):
+    """One printed row from one case's estimates (--out's records): the fraction with |SMC - exact| <= 2 stderr,
+    the mean z, the mean stderr, EP's error, the mean stages, reflections per trajectory and seconds."""
+    first = records[0]
+
+    def mean(key):
+        return np.mean([record[key] for record in records])
+
+    z = np.array([(record["log_z"] - record["exact"]) / record["stderr"] for record in records])
+    return (f"{first['case']:48s} {np.mean(np.abs(z) <= 2):6.2f} {z.mean():+7.2f} {mean('stderr'):7.4f} "
+            f"{first['ep_log_z'] - first['exact']:+7.4f} {mean('stages'):7.1f} {mean('bounces'):6.1f} "
+            f"{mean('seconds'):6.2f}")
 
 
 HEADER = (f"{'case':48s} {'cover':>6s} {'mean z':>7s} {'stderr':>7s} {'EP err':>7s} {'stages':>7s} {'bounce':>6s} "
@@ -76,12 +83,9 @@ def pool(path):
             record = json.loads(line)
             groups.setdefault((record["case"], record["n"], record["n_samples"]), {})[record["seed"]] = record
     print(HEADER)
-    for (name, n, n_samples), by_seed in groups.items():
-        records = list(by_seed.values())
-        print(f"n = {n}, n_samples = {n_samples}, {len(records)} seeds")
-        print(coverage_row(name, *([r[key] for r in records] for key in ("log_z", "stderr")),
-                           records[0]["exact"], records[0]["ep_log_z"],
-                           *([r[key] for r in records] for key in ("stages", "bounces", "seconds"))))
+    for (_, n, n_samples), by_seed in groups.items():
+        print(f"n = {n}, n_samples = {n_samples}, {len(by_seed)} seeds")
+        print(coverage_row(list(by_seed.values())))
 
 
 def main(argv=None):
@@ -111,26 +115,20 @@ def main(argv=None):
     for name, K, y, exact in cases:
         if args.only and not re.search(args.only, name):
             continue
-        log_z, errors, stages, bounces, seconds = [], [], [], [], []
+        records = []
         for seed in seeds:
             started = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 res = flatfast.ep_log_evidence(K, y, method="smc", n_samples=args.particles, seed=seed,
                                                return_info=True)
+            records.append(dict(case=name, n=args.n, n_samples=args.particles, seed=seed, log_z=res.log_z,
+                                stderr=res.stderr, exact=exact, ep_log_z=res.ep_log_z, stages=res.smc_stages,
+                                bounces=res.smc_bounces, seconds=time.perf_counter() - started))
             if args.out:
-                record = dict(case=name, n=args.n, n_samples=args.particles, seed=seed, log_z=res.log_z,
-                              stderr=res.stderr, exact=exact, ep_log_z=res.ep_log_z, stages=res.smc_stages,
-                              bounces=res.smc_bounces, seconds=time.perf_counter() - started)
                 with open(args.out, "a") as out:
-                    out.write(json.dumps(record) + "\n")
-            log_z.append(res.log_z)
-            errors.append(res.stderr)
-            stages.append(res.smc_stages)
-            bounces.append(res.smc_bounces)
-            seconds.append(time.perf_counter() - started)
-        print(coverage_row(name, log_z, errors, exact, res.ep_log_z, stages, bounces, seconds), flush=True)
-
+                    out.write(json.dumps(records[-1]) + "\n")
+        print(coverage_row(records), flush=True)
 
 if __name__ == "__main__":
     main()
