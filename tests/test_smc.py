@@ -162,6 +162,30 @@ def test_native_trajectories_equal_the_reference():
     assert count3.max() == 3 and stopped3 == int(np.sum(count1 >= 3))
 
 
+def test_native_trajectories_equal_the_reference_on_crowded_walls_and_successive_moves():
+    """The C++ core rules out walls that cannot be crossed before the earliest crossing found so far (a bound, not
+    the roots); it must still take the reference's reflections where that bound is tightest: particles crowding
+    their walls, a fifth of the coordinates exactly on theirs (moving out or in), and three trajectories in a row
+    with fresh velocities, so that a difference would carry over."""
+    native = _native_module()
+    mean, cov, start, velocity = _reflecting_problem()
+    rng = np.random.default_rng(3)
+    on_wall = rng.random(start.shape) < 0.2
+    start = np.where(on_wall, -mean, start)
+    U1, U2 = start.copy(), start.copy()
+    factor = np.linalg.cholesky(cov)
+    for move in range(3):
+        V = velocity if move == 0 else rng.standard_normal(start.shape) @ factor.T
+        V1, V2 = V.copy(), V.copy()
+        count1, _ = _smc.trajectories_reference(U1, V1, mean.copy(), cov, math.pi / 2, _smc._GRAZE, 10**6)
+        count2, _ = native.orthant_trajectories_f64(U2, V2, mean.copy(), cov, math.pi / 2, _smc._GRAZE, 10**6)
+        assert count1.mean() > 20
+        np.testing.assert_array_equal(count1, count2)
+        np.testing.assert_allclose(U1, U2, rtol=0, atol=1e-9)
+        np.testing.assert_allclose(V1, V2, rtol=0, atol=1e-9)
+        assert (U2 + mean).min() >= 0.0
+
+
 def test_native_trajectories_check_their_arguments():
     native = _native_module()
     U, V, cov = np.zeros((3, 2)), np.ones((3, 2)), np.eye(2)
