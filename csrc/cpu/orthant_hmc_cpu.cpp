@@ -24,16 +24,9 @@ namespace {
 // long, so neither pass reflects there.) Until a crossing is found, s* is the quarter period.
 class EarliestCrossing {
  public:
-  bool rules_out(double uj, double vj, double g) const {
-    const double pull = vj * sin_;
-    // min(pull, 0) as arithmetic: the sign of a velocity is a coin flip, and a branch on it is mispredicted half
-    // the time. (pull - |pull|) / 2 is exact.
-    const double bound = lesser(uj, uj * cos_) + 0.5 * (pull - std::fabs(pull)) + g;
-    return bound > kMargin * (std::fabs(uj) + std::fabs(vj) + std::fabs(g));
-  }
-
-  // consider_wall, then s* narrowed to what it found.
+  // consider_wall, for a wall the bound does not rule out, then s* narrowed to what it found.
   void consider(double uj, double vj, double g, int64_t j, double floor) {
+    if (rules_out(uj, vj, g)) return;
     const double before = best;
     consider_wall(uj, vj, g, j, floor, best, face);
     if (best < before) {
@@ -48,6 +41,15 @@ class EarliestCrossing {
 
  private:
   static constexpr double kWiden = 1.0 + 1e-6, kMargin = 1e-12;
+
+  bool rules_out(double uj, double vj, double g) const {
+    const double pull = vj * sin_;
+    // min(pull, 0) as arithmetic: the sign of a velocity is a coin flip, and a branch on it is mispredicted half
+    // the time. (pull - |pull|) / 2 is exact.
+    const double bound = lesser(uj, uj * cos_) + 0.5 * (pull - std::fabs(pull)) + g;
+    return bound > kMargin * (std::fabs(uj) + std::fabs(vj) + std::fabs(g));
+  }
+
   double cos_ = 0.0, sin_ = 1.0;
 };
 
@@ -62,8 +64,7 @@ int64_t orthant_trajectories_cpu(double* U, double* V, int64_t rows, int64_t n, 
     double remaining = duration;
     int64_t events = 0;
     EarliestCrossing next;
-    for (int64_t j = 0; j < n; ++j)
-      if (!next.rules_out(u[j], v[j], gap[j])) next.consider(u[j], v[j], gap[j], j, 0.0);
+    for (int64_t j = 0; j < n; ++j) next.consider(u[j], v[j], gap[j], j, 0.0);
     while (true) {
       const double hit = next.face < 0 ? std::numeric_limits<double>::infinity() : 2.0 * std::atan(next.best);
       const bool bounce = hit < remaining;
@@ -88,7 +89,7 @@ int64_t orthant_trajectories_cpu(double* U, double* V, int64_t rows, int64_t n, 
         const double turned = (vj * c - uj * s) - coefficient * column[j];
         u[j] = moved;
         v[j] = turned;
-        if (!next.rules_out(moved, turned, gap[j])) next.consider(moved, turned, gap[j], j, j == last ? graze : 0.0);
+        next.consider(moved, turned, gap[j], j, j == last ? graze : 0.0);
       }
       remaining -= step;
       if (++events >= max_events) {
