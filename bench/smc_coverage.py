@@ -99,7 +99,8 @@ def main(argv=None):
     parser.add_argument("--moves", type=int, default=None, help="trajectories a stage (default flatfast's)")
     parser.add_argument("--only", default=None, help="run only the cases whose name this regular expression finds")
     parser.add_argument("--out", default=None,
-                        help="append one JSON line per estimate to this file, so separate runs can be pooled")
+                        help="append one JSON line per estimate (with its runs' log estimates) to this file, so "
+                             "separate runs can be pooled")
     parser.add_argument("--pool", metavar="FILE", default=None,
                         help="print the rows of the estimates stored in FILE by --out (one per seed) and exit")
     args = parser.parse_args(argv)
@@ -124,7 +125,8 @@ def main(argv=None):
                                                return_info=True)
             records.append(dict(case=name, n=args.n, n_samples=args.particles, seed=seed, log_z=res.log_z,
                                 stderr=res.stderr, exact=exact, ep_log_z=res.ep_log_z, stages=res.smc_stages,
-                                bounces=res.smc_bounces, seconds=time.perf_counter() - started))
+                                bounces=res.smc_bounces, seconds=time.perf_counter() - started,
+                                runs=res.smc_runs))
             if args.out:
                 with open(args.out, "a") as out:
                     out.write(json.dumps(records[-1]) + "\n")

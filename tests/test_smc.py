@@ -1,4 +1,5 @@
 """method="smc": sequential Monte Carlo from EP's Gaussian to the orthant (flatfast._smc), against exact values."""
+import json
 import math
 import pathlib
 
@@ -293,3 +294,7 @@ def test_coverage_runs_of_disjoint_seeds_pool_to_one_run(tmp_path, capsys, monke
     pooled = capsys.readouterr().out.splitlines()
     assert "4 seeds" in pooled[-2]
     assert pooled[-1].split()[:-1] == one_run.split()[:-1]  # all but the seconds
+    for line in estimates.read_text().splitlines():  # each estimate keeps its runs, for other ways to combine them
+        record = json.loads(line)
+        assert len(record["runs"]) == _smc.RUNS
+        assert _smc.combine_runs(record["runs"]) == pytest.approx((record["log_z"], record["stderr"]), rel=1e-12)
