@@ -71,6 +71,19 @@ def coverage_row(records):
             f"{mean('seconds'):6.2f}")
 
 
+def runs_summary(records):
+    """What the runs kept by --out say about P-hat itself, or "" when no record kept them: the mean and standard
+    error of every run's estimate of P over the exact value (1 for an unbiased estimator, whatever the lean of the
+    log of a mean of ten), and the standard deviation of the runs' log estimates."""
+    kept = [record for record in records if "runs" in record]
+    if not kept:
+        return ""
+    logs = np.concatenate([np.asarray(record["runs"]) - record["exact"] for record in kept])
+    ratios = np.exp(logs)
+    return (f"; their {logs.size} runs' P / exact {ratios.mean():.3f} +- {ratios.std(ddof=1) / np.sqrt(logs.size):.3f}"
+            f" ({len(kept)} seeds), log spread {logs.std():.3f}")
+
+
 HEADER = (f"{'case':48s} {'cover':>6s} {'mean z':>7s} {'stderr':>7s} {'EP err':>7s} {'stages':>7s} {'bounce':>6s} "
           f"{'s/est':>6s}")
 
@@ -84,8 +97,9 @@ def pool(path):
             groups.setdefault((record["case"], record["n"], record["n_samples"]), {})[record["seed"]] = record
     print(HEADER)
     for (_, n, n_samples), by_seed in groups.items():
-        print(f"n = {n}, n_samples = {n_samples}, {len(by_seed)} seeds")
-        print(coverage_row(list(by_seed.values())))
+        records = list(by_seed.values())
+        print(f"n = {n}, n_samples = {n_samples}, {len(by_seed)} seeds{runs_summary(records)}")
+        print(coverage_row(records))
 
 
 def main(argv=None):

@@ -292,7 +292,7 @@ def test_coverage_runs_of_disjoint_seeds_pool_to_one_run(tmp_path, capsys, monke
     capsys.readouterr()
     smc_coverage.main(["--pool", str(estimates)])
     pooled = capsys.readouterr().out.splitlines()
-    assert "4 seeds" in pooled[-2]
+    assert "4 seeds" in pooled[-2] and "their 40 runs' P / exact" in pooled[-2]
     assert pooled[-1].split()[:-1] == one_run.split()[:-1]  # all but the seconds
     for line in estimates.read_text().splitlines():  # each estimate keeps its runs, for other ways to combine them
         record = json.loads(line)
