@@ -57,6 +57,10 @@ def nngp_cases(n):
         yield f"NNGP {name} (tilting +-{reference.stderr:.3f})", K, y, reference.log_z
 
 
+def _seeds(count):
+    return f"{count} seed" + ("" if count == 1 else "s")
+
+
 def coverage_row(records):
     """One printed row from one case's estimates (--out's records): the fraction with |SMC - exact| <= 2 stderr,
     the mean z, the mean stderr, EP's error, the mean stages, reflections per trajectory and seconds."""
@@ -81,7 +85,7 @@ def runs_summary(records):
     logs = np.concatenate([np.asarray(record["runs"]) - record["exact"] for record in kept])
     ratios = np.exp(logs)
     return (f"; their {logs.size} runs' P / exact {ratios.mean():.3f} +- {ratios.std(ddof=1) / np.sqrt(logs.size):.3f}"
-            f" ({len(kept)} seeds), log spread {logs.std():.3f}")
+            f" ({_seeds(len(kept))}), log spread {logs.std():.3f}")
 
 
 HEADER = (f"{'case':48s} {'cover':>6s} {'mean z':>7s} {'stderr':>7s} {'EP err':>7s} {'stages':>7s} {'bounce':>6s} "
@@ -98,7 +102,7 @@ def pool(path):
     print(HEADER)
     for (_, n, n_samples), by_seed in groups.items():
         records = list(by_seed.values())
-        print(f"n = {n}, n_samples = {n_samples}, {len(by_seed)} seeds{runs_summary(records)}")
+        print(f"n = {n}, n_samples = {n_samples}, {_seeds(len(by_seed))}{runs_summary(records)}")
         print(coverage_row(records))
 
 
