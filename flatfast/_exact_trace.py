@@ -17,7 +17,7 @@ refused with the name of the module that did it.
 """
 from __future__ import annotations
 
-from flatfast._model_util import check_finite, eval_mode, mean_over_ranks
+from flatfast._model_util import check_finite, mean_over_ranks
 from flatfast.errors import NotPiecewiseLinearError
 
 # Operations after which the output is piecewise linear in the inputs (and in every parameter they depend on).
@@ -52,9 +52,11 @@ def _argument(args, kwargs, index, name, default=None):
     return args[index] if len(args) > index else kwargs.get(name, default)
 
 
-def check_piecewise_linear(model, x, trainable):
-    """Run ``model(x)`` once, watching every torch function it calls; raise NotPiecewiseLinearError naming the
-    first module whose computation breaks piecewise linearity in a single parameter (see the module docstring)."""
+def check_piecewise_linear(model, inputs, trainable):
+    """Run the model once on ``inputs`` (a :class:`flatfast._batches.ModelInputs`), watching every torch function
+    it calls; raise NotPiecewiseLinearError naming the first module whose computation breaks piecewise linearity
+    in a single parameter of ``trainable`` (see the module docstring). Parameters outside ``trainable`` are
+    constants here, so a network can qualify in a subset of its parameters (its last layer, say)."""
     import torch
     from torch.overrides import TorchFunctionMode
 
@@ -133,7 +135,7 @@ def check_piecewise_linear(model, x, trainable):
         handles.append(module.register_forward_hook(pop))
     try:
         with torch.no_grad(), Watcher():
-            output = model(x)
+            output = inputs.call(model)
     finally:
         for h in handles:
             h.remove()
@@ -149,6 +151,13 @@ def _check_disjoint(factors, deps_of, refuse, name):
             refuse(f"multiplies two values that both depend on parameter {sorted(shared)[0]} ({name}: a weight "
                    "used twice in sequence, gating or attention)")
         seen |= deps
+
+
+def _example(values, dims, i):
+    """Example i of the per-example entries (dim 0) of a tuple or dict of inputs, as vmap would hand it over."""
+    if isinstance(values, dict):
+        return ({k: (v[i] if dims[k] == 0 else v) for k, v in values.items()},)
+    return (tuple(v[i] if d == 0 else v for v, d in zip(values, dims)),)
 
 
 # --- the loss's output curvature ------------------------------------------------------------------------------
@@ -245,20 +254,20 @@ def exact_trace(op) -> float:
     Per batch: one forward pass for the outputs and curvature factors, then per-example vector-Jacobian products
     of the K factor vectors (vmap over examples and factors), in chunks of at most GRADIENT_MEMORY_BYTES."""
     import torch
-    from torch.func import functional_call, vjp, vmap
+    from torch.func import vjp, vmap
 
     kind = _loss_kind(op)
     params = {n: p.detach() for n, p in op.params}
-    fixed = {**{n: p.detach() for n, p in op.model.named_parameters() if not p.requires_grad},
-             **dict(op.model.named_buffers())}
+    fixed = op.fixed_tensors()
     itemsize = torch.empty((), dtype=op.dtype).element_size()
     total, count, checked = 0.0, 0, False
-    with eval_mode(op.model), torch.no_grad():
-        for x, y in op.batches():
+    one_at_a_time = False  # set when the model's forward pass cannot be vmapped over examples
+    with op.session(), torch.no_grad():
+        for inputs, y in op.batches():
             if not checked:
-                check_piecewise_linear(op.model, x[:2], op.params)
+                check_piecewise_linear(op.model, inputs[:2], op.params)
                 checked = True
-            out = op.model(x)
+            out = inputs.call(op.model)
             check_finite(op.loss_and_targets(out, y))
             curvature = OutputCurvature(op, kind, out, y)
             K = curvature.count
@@ -266,9 +275,11 @@ def exact_trace(op) -> float:
             factor_chunk = max(1, min(K, GRADIENT_MEMORY_BYTES // per_factor))
             example_chunk = max(1, GRADIENT_MEMORY_BYTES // (per_factor * factor_chunk))
 
-            def weighted_sq_norms(x_i, state_i):
-                _, pullback = vjp(lambda p: functional_call(op.model, {**p, **fixed}, (x_i[None],)).reshape(-1),
-                                  params)
+            def weighted_sq_norms(args_i, kwargs_i, state_i):
+                def outputs_of(p):
+                    return inputs.example_call(op.model, {**p, **fixed}, args_i, kwargs_i).reshape(-1)
+
+                _, pullback = vjp(outputs_of, params)
                 acc = torch.zeros((), dtype=op.dtype, device=op.device)
                 for start in range(0, K, factor_chunk):
                     rows, signs = curvature.rows(state_i, start, min(K, start + factor_chunk))
@@ -277,8 +288,22 @@ def exact_trace(op) -> float:
                     acc = acc + (sq if signs is None else signs * sq).sum()
                 return acc
 
+            (args, kwargs), (args_dims, kwargs_dims) = inputs.vmap_dims()
             with torch.enable_grad():
-                per_example = vmap(weighted_sq_norms, chunk_size=example_chunk)(x, curvature.state)
+                if not one_at_a_time:
+                    try:
+                        per_example = vmap(weighted_sq_norms, in_dims=(args_dims, kwargs_dims, 0),
+                                           chunk_size=example_chunk)(args, kwargs, curvature.state)
+                    except RuntimeError as exc:
+                        # data-dependent control flow in the model (e.g. Hugging Face's `if mask.all()`): the
+                        # same products, taken one example at a time
+                        if "vmap" not in str(exc):
+                            raise
+                        one_at_a_time = True
+                if one_at_a_time:
+                    per_example = torch.stack([
+                        weighted_sq_norms(*_example(args, args_dims, i), *_example(kwargs, kwargs_dims, i),
+                                          tuple(t[i] for t in curvature.state)) for i in range(inputs.size)])
             total += float(per_example.sum())
-            count += int(x.shape[0])
+            count += inputs.size
     return mean_over_ranks(total, count, op.device)

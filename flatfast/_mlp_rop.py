@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import List, Optional
 
 from flatfast._exact_trace import OutputCurvature
-from flatfast._model_util import check_finite, eval_mode, mean_over_ranks
+from flatfast._model_util import check_finite, mean_over_ranks
 
 
 def _plain(module, kind) -> bool:
@@ -43,6 +43,15 @@ def plain_mlp_layers(model, params) -> Optional[List]:
     if len(expected) != len(params) or any(a is not b for a, (_, b) in zip(expected, params)):
         return None
     return linears
+
+
+def flat_input(inputs, dtype):
+    """The one input tensor of an nn.Sequential MLP, flattened per example, in the parameters' dtype."""
+    if inputs.kwargs or len(inputs.args) != 1:
+        raise TypeError("loader: an nn.Sequential takes one input tensor per batch; got "
+                        f"{len(inputs.args)} positional and {len(inputs.kwargs)} keyword inputs")
+    x = inputs.args[0]
+    return x.reshape(x.shape[0], -1).to(dtype)
 
 
 def output_gradient(op, out, y):
@@ -82,7 +91,7 @@ def mlp_rop(op, x, y, V, masked_matmul):
     layers = op.linears
     k = V.shape[0]
     VW, Vb = split_directions(layers, V)
-    a = x.reshape(x.shape[0], -1).to(op.dtype)
+    a = flat_input(x, op.dtype)
     acts, r_acts, masks = [a], [None], []
     r_a = None
     for i, layer in enumerate(layers):
@@ -127,7 +136,7 @@ def mlp_vhv(op, x, y, V, masked_matmul):
 
     layers = op.linears
     VW, Vb = split_directions(layers, V)
-    a = x.reshape(x.shape[0], -1).to(op.dtype)
+    a = flat_input(x, op.dtype)
     r_a = r2_a = None
     for i, layer in enumerate(layers):
         z = torch.addmm(layer.bias, a, layer.weight.T)
@@ -170,9 +179,9 @@ def mlp_exact_trace(op) -> float:
 
     layers = op.linears
     total, count = 0.0, 0
-    with eval_mode(op.model), torch.no_grad():
-        for x, y in op.batches():
-            a = x.reshape(x.shape[0], -1).to(op.dtype)
+    with op.session(), torch.no_grad():
+        for inputs, y in op.batches():
+            a = flat_input(inputs, op.dtype)
             sq_norms, masks = [(a * a).sum(dim=1)], []
             for i, layer in enumerate(layers):
                 z = torch.addmm(layer.bias, a, layer.weight.T)
@@ -190,5 +199,5 @@ def mlp_exact_trace(op) -> float:
                 total += float(((sq_norms[i] + 1.0) * per_example).sum())
                 if i > 0:
                     delta = torch.matmul(delta, layers[i].weight) * masks[i - 1]
-            count += int(x.shape[0])
+            count += inputs.size
     return mean_over_ranks(total, count, op.device)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import sys
 
+from flatfast._batches import split_batch
 from flatfast._mlp_rop import plain_mlp_layers
-from flatfast._model_util import distributed, eval_mode
+from flatfast._model_util import check_mode, distributed, measuring, select_parameters
 from flatfast._registry import dispatch
 
 
@@ -60,10 +61,38 @@ def default_loss(outputs, targets):
     return F.cross_entropy(outputs, targets)
 
 
-class HessianOperator:
-    """H V for blocks of vectors, one pass over the data per block (shared forward pass and data loading)."""
+def _padding_rows(model, params, dimension):
+    """A (P,) bool mask of the entries that torch's gradient holds constant -- the padding_idx row of every
+    nn.Embedding, whose gradient torch defines as zero although the forward pass reads it -- or None if there are
+    none. The Hessian is then taken with those entries constant (M H M), as a double backward sees it (PyHessian,
+    curvlinops); otherwise forward-over-reverse would give an asymmetric operator (it differentiates the forward
+    pass's use of the row but not the gradient's)."""
+    import torch
 
-    def __init__(self, model, loader, loss_fn=None, *, backend="auto", progress=None):
+    padded = {id(m.weight): m.padding_idx for m in model.modules()
+              if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and m.padding_idx is not None}
+    if not padded:
+        return None
+    mask = torch.zeros(dimension, dtype=torch.bool)
+    offset = 0
+    for _, p in params:
+        if id(p) in padded:
+            row = padded[id(p)] % p.shape[0]
+            width = p[0].numel()
+            mask[offset + row * width: offset + (row + 1) * width] = True
+        offset += p.numel()
+    return mask if bool(mask.any()) else None
+
+
+class HessianOperator:
+    """H V for blocks of vectors, one pass over the data per block (shared forward pass and data loading).
+
+    ``params`` picks the parameters (see :func:`flatfast._model_util.select_parameters`; the others are held
+    fixed), ``batch_fn`` maps each raw batch to (inputs, targets) (see :mod:`flatfast._batches`), ``mode`` is
+    the modules' mode during the passes ("eval" by default; see :func:`flatfast._model_util.measuring`)."""
+
+    def __init__(self, model, loader, loss_fn=None, *, params=None, batch_fn=None, mode="eval", backend="auto",
+                 progress=None):
         import torch
 
         if not isinstance(model, torch.nn.Module):
@@ -71,13 +100,14 @@ class HessianOperator:
         if iter(loader) is loader:  # a generator or other iterator: the second pass would see nothing (or less)
             raise TypeError("loader: is a one-shot iterator (e.g. a generator); flatfast makes several passes over "
                             "the data (method='auto' looks at the first batch before the trace's own pass), so pass "
-                            "a list of (inputs, targets) batches or a DataLoader")
-        self.model, self.loader, self.user_loss = model, loader, loss_fn
+                            "a list of batches or a DataLoader")
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError("loss_fn: expected a callable loss_fn(outputs, targets) returning the batch mean")
-        self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        if not self.params:
-            raise ValueError("model: has no trainable parameters (every parameter has requires_grad=False)")
+        if batch_fn is not None and not callable(batch_fn):
+            raise TypeError("batch_fn: expected a callable batch_fn(batch) -> (inputs, targets)")
+        self.model, self.loader, self.user_loss, self.batch_fn = model, loader, loss_fn, batch_fn
+        self.params = select_parameters(model, params)
+        self.mode = check_mode(model, mode)
         first = self.params[0][1]
         self.dtype, self.device = first.dtype, first.device
         self.sizes = [p.numel() for _, p in self.params]
@@ -96,12 +126,15 @@ class HessianOperator:
         self.impl = dispatch("mlp_hvp", want, self.device.type)
         self.quadratic_impl = dispatch("mlp_vhv", want, self.device.type)
         self.backend = self.impl.name
-        self._use_double_backward = False
+        # How torch.func differentiates this model twice; set by the first product (flatfast._generic_hvp)
+        self.route = None
+        self.constant_entries = _padding_rows(model, self.params, self.dimension)
 
     # the data ---------------------------------------------------------------------------------------
     def batches(self):
-        """The loader's (inputs, targets) batches on the model's device; empty batches are skipped, and a loader
-        that yields no example at all is an error (the dataset mean would be 0/0)."""
+        """The loader's batches as (ModelInputs, targets) on the model's device (floating-point inputs in its
+        dtype); empty batches are skipped, and a loader that yields no example at all is an error (the dataset
+        mean would be 0/0)."""
         count = examples = 0
         iterator = self.loader
         if self.progress:
@@ -109,18 +142,27 @@ class HessianOperator:
 
             iterator = tqdm(iterator, desc="flatfast H.V", leave=False, file=sys.stderr)
         for batch in iterator:
-            if not isinstance(batch, (list, tuple)) or len(batch) < 2:
-                raise TypeError("loader: each batch must be an (inputs, targets) pair")
-            x, y = batch[0], batch[1]
+            inputs, y = split_batch(batch, self.batch_fn)
             count += 1
-            if x.shape[0] == 0:
+            if inputs.size == 0:
                 continue
-            examples += int(x.shape[0])
-            yield x.to(self.device), y.to(self.device)
+            examples += inputs.size
+            yield inputs.to(self.device, self.dtype), y.to(self.device)
         if count == 0:
             raise ValueError("loader: yielded no batches")
         if examples == 0:
             raise ValueError(f"loader: its {count} batch(es) hold no examples")
+
+    def fixed_tensors(self):
+        """Everything ``functional_call`` needs besides the measured parameters: the other parameters and the
+        buffers, held fixed."""
+        chosen = {id(p) for _, p in self.params}
+        return {**{n: p.detach() for n, p in self.model.named_parameters() if id(p) not in chosen},
+                **dict(self.model.named_buffers())}
+
+    def session(self):
+        """The context every pass over the data runs in (:func:`flatfast._model_util.measuring`)."""
+        return measuring(self.model, self.mode)
 
     def loss_and_targets(self, outputs, targets):
         """The batch-mean loss: the user's, or the default (:func:`default_loss`), which checks that the targets
@@ -148,8 +190,8 @@ class HessianOperator:
         return result[0] if squeeze else result
 
     def quadratic(self, V):
-        """v^T H v for each row v of V (k, P): a second directional derivative, forward-over-forward, about half
-        the work of H v."""
+        """v^T H v for each row v of V (k, P): by a second-order forward pass for plain Linear/ReLU MLPs, v . (H v)
+        otherwise (see flatfast._generic_hvp.generic_quadratic)."""
         return self._accumulate(self.quadratic_impl.fn, V, per_vector_shape=False)
 
     def _accumulate(self, fn, V, per_vector_shape):
@@ -157,15 +199,17 @@ class HessianOperator:
 
         V = V.to(device=self.device, dtype=self.dtype)
         if V.dim() != 2 or V.shape[-1] != self.dimension:
-            raise ValueError(f"vectors: expected {self.dimension} entries per vector (the trainable parameters), "
+            raise ValueError(f"vectors: expected {self.dimension} entries per vector (the measured parameters), "
                              f"got shape {tuple(V.shape)}")
+        if self.constant_entries is not None:  # H -> M H M, M zeroing the entries torch holds constant
+            V = V.masked_fill(self.constant_entries.to(self.device), 0.0)
         total = torch.zeros_like(V) if per_vector_shape else torch.zeros(V.shape[0], dtype=self.dtype,
                                                                           device=self.device)
         count = 0
-        with eval_mode(self.model), torch.no_grad():
-            for x, y in self.batches():
-                total += fn(self, x, y, V)
-                count += int(x.shape[0])
+        with self.session(), torch.no_grad():
+            for inputs, y in self.batches():
+                total += fn(self, inputs, y, V)
+                count += inputs.size
         if distributed():
             import torch.distributed as dist
 
@@ -173,4 +217,6 @@ class HessianOperator:
             dist.all_reduce(total)
             dist.all_reduce(n)
             count = int(n.item())
+        if per_vector_shape and self.constant_entries is not None:
+            total = total.masked_fill(self.constant_entries.to(self.device), 0.0)
         return total / count

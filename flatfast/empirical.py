@@ -3,14 +3,11 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Mapping
 
 from flatfast._validate import check_float, check_int, memory_guard
 
 _READOUTS = ("penultimate", "output")
-# Modules whose parameters the paper's prior re-draws: weights N(0, sigma_w2 / fan_in), biases N(0, sigma_b2).
-_DRAWN = ("Linear", "Conv1d", "Conv2d", "Conv3d")
-# Modules whose parameters are left as they are (eval-mode BatchNorm is an affine map of fixed statistics).
-_KEPT = ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d")
 
 
 class _StopForward(Exception):
@@ -26,25 +23,45 @@ def empirical_nngp_kernel(model, X, samples=64, *, readout="penultimate", sigma_
         k_m = \sigma_b^2 + \frac{\sigma_w^2}{d_\phi}\,\phi_m(x)\cdot\phi_m(x') \ \ (\text{readout="penultimate"}),
         \qquad k_m = \frac{1}{C} f_m(x)\cdot f_m(x') \ \ (\text{readout="output"}),
 
-    where draw m re-initialises every Linear and Conv layer from the prior (weights
-    :math:`N(0, \sigma_w^2/\text{fan\_in})`, biases :math:`N(0, \sigma_b^2)`: the paper's), :math:`\phi_m` are the
+    where draw m re-initialises the network (below), :math:`\phi_m` are the
     inputs of the model's last Linear layer (its penultimate features, dimension :math:`d_\phi`) and
     :math:`f_m` its C outputs. The penultimate estimator (the authors') integrates the last layer exactly, so its
     variance is much lower than that of output products. As the width grows and M grows it converges to the
     architecture's NNGP kernel (for a ReLU MLP, :func:`flatfast.nngp_kernel`); the Monte Carlo error of each
     entry falls like 1/sqrt(M) (``return_stderr=True`` estimates it), down to the finite-width bias.
 
-    The model is copied (its own parameters are untouched) and run in eval mode on its device, in its dtype; K
-    is accumulated in float64 one draw at a time (one n x n GEMM per draw; the features of all draws are never
-    held at once).
+    What a draw re-initialises -- every parameterised layer:
+
+    * the linear maps, by the paper's prior: weights :math:`N(0, \sigma_w^2/\text{fan\_in})` and biases
+      :math:`N(0, \sigma_b^2)` for nn.Linear and nn.Conv layers (subclasses included), the input projections of
+      nn.MultiheadAttention (fan-in: the embedding dimension) and every weight matrix of nn.LSTM, nn.GRU and
+      nn.RNN (input-to-hidden and hidden-to-hidden, fan-in: their columns);
+    * every other layer with parameters -- LayerNorm, embeddings, a ViT's class token and position embeddings --
+      by the model's own initialiser: a Hugging Face model's ``_init_weights`` (its ``initializer_range``) for
+      the modules inside it, otherwise the module's ``reset_parameters()`` (nn.Embedding N(0, 1), LayerNorm's
+      ones and zeros); those draws come from torch's global generator, seeded from ``seed`` and restored
+      afterwards;
+    * BatchNorm keeps its parameters and running statistics (in eval mode it is a fixed affine map).
+
+    A parameterised module that none of these covers is refused, naming it; ``init=`` then draws the whole
+    network yourself. The model is copied (its own parameters are untouched) and run in eval mode on its device,
+    in its dtype; K is accumulated in float64 one draw at a time (one n x n GEMM per draw; the features of all
+    draws are never held at once).
+
+    Monte Carlo error: each entry's error falls like 1/sqrt(M) down to the finite-width bias, for any
+    architecture; ``return_stderr=True`` gives it for the kernel at hand, and the README's "Empirical kernels"
+    section measures how it moves log P(f) for an MLP and a CNN. Transformers and recurrent nets have been run
+    (tests) but their error in log P(f) has not been measured: estimate it by repeating with two seeds.
 
     Parameters
     ----------
     model : torch.nn.Module
-        Built from Linear/Conv layers and parameter-free or eval-mode modules (BatchNorm keeps its parameters
-        and statistics). Parameters of any other module need ``init=``.
-    X : torch.Tensor or array_like, shape (n, ...)
-        Inputs, shaped as the model takes them.
+        Any architecture whose parameterised layers the rules above cover (MLPs, CNNs, ResNets, transformers,
+        LSTM/GRU nets, Hugging Face models); ``init=`` for the rest. Its output may be a tensor, a tuple (first
+        element) or an object with ``logits``.
+    X : torch.Tensor, array_like or mapping of tensors, n examples
+        Inputs as the model takes them: a tensor or array (``model(X)``; integer token ids stay integers) or a
+        mapping such as a tokenizer's output (``model(**X)``), every tensor with the n examples first.
     samples : int
         Draws M (>= 2).
     readout : {"penultimate", "output"}
@@ -76,6 +93,16 @@ def empirical_nngp_kernel(model, X, samples=64, *, readout="penultimate", sigma_
     ((10, 10), torch.float64)
     >>> type(flatfast.empirical_nngp_kernel(net, torch.rand(10, 5).numpy(), samples=32)).__name__
     'ndarray'
+    >>> class Tagger(torch.nn.Module):   # token ids in a mapping, an embedding and an LSTM
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.embed, self.rnn = torch.nn.Embedding(20, 8), torch.nn.LSTM(8, 16, batch_first=True)
+    ...         self.head = torch.nn.Linear(16, 2)
+    ...     def forward(self, input_ids):
+    ...         return self.head(self.rnn(self.embed(input_ids))[0][:, -1])
+    >>> tokens = {"input_ids": torch.randint(0, 20, (6, 5))}
+    >>> tuple(flatfast.empirical_nngp_kernel(Tagger(), tokens, samples=8).shape)
+    (6, 6)
     """
     import torch
 
@@ -83,7 +110,9 @@ def empirical_nngp_kernel(model, X, samples=64, *, readout="penultimate", sigma_
 
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    given_tensor = isinstance(X, torch.Tensor)
+    given_tensor = isinstance(X, torch.Tensor) or (  # a mapping or tuple of tensors counts as tensors
+        isinstance(X, (Mapping, list, tuple)) and any(isinstance(v, torch.Tensor) for v in
+                                                       (X.values() if isinstance(X, Mapping) else X)))
     samples = check_int(samples, "samples", minimum=2)
     if readout not in _READOUTS:
         raise ValueError(f"readout: expected one of {_READOUTS}, got {readout!r}")
@@ -98,30 +127,24 @@ def empirical_nngp_kernel(model, X, samples=64, *, readout="penultimate", sigma_
     params = list(net.parameters())
     device = params[0].device if params else torch.device("cpu")
     dtype = params[0].dtype if params else torch.float32
-    X = torch.as_tensor(X)
-    if X.ndim < 1 or X.shape[0] == 0:
-        raise ValueError(f"X: expected a batch of inputs (n, ...), got shape {tuple(X.shape)}")
-    if not X.is_floating_point():
-        raise TypeError(f"X: expected floating-point inputs, got {X.dtype}")
-    if not bool(torch.isfinite(X).all()):
-        raise ValueError("X: contains NaN or infinite values")
-    X = X.to(device=device, dtype=dtype)
-    n = X.shape[0]
+    X = model_inputs(X)
+    n = X.size
+    X = X.to(device, dtype)
     memory_guard((3 if return_stderr else 1) * 8.0 * n * n,
                  f"empirical_nngp_kernel on n = {n} inputs (n x n float64 accumulators)")
-    if init is None:
-        _check_prior_covers(net)
+    rules = None if init is not None else _prior_rules(net)
     last_linear = _last_linear(net, X[:1]) if readout == "penultimate" else None
 
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
+    global_draws = torch.Generator().manual_seed(seed + 1)  # seeds torch's global RNG for the own initialisers
     total = torch.zeros(n, n, dtype=torch.float64, device=device)
     squares = torch.zeros_like(total) if return_stderr else None
     update, bar = _progress_counter(samples, "flatfast empirical NNGP", progress)
     with torch.no_grad():
         for drawn in range(1, samples + 1):
             if init is None:
-                _draw_from_prior(net, generator, sigma_w2, sigma_b2)
+                _draw_from_prior(net, generator, sigma_w2, sigma_b2, rules=rules, global_draws=global_draws)
             else:
                 init(net, generator)
             features = _features(net, X, last_linear, batch_size).to(torch.float64)
@@ -146,23 +169,113 @@ def empirical_nngp_kernel(model, X, samples=64, *, readout="penultimate", sigma_
     return as_given(K), as_given((variance / samples).sqrt_())
 
 
-def _check_prior_covers(net):
+def model_inputs(X, name="X"):
+    """X as :class:`flatfast._batches.ModelInputs`: a tensor or array (one positional input) or a mapping of
+    tensors (keyword inputs), with n >= 1 examples first and finite floating-point values."""
+    import torch
+
+    from flatfast._batches import ModelInputs
+
+    if not isinstance(X, (torch.Tensor, Mapping, list, tuple)):
+        X = torch.as_tensor(X)
+    elif isinstance(X, (list, tuple)) and not any(isinstance(v, torch.Tensor) for v in X):
+        X = torch.as_tensor(X)  # nested lists of numbers: one array
+    if isinstance(X, torch.Tensor) and (X.ndim < 1 or X.shape[0] == 0):
+        raise ValueError(f"{name}: expected a batch of inputs (n, ...), got shape {tuple(X.shape)}")
+    inputs = ModelInputs.of(X, name=name)
+    if inputs.size == 0:
+        raise ValueError(f"{name}: holds no examples")
+    for t in inputs.tensors():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name}: contains NaN or infinite values")
+    return inputs
+
+
+def _linear_maps(module):
+    """[(weight, fan_in)] and [bias] of a layer whose parameters are linear maps (see empirical_nngp_kernel), or
+    None for any other module."""
+    import torch.nn as nn
+
+    if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+        weights = [(module.weight, module.weight[0].numel())]  # in_features, or in_channels / groups x kernel
+        return weights, [module.bias] if module.bias is not None else []
+    if isinstance(module, nn.MultiheadAttention):  # out_proj is an nn.Linear of its own
+        own = dict(module.named_parameters(recurse=False))
+        weights = [(w, w.shape[1]) for k, w in own.items() if k.endswith("proj_weight")]
+        return weights, [b for k, b in own.items() if k in ("in_proj_bias", "bias_k", "bias_v")]
+    if isinstance(module, nn.RNNBase):
+        own = dict(module.named_parameters(recurse=False))
+        return [(w, w.shape[1]) for k, w in own.items() if k.startswith("weight")], \
+            [b for k, b in own.items() if k.startswith("bias")]
+    return None
+
+
+def _own_initialiser(net, name, module):
+    """The model's own initialiser of ``module``: the innermost enclosing Hugging Face model's _init_weights, else
+    the module's reset_parameters; None if it has neither."""
+    parts = name.split(".") if name else []
+    for depth in range(len(parts) - 1, -1, -1):
+        owner = net.get_submodule(".".join(parts[:depth]))
+        if callable(getattr(owner, "_init_weights", None)) and hasattr(owner, "config"):
+            return lambda: owner._init_weights(module)
+    if callable(getattr(module, "reset_parameters", None)):
+        return module.reset_parameters
+    return None
+
+
+def _prior_rules(net):
+    """How each parameterised module of ``net`` is drawn: [("linear", weights, biases) | ("own", initialiser)];
+    BatchNorm is kept. Refuses, naming it, a module that no rule covers."""
+    import torch.nn as nn
+
+    rules = []
     for name, module in net.named_modules():
-        own = [p for _, p in module.named_parameters(recurse=False)]
-        if own and type(module).__name__ not in _DRAWN + _KEPT:
-            raise ValueError(f"model: module {name or '(root)'} ({type(module).__name__}) has parameters the "
-                             "prior does not define (only Linear and Conv layers are re-drawn, BatchNorm kept); "
-                             "pass init=callable(model, generator) to draw them yourself")
+        if not any(True for _ in module.parameters(recurse=False)):
+            continue
+        maps = _linear_maps(module)
+        if maps is not None:
+            rules.append(("linear",) + maps)
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            continue
+        else:
+            initialiser = _own_initialiser(net, name, module)
+            if initialiser is None:
+                raise ValueError(f"model: module {name or '(root)'} ({type(module).__name__}) has parameters that "
+                                 "no prior covers (not a linear map, no reset_parameters(), not inside a Hugging "
+                                 "Face model); pass init=callable(model, generator) to draw them yourself")
+            rules.append(("own", initialiser))
+    return rules
 
 
-def _draw_from_prior(net, generator, sigma_w2, sigma_b2):
-    for module in net.modules():
-        if type(module).__name__ in _DRAWN:
-            weight = module.weight
-            fan_in = weight[0].numel()  # in_features, or in_channels / groups x kernel size
-            weight.normal_(0.0, math.sqrt(sigma_w2 / fan_in), generator=generator)
-            if module.bias is not None:
-                module.bias.normal_(0.0, math.sqrt(sigma_b2), generator=generator)
+def _draw_from_prior(net, generator, sigma_w2, sigma_b2, *, rules=None, global_draws=None):
+    """One draw of every parameterised layer of ``net`` (see empirical_nngp_kernel), in place: the linear maps
+    from ``generator`` (module by module, weight before bias: the draw flatfast.experiments' networks start
+    from), the own initialisers from torch's global generator, seeded from ``global_draws`` (default:
+    ``generator``) and restored afterwards. ``rules``: :func:`_prior_rules` of ``net``, computed once by callers
+    that draw many times."""
+    import torch
+
+    rules = _prior_rules(net) if rules is None else rules
+    with torch.no_grad():
+        _draw_linear_maps(rules, generator, sigma_w2, sigma_b2)
+        own = [rule[1] for rule in rules if rule[0] == "own"]
+        if own:
+            seed = int(torch.randint(0, 2 ** 62, (1,), generator=global_draws or generator))
+            devices = [generator.device] if generator.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed)
+                for initialise in own:
+                    initialise()
+
+
+def _draw_linear_maps(rules, generator, sigma_w2, sigma_b2):
+    for rule in rules:
+        if rule[0] == "linear":
+            _, weights, biases = rule
+            for weight, fan_in in weights:
+                weight.normal_(0.0, math.sqrt(sigma_w2 / fan_in), generator=generator)
+            for bias in biases:
+                bias.normal_(0.0, math.sqrt(sigma_b2), generator=generator)
 
 
 def _last_linear(net, probe):
@@ -184,13 +297,15 @@ def _last_linear(net, probe):
     return order[-1]
 
 
-def _forward(net, x):
+def _forward(net, inputs):
     try:
-        return net(x)
+        return inputs.call(net)
     except _StopForward:
         raise
     except Exception as exc:  # the model's own error, with the argument it concerns
-        raise ValueError(f"X: the model rejected inputs of shape {tuple(x.shape)}: {exc}") from exc
+        shapes = [tuple(t.shape) for t in (*inputs.args, *inputs.kwargs.values()) if hasattr(t, "shape")]
+        raise ValueError(f"X: the model rejected inputs of shape{'s' if len(shapes) > 1 else ''} "
+                         f"{', '.join(map(str, shapes))}: {exc}") from exc
 
 
 def _features(net, X, last_linear, batch_size):
@@ -198,10 +313,10 @@ def _features(net, X, last_linear, batch_size):
     import torch
 
     out = []
-    for start in range(0, X.shape[0], batch_size):
+    for start in range(0, X.size, batch_size):
         chunk = X[start: start + batch_size]
         if last_linear is None:
-            out.append(_forward(net, chunk).reshape(chunk.shape[0], -1))
+            out.append(_forward(net, chunk).reshape(chunk.size, -1))
             continue
         captured = []
 
@@ -216,6 +331,6 @@ def _features(net, X, last_linear, batch_size):
             pass
         finally:
             handle.remove()
-        out.append(captured[0].reshape(chunk.shape[0], -1))
+        out.append(captured[0].reshape(chunk.size, -1))
     return out[0] if len(out) == 1 else torch.cat(out)
 

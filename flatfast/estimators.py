@@ -25,6 +25,7 @@ class TraceResult:
     probes: int
     method: str
     samples: List[float] = dataclasses.field(default_factory=list, repr=False)
+    mode: Optional[str] = None  # the model's mode during the passes ("eval" or "train"); None for a bare operator
 
     def __float__(self):
         return float(self.value)
@@ -39,6 +40,7 @@ class EigenResult:
     residuals: np.ndarray
     iterations: int
     vectors: Optional["torch.Tensor"] = dataclasses.field(default=None, repr=False)  # noqa: F821
+    mode: Optional[str] = None
 
 
 @dataclasses.dataclass
@@ -53,6 +55,7 @@ class SpectrumResult:
     density: np.ndarray
     sigma: float
     dimension: int
+    mode: Optional[str] = None
 
     def moment(self, j: int) -> float:
         """SLQ estimate of tr(H^j) / dimension."""

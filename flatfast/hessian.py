@@ -7,12 +7,28 @@ per-example losses (as ``nn.CrossEntropyLoss()`` does); each batch is weighted b
 counts correctly. ``loss_fn`` is keyword-only everywhere. Without it the loss is cross-entropy, and only for integer
 class targets (B,) with C >= 2 outputs; any other data must name its loss (a one-logit classifier with float 0/1
 targets: ``loss_fn=torch.nn.BCEWithLogitsLoss()``; regression: ``torch.nn.MSELoss()``), and the error says which
-losses fit -- flatfast never guesses a loss from the targets' dtype. The model is evaluated in eval mode (BatchNorm
-running statistics, no dropout) and its modes are restored afterwards; parameters with requires_grad=False are left
-out. Under torch.distributed each rank passes its own shard of the data and the products are all-reduced.
+losses fit -- flatfast never guesses a loss from the targets' dtype.
+
+Batches: ``(inputs, targets)`` with inputs a tensor (``model(x)``), a tuple (``model(*x)``) or a mapping
+(``model(**x)``); a mapping with the targets under ``"labels"`` (a Hugging Face batch; ``"label"`` too); or any
+batch that ``batch_fn`` maps to ``(inputs, targets)``. The model may return a tensor, a tuple (its first element
+is the output) or an object or mapping with ``logits`` (a Hugging Face ``ModelOutput``). Floating-point inputs are
+cast to the parameters' dtype and device; integer inputs (token ids, masks) keep their dtype.
+
+Parameters: ``params=`` restricts the Hessian to some parameters -- parameters, their names, (name, parameter)
+pairs or modules -- and holds the others fixed; the default is every parameter with ``requires_grad`` (frozen ones
+left out, as PyHessian and curvlinops do). Vectors are laid out in ``model.named_parameters()`` order.
+
+Modes: the model is measured in eval mode by default (BatchNorm's running statistics, no dropout; what PyHessian
+does); ``mode="train"`` uses BatchNorm's batch statistics without updating them and refuses a model with active
+dropout. The modules' modes are restored afterwards, and results record the mode. During every pass attention runs
+on torch's math kernel and recurrent layers on their composite implementation, which torch can differentiate
+twice; the fused kernels cannot. Under torch.distributed each rank passes its own shard of the data and the
+products are all-reduced.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 
@@ -34,7 +50,7 @@ def _as_matrix(op, vectors):
 
     if isinstance(vectors, (list, tuple)):
         if len(vectors) != len(op.params):
-            raise ValueError(f"vectors: a list must hold one tensor per trainable parameter ({len(op.params)}), "
+            raise ValueError(f"vectors: a list must hold one tensor per measured parameter ({len(op.params)}), "
                              f"got {len(vectors)}")
         for v, (name, p) in zip(vectors, op.params):
             if tuple(v.shape) != tuple(p.shape):
@@ -49,7 +65,13 @@ def _as_matrix(op, vectors):
     return vectors, "matrix"
 
 
-def hvp(model, loader, vectors, *, loss_fn=None, backend="auto", progress=False):
+def _operator(model, loader, loss_fn, params, batch_fn, mode, backend="auto", progress=None):
+    return HessianOperator(model, loader, loss_fn, params=params, batch_fn=batch_fn, mode=mode, backend=backend,
+                           progress=progress)
+
+
+def hvp(model, loader, vectors, *, loss_fn=None, params=None, batch_fn=None, mode="eval", backend="auto",
+        progress=False):
     r"""Hessian-vector products of the dataset-mean loss :math:`L(\theta) = \frac1N\sum_i \ell(f_\theta(x_i), y_i)`.
 
     All k products come from ONE pass over the data: the forward pass and the data loading are shared and the k
@@ -59,14 +81,23 @@ def hvp(model, loader, vectors, *, loss_fn=None, backend="auto", progress=False)
     Parameters
     ----------
     model : torch.nn.Module
-        Evaluated in eval mode; its modes are restored afterwards and its parameters never change.
-    loader : iterable of (inputs, targets)
-        A DataLoader or any iterable of batches.
+        Evaluated in ``mode``; its modes are restored afterwards and its parameters never change.
+    loader : iterable of batches
+        A DataLoader or a list of batches: ``(inputs, targets)`` with inputs a tensor, tuple or mapping, or a
+        mapping with ``"labels"`` (see the module docstring).
     vectors : torch.Tensor (k, P) or (P,), or a list of parameter-shaped tensors (one vector)
-        Directions in the space of the trainable parameters, in ``model.named_parameters()`` order.
+        Directions in the space of the measured parameters, in ``model.named_parameters()`` order.
     loss_fn : callable, optional
         ``loss_fn(outputs, targets)`` returning the batch mean; default cross-entropy, for integer class targets
         and two or more outputs only (other data must name its loss; see the module docstring).
+    params : parameters, names, (name, parameter) pairs or modules, optional
+        The parameters the Hessian is taken in (P of them); the others are held fixed. Default: every parameter
+        with ``requires_grad``.
+    batch_fn : callable, optional
+        ``batch_fn(batch) -> (inputs, targets)`` for batches of any other form.
+    mode : {"eval", "train"}
+        The modules' mode during the passes: "eval" (default: BatchNorm's running statistics, no dropout) or
+        "train" (BatchNorm's batch statistics, not updated; refused with active dropout).
     backend : {"auto", "reference", "torch", "cpp", "triton", "cuda"}
         "auto" takes the R-operator fast path when the model is a plain Linear/ReLU MLP and the loss is the
         default, ``nn.CrossEntropyLoss()`` or ``nn.MSELoss()`` (its masked GEMMs on the fastest backend here);
@@ -88,7 +119,7 @@ def hvp(model, loader, vectors, *, loss_fn=None, backend="auto", progress=False)
     >>> flatfast.hvp(model, data, torch.randn(2, P)).shape
     torch.Size([2, 67])
     """
-    op = HessianOperator(model, loader, loss_fn, backend=backend, progress=progress)
+    op = _operator(model, loader, loss_fn, params, batch_fn, mode, backend, progress)
     V, layout = _as_matrix(op, vectors)
     HV = op.matmat(V)
     if layout == "list":
@@ -139,16 +170,15 @@ def choose_trace_method(op, *, probes=None, rtol=0.01, max_probes=2000):
     import torch
 
     from flatfast._exact_trace import AUTOGRAD_LOSS_MAX_OUTPUTS, _loss_kind, check_piecewise_linear
-    from flatfast._model_util import eval_mode
 
     budget = expected_estimator_probes(probes, rtol, max_probes)
-    x, _ = next(iter(op.batches()))
-    with eval_mode(op.model), torch.no_grad():
-        outputs = int(op.model(x[:1]).numel())
+    inputs, _ = next(iter(op.batches()))
+    with op.session(), torch.no_grad():
+        outputs = int(inputs[:1].call(op.model).numel())
         why_not = None
         if op.linears is None:
             try:
-                check_piecewise_linear(op.model, x[:2], op.params)
+                check_piecewise_linear(op.model, inputs[:2], op.params)
             except NotPiecewiseLinearError as exc:
                 why_not = str(exc)
         if why_not is None and _loss_kind(op) == "autograd" and outputs > AUTOGRAD_LOSS_MAX_OUTPUTS:
@@ -161,8 +191,8 @@ def choose_trace_method(op, *, probes=None, rtol=0.01, max_probes=2000):
     return "hutch++", why_not or f"~{outputs} passes for the exact trace > ~{HVP_PASSES * budget} for the estimator"
 
 
-def hessian_trace(model, loader, *, loss_fn=None, probes=None, rtol=0.01, method="auto", seed=0, block=None,
-                  max_probes=2000, backend="auto", progress=None) -> TraceResult:
+def hessian_trace(model, loader, *, loss_fn=None, params=None, batch_fn=None, mode="eval", probes=None, rtol=0.01,
+                  method="auto", seed=0, block=None, max_probes=2000, backend="auto", progress=None) -> TraceResult:
     r"""Trace of the Hessian of the dataset-mean loss (see :func:`hvp` for the convention), with its standard error.
 
     ``method="auto"`` (default) takes the cheapest honest route (:func:`choose_trace_method`): the exact trace
@@ -182,8 +212,10 @@ def hessian_trace(model, loader, *, loss_fn=None, probes=None, rtol=0.01, method
     ``method="exact"`` is the exact trace, with zero standard error, of any network that is piecewise linear in
     each single parameter -- built from Linear, Conv1d/2d/3d (and transposed), ReLU, LeakyReLU, Hardtanh/ReLU6,
     max/average/adaptive pooling, Flatten and reshapes, Dropout and BatchNorm in eval mode, residual additions
-    and concatenations, in any nn.Module (not only nn.Sequential). For such a network the second derivative of
-    the outputs in one parameter is 0, so the Hessian's diagonal is the Gauss-Newton diagonal and
+    and concatenations, in any nn.Module (not only nn.Sequential) -- or piecewise linear in the measured
+    ``params`` alone: a transformer's classifier head, say, whatever comes before it. For such a network the
+    second derivative of the outputs in one parameter is 0, so the Hessian's diagonal is the Gauss-Newton
+    diagonal and
     :math:`\mathrm{tr} H = \frac1N \sum_i \sum_k w_k \lVert J_i^\top s_{ik} \rVert^2`, where
     :math:`H_{out,i} = \sum_k w_k s_{ik} s_{ik}^\top` factors the loss's Hessian in example i's outputs:
     cross-entropy :math:`s_k = \sqrt{p_k}(e_k - p)`, MSE (mean over C outputs) :math:`\sqrt{2/C}\, e_k`,
@@ -200,9 +232,29 @@ def hessian_trace(model, loader, *, loss_fn=None, probes=None, rtol=0.01, method
     chunked over examples and factor vectors, so C = 1000 classes fits. nn.Sequential Linear/ReLU models with
     cross-entropy or MSE take a batched fast path with the same result.
 
+    Parameters
+    ----------
+    model, loader, loss_fn, params, batch_fn, mode : as for :func:`hvp`.
+    probes : int, optional
+        Exactly this many operator products for the estimators (>= 6 for Hutch++, >= 2 for Hutchinson).
+    rtol : float
+        Without ``probes``: stop when ``stderr <= rtol * |value|``.
+    method : {"auto", "exact", "unit-vectors", "hutch++", "hutchinson"}
+    seed : int
+        Seeds the probes: the same seed gives the same estimate.
+    block : int, optional
+        Probes per data pass.
+    max_probes : int
+        The most probes the adaptive estimators take.
+    backend : str
+        The R-operator's backend for plain Linear/ReLU MLPs (see :func:`hvp`).
+    progress : bool or None
+        A bar over the probes (None: when stderr is a terminal).
+
     Returns
     -------
-    TraceResult with ``.value``, ``.stderr``, ``.probes`` (operator products used; 0 for "exact") and ``.method``.
+    TraceResult with ``.value``, ``.stderr``, ``.probes`` (operator products used; 0 for "exact"), ``.method`` and
+    ``.mode``.
 
     Examples
     --------
@@ -231,7 +283,7 @@ def hessian_trace(model, loader, *, loss_fn=None, probes=None, rtol=0.01, method
     max_probes = check_int(max_probes, "max_probes", minimum=2)
     if block is not None:
         block = check_int(block, "block", minimum=1)
-    op = HessianOperator(model, loader, loss_fn, backend=backend)
+    op = _operator(model, loader, loss_fn, params, batch_fn, mode, backend)
     import torch
 
     block = probe_block(op.dimension, torch.empty((), dtype=op.dtype).element_size(), op.device, block)
@@ -241,17 +293,19 @@ def hessian_trace(model, loader, *, loss_fn=None, probes=None, rtol=0.01, method
         max_probes = min(max_probes, op.dimension)  # never more probes than the unit vectors would take
     if chosen == "exact":
         value = mlp_exact_trace(op) if op.linears is not None else exact_trace(op)
-        return TraceResult(value, 0.0, 0, "exact")
+        return TraceResult(value, 0.0, 0, "exact", mode=op.mode)
     if chosen == "unit-vectors":
-        return _with_progress(op.dimension, "flatfast trace (unit-vectors)", progress, lambda update: unit_vector_trace(
-            op.matmat, op.dimension, quadratic=op.quadratic, block=block, dtype=op.dtype, device=op.device,
-            progress=update))
+        result = _with_progress(op.dimension, "flatfast trace (unit-vectors)", progress, lambda update: (
+            unit_vector_trace(op.matmat, op.dimension, quadratic=op.quadratic, block=block, dtype=op.dtype,
+                              device=op.device, progress=update)))
+        return dataclasses.replace(result, mode=op.mode)
     estimator = hutchpp if chosen == "hutch++" else hutchinson
     if probes is not None and method == "auto":
         probes = min(probes, op.dimension)
-    return _with_progress(probes or max_probes, f"flatfast trace ({chosen})", progress, lambda update: estimator(
+    result = _with_progress(probes or max_probes, f"flatfast trace ({chosen})", progress, lambda update: estimator(
         op.matmat, op.dimension, quadratic=op.quadratic, probes=probes, rtol=rtol, seed=seed, block=block,
         max_probes=max_probes, dtype=op.dtype, device=op.device, progress=update))
+    return dataclasses.replace(result, mode=op.mode)
 
 
 def _with_progress(total, desc, enabled, run):
@@ -265,8 +319,8 @@ def _with_progress(total, desc, enabled, run):
             bar.close()
 
 
-def hessian_eigenvalues(model, loader, k=1, *, loss_fn=None, max_iter=None, tol=1e-6, seed=0, backend="auto",
-                        return_vectors=False, progress=None) -> EigenResult:
+def hessian_eigenvalues(model, loader, k=1, *, loss_fn=None, params=None, batch_fn=None, mode="eval", max_iter=None,
+                        tol=1e-6, seed=0, backend="auto", return_vectors=False, progress=None) -> EigenResult:
     """Top-k eigenvalues (largest first) of the Hessian of the dataset-mean loss by Lanczos with full
     reorthogonalisation; ``.residuals`` holds |H u - theta u| of each Ritz pair (one data pass per iteration).
     ``progress``: a bar over the iterations (None: when stderr is a terminal).
@@ -280,17 +334,18 @@ def hessian_eigenvalues(model, loader, k=1, *, loss_fn=None, max_iter=None, tol=
     (2,)
     """
     k = check_int(k, "k", minimum=1)
-    op = HessianOperator(model, loader, loss_fn, backend=backend)
+    op = _operator(model, loader, loss_fn, params, batch_fn, mode, backend)
     if k > op.dimension:
         raise ValueError(f"k: asks for {k} eigenvalues of a {op.dimension}-dimensional Hessian")
     iterations = lanczos_iterations(op.dimension, k, max_iter)
-    return _with_progress(iterations, "flatfast Lanczos", progress, lambda update: lanczos_eigenvalues(
+    result = _with_progress(iterations, "flatfast Lanczos", progress, lambda update: lanczos_eigenvalues(
         op.matmat, op.dimension, k=k, max_iter=max_iter, tol=tol, seed=seed, dtype=op.dtype, device=op.device,
         keep_vectors=return_vectors, progress=update))
+    return dataclasses.replace(result, mode=op.mode)
 
 
-def hessian_spectrum(model, loader, *, loss_fn=None, probes=4, iterations=64, seed=0, sigma=None, grid_size=1000,
-                     backend="auto", progress=None) -> SpectrumResult:
+def hessian_spectrum(model, loader, *, loss_fn=None, params=None, batch_fn=None, mode="eval", probes=4, iterations=64,
+                     seed=0, sigma=None, grid_size=1000, backend="auto", progress=None) -> SpectrumResult:
     """Spectral density of the Hessian of the dataset-mean loss by stochastic Lanczos quadrature: nodes and
     weights per probe and a Gaussian-smoothed density on a grid (``result.plot()``). The probes' Lanczos runs
     advance together, one data pass per iteration. ``progress``: a bar over the iterations (None: when stderr
@@ -307,13 +362,14 @@ def hessian_spectrum(model, loader, *, loss_fn=None, probes=4, iterations=64, se
     """
     probes = check_int(probes, "probes", minimum=1)
     iterations = check_int(iterations, "iterations", minimum=1)
-    op = HessianOperator(model, loader, loss_fn, backend=backend)
-    return _with_progress(iterations, "flatfast SLQ", progress, lambda update: slq(
+    op = _operator(model, loader, loss_fn, params, batch_fn, mode, backend)
+    result = _with_progress(iterations, "flatfast SLQ", progress, lambda update: slq(
         op.matmat, op.dimension, probes=probes, iterations=iterations, seed=seed, sigma=sigma, grid_size=grid_size,
         dtype=op.dtype, device=op.device, progress=update))
+    return dataclasses.replace(result, mode=op.mode)
 
 
-def hessian_operator(model, loader, *, loss_fn=None, backend="auto"):
+def hessian_operator(model, loader, *, loss_fn=None, params=None, batch_fn=None, mode="eval", backend="auto"):
     """The Hessian of the dataset-mean loss as a ``scipy.sparse.linalg.LinearOperator`` (matvec and matmat on
     numpy arrays; one data pass per call), for scipy's eigsh, cg, etc.
 
@@ -330,7 +386,7 @@ def hessian_operator(model, loader, *, loss_fn=None, backend="auto"):
     import torch
     from scipy.sparse.linalg import LinearOperator
 
-    op = HessianOperator(model, loader, loss_fn, backend=backend)
+    op = _operator(model, loader, loss_fn, params, batch_fn, mode, backend)
     np_dtype = np.float64 if op.dtype == torch.float64 else np.float32
 
     def matmat(M):

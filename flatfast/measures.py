@@ -1,6 +1,7 @@
 """Flatness measures, the alpha-scale transformation, and the function a trained classifier expresses."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -19,9 +20,9 @@ def _dataset_loss(model, op):
     import torch
 
     total, count = 0.0, 0
-    for x, y in op.batches():
-        total = total + op.loss_and_targets(model(x), y) * x.shape[0]
-        count += int(x.shape[0])
+    for inputs, y in op.batches():
+        total = total + op.loss_and_targets(inputs.call(model), y) * inputs.size
+        count += inputs.size
     if not distributed():
         return total / count
     import torch.distributed as dist
@@ -45,8 +46,8 @@ def _global_grads(grads):
 SHARPNESS_METHODS = ("sgd-ascent", "sign-ascent")
 
 
-def sharpness(model, loader, eps=1e-4, *, loss_fn=None, method="sgd-ascent", epochs=100, lr=1e-3, steps=20, seed=0,
-              progress=None):
+def sharpness(model, loader, eps=1e-4, *, loss_fn=None, params=None, batch_fn=None, mode="eval", method="sgd-ascent",
+              epochs=100, lr=1e-3, steps=20, seed=0, progress=None):
     r"""Keskar et al.'s epsilon-sharpness of the dataset-mean loss L (see :func:`flatfast.hvp` for the convention):
 
     .. math::
@@ -63,19 +64,22 @@ def sharpness(model, loader, eps=1e-4, *, loss_fn=None, method="sgd-ascent", epo
     * ``method="sign-ascent"``: ``steps`` full-batch projected sign-gradient steps from a seeded random point of
       the box (step 2 eps (|theta| + 1) / steps). Much cheaper; a lower bound on the same maximum like the other.
 
-    The model is evaluated in eval mode; its parameters, modes and ``.grad`` are left as they were. Under
+    The box perturbs the measured parameters (``params``; default every trainable one) and holds the others.
+    The model is evaluated in ``mode`` (eval by default); its parameters, modes and ``.grad`` are left as they
+    were. Under
     torch.distributed each rank passes its shard: losses are all-reduced, and the ascent steps follow the
     all-reduced gradients, so every rank computes the same sharpness.
 
     Parameters
     ----------
     model : torch.nn.Module
-    loader : iterable of (inputs, targets) batches
+    loader : iterable of batches (see :func:`flatfast.hvp`)
     eps : float
         Relative box size (Zhang et al.: 1e-4 for FCNs, 1e-5 for ResNets).
     loss_fn : callable(outputs, targets) -> batch-mean loss, optional
         Keyword-only. Default: cross-entropy, for integer class targets and two or more outputs only; other data
         must name its loss (e.g. ``torch.nn.BCEWithLogitsLoss()`` for one logit and 0/1 float targets).
+    params, batch_fn, mode : as for :func:`flatfast.hvp`.
     method : {"sgd-ascent", "sign-ascent"}
     epochs, lr : the SGD ascent's passes and step size.
     steps : the sign ascent's number of steps.
@@ -103,7 +107,7 @@ def sharpness(model, loader, eps=1e-4, *, loss_fn=None, method="sgd-ascent", epo
     steps = check_int(steps, "steps", minimum=1)
     epochs = check_int(epochs, "epochs", minimum=1)
     lr = check_float(lr, "lr", positive=True)
-    op = HessianOperator(model, loader, loss_fn)
+    op = HessianOperator(model, loader, loss_fn, params=params, batch_fn=batch_fn, mode=mode)
     params = [p for _, p in op.params]
     original = [p.detach().clone() for p in params]
     box = [eps * (w.abs() + 1.0) for w in original]
@@ -132,17 +136,17 @@ def sharpness(model, loader, eps=1e-4, *, loss_fn=None, method="sgd-ascent", epo
     update, bar = _progress_counter(epochs if method == "sgd-ascent" else steps + 1, f"flatfast sharpness ({method})",
                                     progress)
     try:
-        with eval_mode(model):
+        with op.session(), _differentiable(params):
             base = best = full_loss()
             if method == "sgd-ascent":
                 z = [torch.zeros_like(w) for w in original]
                 for epoch in range(epochs):
                     if update is not None:
                         update(epoch + 1)
-                    for x, y in op.batches():
+                    for inputs, y in op.batches():
                         with torch.enable_grad():
                             # DDP's convention: the step follows the mean over ranks of their batch-mean gradients
-                            loss = op.loss_and_targets(model(x), y) / world
+                            loss = op.loss_and_targets(inputs.call(model), y) / world
                         z = ascend(loss, z, lambda g, b: lr * g)
                         move_to(z)
                         best = max(best, full_loss())
@@ -165,12 +169,13 @@ def sharpness(model, loader, eps=1e-4, *, loss_fn=None, method="sgd-ascent", epo
     return 100.0 * (best - base) / (1.0 + base)
 
 
-def frobenius_norm(model, loader, *, loss_fn=None, probes=None, rtol=0.02, seed=0, block=16, max_probes=1000,
-                   progress=None):
+def frobenius_norm(model, loader, *, loss_fn=None, params=None, batch_fn=None, mode="eval", probes=None, rtol=0.02,
+                   seed=0, block=16, max_probes=1000, progress=None):
     r"""Frobenius norm of the Hessian of the dataset-mean loss, :math:`\|H\|_F = \sqrt{\mathrm{tr}(H^2)}`, with
     :math:`\mathrm{tr}(H^2) = E\|Hv\|^2` estimated by Hutchinson over Rademacher v (stderr by the delta method).
     Stops when the norm's relative standard error is below ``rtol`` (that of tr(H^2) below 2 rtol), or after
     exactly ``probes`` products. ``progress``: a bar over the probes (None: when stderr is a terminal).
+    ``loss_fn``, ``params``, ``batch_fn`` and ``mode`` are as for :func:`flatfast.hvp`.
 
     Examples
     --------
@@ -180,7 +185,7 @@ def frobenius_norm(model, loader, *, loss_fn=None, probes=None, rtol=0.02, seed=
     >>> flatfast.frobenius_norm(model, data, probes=32).value > 0
     True
     """
-    op = HessianOperator(model, loader, loss_fn)
+    op = HessianOperator(model, loader, loss_fn, params=params, batch_fn=batch_fn, mode=mode)
 
     def squared_norms(V):
         HV = op.matmat(V)
@@ -193,7 +198,7 @@ def frobenius_norm(model, loader, *, loss_fn=None, probes=None, rtol=0.02, seed=
         max_probes=max_probes, dtype=op.dtype, device=op.device, progress=update))
     value = math.sqrt(max(res.value, 0.0))
     stderr = res.stderr / (2 * value) if value > 0 else float("inf")
-    return TraceResult(value, stderr, res.probes, "hutchinson-frobenius", res.samples)
+    return TraceResult(value, stderr, res.probes, "hutchinson-frobenius", res.samples, mode=op.mode)
 
 
 @dataclasses.dataclass
@@ -207,16 +212,17 @@ class FlatnessReport:
     sharpness: float
     log_volume: float
     log_volume_stderr: float
+    mode: str = "eval"
 
     def as_dict(self):
         return {"trace": self.trace.value, "trace_stderr": self.trace.stderr, "top_eigenvalue": self.top_eigenvalue,
                 "top_eigenvalue_residual": self.top_eigenvalue_residual, "frobenius": self.frobenius.value,
                 "frobenius_stderr": self.frobenius.stderr, "sharpness": self.sharpness,
-                "log_volume": self.log_volume, "log_volume_stderr": self.log_volume_stderr}
+                "log_volume": self.log_volume, "log_volume_stderr": self.log_volume_stderr, "mode": self.mode}
 
 
-def flatness_report(model, loader, *, loss_fn=None, eps=1e-4, rtol=0.02, seed=0, volume_delta=1e-3,
-                    slq_probes=4, slq_iterations=40, progress=None):
+def flatness_report(model, loader, *, loss_fn=None, params=None, batch_fn=None, mode="eval", eps=1e-4, rtol=0.02,
+                    seed=0, volume_delta=1e-3, slq_probes=4, slq_iterations=40, progress=None):
     r"""Trace, top eigenvalue, Frobenius norm, epsilon-sharpness and the log-volume measure of one model.
 
     The log-volume is the Laplace-approximation basin volume up to constants,
@@ -226,6 +232,7 @@ def flatness_report(model, loader, *, loss_fn=None, eps=1e-4, rtol=0.02, seed=0,
     in each parameter -- ReLU MLPs, CNNs, ResNets with eval-mode BatchNorm -- and for models with fewer parameters
     than the estimator would need probes, the Hutch++ estimate to ``rtol`` otherwise.
 
+    ``loss_fn``, ``params``, ``batch_fn`` and ``mode`` are as for :func:`flatfast.hvp` and apply to every measure.
     ``progress`` (None: when stderr is a terminal) shows each measure's own bar in turn.
 
     Examples
@@ -237,18 +244,33 @@ def flatness_report(model, loader, *, loss_fn=None, eps=1e-4, rtol=0.02, seed=0,
     >>> sorted(report.as_dict())[:3]
     ['frobenius', 'frobenius_stderr', 'log_volume']
     """
-    op = HessianOperator(model, loader, loss_fn)
+    op = HessianOperator(model, loader, loss_fn, params=params, batch_fn=batch_fn, mode=mode)
+    common = dict(loss_fn=loss_fn, params=params, batch_fn=batch_fn, mode=mode, seed=seed, progress=progress)
     # each measure shows its own bar (progress=None: when stderr is a terminal)
-    trace = hessian_trace(model, loader, loss_fn=loss_fn, method="auto", rtol=rtol, seed=seed, progress=progress)
-    eig = hessian_eigenvalues(model, loader, k=1, loss_fn=loss_fn, tol=1e-4, seed=seed, progress=progress)
-    frob = frobenius_norm(model, loader, loss_fn=loss_fn, rtol=rtol, seed=seed, progress=progress)
-    sharp = sharpness(model, loader, eps=eps, loss_fn=loss_fn, seed=seed, progress=progress)
-    spec = hessian_spectrum(model, loader, loss_fn=loss_fn, probes=slq_probes, seed=seed, progress=progress,
-                            iterations=min(slq_iterations, op.dimension))
+    trace = hessian_trace(model, loader, method="auto", rtol=rtol, **common)
+    eig = hessian_eigenvalues(model, loader, k=1, tol=1e-4, **common)
+    frob = frobenius_norm(model, loader, rtol=rtol, **common)
+    sharp = sharpness(model, loader, eps=eps, **common)
+    spec = hessian_spectrum(model, loader, probes=slq_probes, iterations=min(slq_iterations, op.dimension), **common)
     per_probe = (spec.weights * np.log(np.abs(spec.nodes) + volume_delta)).sum(axis=1) * op.dimension
     log_volume = -0.5 * float(per_probe.mean())
     log_volume_se = 0.5 * float(per_probe.std(ddof=1) / math.sqrt(len(per_probe))) if len(per_probe) > 1 else float("inf")
-    return FlatnessReport(trace, float(eig.values[0]), float(eig.residuals[0]), frob, sharp, log_volume, log_volume_se)
+    return FlatnessReport(trace, float(eig.values[0]), float(eig.residuals[0]), frob, sharp, log_volume,
+                          log_volume_se, op.mode)
+
+
+@contextlib.contextmanager
+def _differentiable(params):
+    """requires_grad on every measured parameter for the ascent's gradients (one named explicitly in params=
+    may be frozen), restored afterwards."""
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
 
 
 def weighted_layer_positions(model):
@@ -331,7 +353,9 @@ def rescale(model, alpha, *, divided_layer=0, layer=None):
 
 def function_of(model, X, *, batch_size=4096):
     """The +-1 labelling a trained binary classifier expresses on X: sign of its single logit (>= 0 -> +1), or
-    +1 where class 1 wins for a two-logit model. Evaluated in eval mode. Returns a numpy int array of shape (n,).
+    +1 where class 1 wins for a two-logit model. X is what the model takes: a tensor or array, or a mapping of
+    tensors (``model(**X)``, e.g. a tokenizer's output), n examples first; the output may be a tensor, a tuple or
+    an object with ``logits``. Evaluated in eval mode. Returns a numpy int array of shape (n,).
 
     Examples
     --------
@@ -342,14 +366,16 @@ def function_of(model, X, *, batch_size=4096):
     """
     import torch
 
+    from flatfast.empirical import model_inputs
+
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    X = torch.as_tensor(X)
-    dtype = next(model.parameters()).dtype
+    first = next(model.parameters())
+    inputs = model_inputs(X).to(first.device, first.dtype)
     outs = []
     with eval_mode(model), torch.no_grad():
-        for start in range(0, X.shape[0], batch_size):
-            outs.append(model(X[start: start + batch_size].to(dtype)))
+        for start in range(0, inputs.size, batch_size):
+            outs.append(inputs[start: start + batch_size].call(model))
     out = torch.cat(outs)
     if out.dim() == 1 or out.shape[1] == 1:
         logits = out.reshape(-1)

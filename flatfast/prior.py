@@ -6,6 +6,8 @@ arrays), the kernel's checks flatfast._kernel_checks, and the tilting estimator 
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import math
 
 import numpy as np
@@ -52,7 +54,8 @@ def log_prior(X, y, *, depth=2, sigma_w2=2.0, sigma_b2=1.0, likelihood="heavisid
 
     Parameters
     ----------
-    X : array_like, shape (n, d) (or shaped as ``model`` takes them)
+    X : array_like, shape (n, d); with ``model``, the inputs as it takes them (a tensor, or a mapping of tensors
+        such as a tokenizer's output, n examples first)
         Inputs: train and test points together: a numpy array, or a torch tensor on the CPU or a CUDA device.
         For a CUDA tensor the kernel and every EP sweep run on that device (EP through cupy, which shares the
         kernel's memory by DLPack; no n x n array is copied to the host); without cupy, EP runs on the CPU
@@ -169,9 +172,14 @@ def log_prior(X, y, *, depth=2, sigma_w2=2.0, sigma_b2=1.0, likelihood="heavisid
     if (model is None) != (kernel_samples is None):
         raise ValueError("model, kernel_samples: the empirical kernel needs both (kernel_samples = number of "
                          "random draws M)")
-    if model is None and kernel is None:
-        X = as_float_matrix(X, "X", allow_empty=False)
-    n = len(X)
+    if model is not None or isinstance(X, Mapping):  # X as a model takes it: a tensor, or a mapping of tensors
+        from flatfast.empirical import model_inputs
+
+        n = model_inputs(X).size
+    else:
+        if kernel is None:
+            X = as_float_matrix(X, "X", allow_empty=False)
+        n = len(X)
     labels = _labels(y, n)
     _check_method(method)
     if kernel is not None:  # X only says how many points there are; it may have any shape

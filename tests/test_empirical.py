@@ -137,9 +137,17 @@ def test_bad_input_is_named():
                                        torch.rand(3, 1, 8), 4)
     with pytest.raises(ValueError, match="X: the model rejected"):
         flatfast.empirical_nngp_kernel(net, torch.rand(5, 3), 4)
-    with pytest.raises(ValueError, match="LayerNorm.*init="):
-        flatfast.empirical_nngp_kernel(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8),
-                                                           torch.nn.Linear(8, 1)), X, 4)
+    class Scale(torch.nn.Module):  # a parameter with no initialiser that flatfast could call
+        def __init__(self):
+            super().__init__()
+            self.gain = torch.nn.Parameter(torch.ones(8))
+
+        def forward(self, x):
+            return x * self.gain
+
+    with pytest.raises(ValueError, match=r"module 1 \(Scale\) has parameters that no prior covers.*init="):
+        flatfast.empirical_nngp_kernel(torch.nn.Sequential(torch.nn.Linear(4, 8), Scale(), torch.nn.Linear(8, 1)),
+                                       X, 4)
     with pytest.raises(ValueError, match="readout"):
         flatfast.empirical_nngp_kernel(net, X, 4, readout="logits")
     with pytest.raises(ValueError, match="kernel: expected shape"):

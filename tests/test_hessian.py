@@ -249,7 +249,8 @@ def _snapshot(model):
      FloatingPointError, "loss: is NaN"),
     (lambda m, b: flatfast.hvp(m, b, torch.zeros(1, 5)), ValueError, "vectors: expected 107 entries"),
     (lambda m, b: flatfast.hvp(m, b, [torch.zeros(3)]), ValueError, "vectors: a list must hold one tensor"),
-    (lambda m, b: flatfast.hvp(m, [(1, 2, 3)][0:0] or [42], torch.zeros(1, 107)), TypeError, "loader: each batch"),
+    (lambda m, b: flatfast.hvp(m, [(1, 2, 3)][0:0] or [42], torch.zeros(1, 107)), TypeError,
+     "loader: a batch is an int; accepted"),
     (lambda m, b: flatfast.hvp("model", b, torch.zeros(1, 107)), TypeError, "model: expected a torch.nn.Module"),
     (lambda m, b: flatfast.hessian_trace(m, b, method="power"), ValueError, "method: expected"),
     (lambda m, b: flatfast.hessian_eigenvalues(m, b, k=0), ValueError, "k: must be >= 1"),
@@ -416,25 +417,33 @@ def test_class_targets_out_of_range_and_empty_batches_are_named():
     assert torch.allclose(flatfast.hvp(model, [(x[:0], y[:0])] + batches, V), flatfast.hvp(model, batches, V))
 
 
-def test_double_backward_fallback_only_for_torch_func_limits():
+def test_routes_move_on_only_for_torch_limits_and_quietly():
+    """A bug in the user's loss propagates (no route is tried after it); a loss that torch.func cannot
+    differentiate in forward mode (mse_loss: "ZeroTensors are immutable") takes a double-backward route, with the
+    same products and no warning, and the operator remembers the route."""
     model, batches = mlp(), data("mlp", "regression")
 
     def failing(outputs, targets):
         raise RuntimeError("boom: a bug in the user's loss")
 
+    op = HessianOperator(model, batches, failing, backend="generic")
     with pytest.raises(RuntimeError, match="boom"):
-        flatfast.hvp(model, batches, torch.zeros(1, 107, dtype=torch.float64), loss_fn=failing, backend="generic")
-    op = HessianOperator(model, batches, backend="generic")
-    assert not op._use_double_backward
+        op.matmat(torch.zeros(1, 107, dtype=torch.float64))
+    assert op.route is None
 
-    from flatfast import _generic_hvp
-
-    _generic_hvp._WARNED_FALLBACK.clear()
-    mse = torch.nn.MSELoss()  # under forward-over-reverse torch.func raises "ZeroTensors are immutable"
+    mse = torch.nn.MSELoss()
     H = dense_hessian(model, batches, "regression")
     V = torch.randn(2, H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    with pytest.warns(RuntimeWarning, match="using double backward"):
-        HV = flatfast.hvp(model, batches, V, loss_fn=mse, backend="generic")
+    op = HessianOperator(model, batches, mse, backend="generic")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        HV = op.matmat(V)
+        quadratic = op.quadratic(V)
+    assert op.route.startswith("double backward")
+    assert torch.allclose(HV, V @ H, atol=1e-10 * float(H.abs().max()))
+    assert torch.allclose(quadratic, ((V @ H) * V).sum(1), atol=1e-10 * float(H.abs().max()))
     assert torch.allclose(HV, V @ H, atol=1e-10 * float(H.abs().max()))
     import warnings
 
