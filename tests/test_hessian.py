@@ -346,6 +346,27 @@ def test_lanczos_with_few_iterations_warns_and_bounds_from_below():
     np.testing.assert_allclose(full.values, top, rtol=1e-8)
 
 
+def test_lanczos_holds_a_bounded_basis_through_its_restarts(monkeypatch):
+    """Thick restarts keep the basis at 8k vectors however many products a tight tolerance takes, and the values
+    are those of Lanczos keeping every vector."""
+    from flatfast.estimators import lanczos_basis, lanczos_eigenvalues
+
+    allocations = []
+    empty = torch.empty
+
+    def recording_empty(*shape, **kwargs):
+        allocations.append(tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], tuple) else shape)
+        return empty(*shape, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", recording_empty)
+    eigenvalues = np.linspace(1.0, 2.0, 400) ** 3
+    res = lanczos_eigenvalues(_diagonal_operator(eigenvalues), 400, k=2, max_iter=400, tol=1e-9)
+    monkeypatch.undo()
+    assert res.iterations > 2 * lanczos_basis(400, 2)  # several restarts happened
+    assert max(shape[0] for shape in allocations if len(shape) == 2 and shape[1] == 400) == 16
+    np.testing.assert_allclose(res.values, np.sort(eigenvalues)[::-1][:2], rtol=1e-8)
+
+
 def test_lanczos_finds_a_repeated_eigenvalue_once():
     from flatfast.errors import ConvergenceWarning
     from flatfast.estimators import lanczos_eigenvalues
