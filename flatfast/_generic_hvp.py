@@ -1,16 +1,23 @@
-"""The generic curvature path for any model and loss, by the fastest of three exact routes that works for the model:
+"""The generic curvature path for any model and loss, by the first of two exact routes that works for the model:
 
-1. ``"forward-over-reverse"``: torch.func's jvp of grad, vmapped over the vectors -- one pass for all of them;
-2. ``"double backward, batched"``: the gradient with its graph, then one vmapped backward pass for all vectors
-   (``torch.autograd.grad(..., is_grads_batched=True)``), for models with an operation that has no forward-mode
-   derivative;
-3. ``"double backward"``: the same, one backward pass per vector, for an operation that vmap cannot batch either.
+1. ``"double backward"``: per batch, the gradient with its graph (one forward and backward pass), then one
+   backward pass through that graph per vector, the graph kept for the batch's vectors -- what PyHessian and
+   curvlinops do. Its memory does not grow with the number of vectors.
+2. ``"forward-over-reverse"``: torch.func's jvp of grad, vmapped over the vectors, for a model with an operation
+   that has no double backward (a custom autograd.Function without one, say).
 
-Each gives the same products (to rounding); they differ in speed only. The first product tries them in that order
-and the operator remembers the route that worked (``HessianOperator.route``); only torch's own "not implemented"
-errors move on to the next route, anything else (out of memory, a dtype error, a bug in the user's loss)
-propagates. Attention and recurrent layers run on backends that support the first route (see
-:func:`flatfast._model_util.measuring`), so it is the one taken for transformers, LSTMs and GRUs.
+Both give the same products (to rounding). The operator remembers the route that worked
+(``HessianOperator.route``); only torch's own "not implemented" errors move on to the next route, anything else
+(out of memory, a dtype error, a bug in the user's loss) propagates. Attention and recurrent layers run on
+backends that support both (see :func:`flatfast._model_util.measuring`).
+
+Why double backward first, measured on 2 cores (seconds per vector, one run each; double backward against
+forward-over-reverse): a ResNet-18-shaped CNN with 1.1M parameters 0.36 / 0.48 at 1 vector a call, 0.25 / 0.41 at
+8, 0.26 / 0.75 at 32 (vmapping over the vectors holds that many copies of the activations); a ViT with 0.9M
+0.30 / 0.39, 0.21 / 0.57, 0.24 / 0.71; a BERT-style encoder with 1.6M 0.34 / 0.38, 0.24 / 0.27, 0.23 / 0.69; at 1
+and 16 vectors a call, a 183k-parameter CNN 0.60 / 0.66 and 0.42 / 0.63, a small ResNet with BatchNorm
+0.11 / 0.12 and 0.06 / 0.17, a transformer encoder with 46k parameters 0.030 / 0.042 and 0.019 / 0.019. Only a
+21k-parameter LSTM at 16 vectors went faster by vmapping (0.016 / 0.009), where every product takes milliseconds.
 """
 from __future__ import annotations
 
@@ -18,7 +25,7 @@ import logging
 
 from flatfast._model_util import check_finite
 
-ROUTES = ("forward-over-reverse", "double backward, batched", "double backward")
+ROUTES = ("double backward", "forward-over-reverse")
 _LOG = logging.getLogger("flatfast")
 
 
@@ -34,10 +41,11 @@ def _batch_loss_of_flat_params(op, inputs, y):
     return op.flat_params(), batch_loss
 
 
-# What torch raises where an operation lacks a forward-mode derivative or a vmap batching rule (e.g. mse_loss under
+# What torch raises where an operation lacks a double backward ("derivative for aten::... is not implemented",
+# @once_differentiable), a forward-mode derivative or a vmap batching rule (e.g. mse_loss under
 # forward-over-reverse: "ZeroTensors are immutable").
-_TORCH_LIMITS = ("ZeroTensors are immutable", "forward AD", "forward-mode", "vmap", "functorch",
-                 "Batching rule", "batching rule", "not implemented for", "does not support", "is_grads_batched")
+_TORCH_LIMITS = ("ZeroTensors are immutable", "forward AD", "forward-mode", "vmap", "functorch", "Batching rule",
+                 "batching rule", "not implemented", "does not support", "once_differentiable", "differentiate twice")
 
 
 def _is_torch_limit(exc) -> bool:
@@ -61,49 +69,68 @@ def _first_route_that_works(op, attempts):
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _double_backward(op, batch_loss, theta, V, batched):
+def _gradient_graph(op, inputs, y):
+    """(flat parameters, their gradient with its graph) for one batch: one forward and backward pass, or the
+    operator's cached pair (HessianOperator.cached_gradient_graph)."""
     import torch
 
+    def build():
+        theta, batch_loss = _batch_loss_of_flat_params(op, inputs, y)
+        with torch.enable_grad():
+            flat = theta.clone().requires_grad_(True)
+            loss = batch_loss(flat)
+            check_finite(loss)
+            (g,) = torch.autograd.grad(loss, flat, create_graph=True)
+        return flat, g
+
+    return op.cached_gradient_graph(inputs, y, build)
+
+
+def _double_backward(op, inputs, y, V, reduce):
+    """reduce(v, H_batch v) for each vector, one backward pass each through the batch's gradient graph."""
+    import torch
+
+    flat, g = _gradient_graph(op, inputs, y)
+    if not g.requires_grad:  # the gradient does not depend on the parameters: H = 0
+        return torch.stack([reduce(v, torch.zeros_like(v)) for v in V])
     with torch.enable_grad():
-        flat = theta.clone().requires_grad_(True)
-        loss = batch_loss(flat)
-        check_finite(loss)
-        (g,) = torch.autograd.grad(loss, flat, create_graph=True)
-        if batched:
-            return torch.autograd.grad(g, flat, grad_outputs=V, is_grads_batched=True)[0]
-        return torch.stack([torch.autograd.grad(g, flat, grad_outputs=v, retain_graph=True)[0] for v in V])
+        return torch.stack([reduce(v, torch.autograd.grad(g, flat, grad_outputs=v, retain_graph=True)[0])
+                            for v in V])
 
 
-def generic_batch(op, inputs, y, V):
-    """Sum over the batch of H_i V, by the operator's route (see the module docstring)."""
+def _forward_over_reverse(op, inputs, y, V):
     import torch
     from torch.func import grad, jvp, vmap
 
     theta, batch_loss = _batch_loss_of_flat_params(op, inputs, y)
 
-    def forward_over_reverse():
-        def loss_and_value(flat):
-            loss = batch_loss(flat)
-            return loss, loss.detach()
+    def loss_and_value(flat):
+        loss = batch_loss(flat)
+        return loss, loss.detach()
 
-        grad_fn = grad(loss_and_value, has_aux=True)
-        with torch.enable_grad():
-            _, hv, loss = vmap(lambda v: jvp(grad_fn, (theta,), (v,), has_aux=True))(V)
-        check_finite(loss)
-        return hv
+    grad_fn = grad(loss_and_value, has_aux=True)
+    with torch.enable_grad():
+        _, hv, loss = vmap(lambda v: jvp(grad_fn, (theta,), (v,), has_aux=True))(V)
+    check_finite(loss)
+    return hv
 
+
+def generic_batch(op, inputs, y, V):
+    """Sum over the batch of H_i V, by the operator's route (see the module docstring)."""
     return _first_route_that_works(op, {
-        ROUTES[0]: forward_over_reverse,
-        ROUTES[1]: lambda: _double_backward(op, batch_loss, theta, V, batched=True),
-        ROUTES[2]: lambda: _double_backward(op, batch_loss, theta, V, batched=False)})
+        ROUTES[0]: lambda: _double_backward(op, inputs, y, V, lambda v, hv: hv),
+        ROUTES[1]: lambda: _forward_over_reverse(op, inputs, y, V)})
 
 
 def generic_quadratic(op, inputs, y, V):
-    """Sum over the batch of v^T H_i v, as v . (H_i v) from :func:`generic_batch`.
+    """Sum over the batch of v^T H_i v, as v . (H_i v), each product reduced as it is made (a block of k vectors
+    never holds k products).
 
-    Not by a second forward-mode derivative (jvp of jvp), which would skip the backward pass: torch 2.13's
+    Not by a second forward-mode derivative (jvp of jvp), which would skip the double backward: torch 2.13's
     forward-over-forward derivatives of layer_norm (in its input), of batch_norm on batch statistics and of
     instance_norm are wrong -- on a 4 x 5 layer_norm test function jvp of jvp gives +18.08 where finite
     differences and jvp of grad give -15.76 -- and on a small CNN and a transformer encoder it was also slower
     (1.07 s and 0.27 s against 0.67 s and 0.20 s for 16 vectors on 2 cores)."""
-    return (V * generic_batch(op, inputs, y, V)).sum(dim=1)
+    return _first_route_that_works(op, {
+        ROUTES[0]: lambda: _double_backward(op, inputs, y, V, lambda v, hv: (v * hv).sum()),
+        ROUTES[1]: lambda: (V * _forward_over_reverse(op, inputs, y, V)).sum(dim=1)})

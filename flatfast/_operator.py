@@ -129,6 +129,10 @@ class HessianOperator:
         # How torch.func differentiates this model twice; set by the first product (flatfast._generic_hvp)
         self.route = None
         self.constant_entries = _padding_rows(model, self.params, self.dimension)
+        # A loader that is a list or tuple of one batch gives the same batch to every pass: its gradient graph
+        # can serve every product, as PyHessian's data= mode does (see cached_gradient_graph).
+        self._single_batch = isinstance(loader, (list, tuple)) and len(loader) == 1
+        self._graph = None
 
     # the data ---------------------------------------------------------------------------------------
     def batches(self):
@@ -159,6 +163,23 @@ class HessianOperator:
         chosen = {id(p) for _, p in self.params}
         return {**{n: p.detach() for n, p in self.model.named_parameters() if id(p) not in chosen},
                 **dict(self.model.named_buffers())}
+
+    def cached_gradient_graph(self, inputs, y, build):
+        """``build()`` -- (flat parameters, gradient with its graph) of this batch -- or the pair kept from the
+        previous pass when the loader holds this one batch only and nothing it depends on has changed since:
+        torch's version counters of the parameters, the buffers, the inputs and the targets, and the mode. The
+        forward and backward pass then runs once for all products (Lanczos asks for one vector at a time), at the
+        price of keeping one batch's graph between products."""
+        if not self._single_batch:
+            return build()
+        tensors = [p for _, p in self.model.named_parameters()] + list(self.model.buffers()) + \
+            inputs.tensors() + [y]
+        key = (self.mode, tuple((id(t), t._version) for t in tensors))
+        if self._graph is None or self._graph[0] != key:
+            self._graph = None  # free the old graph before building the new one
+            # the tensors are kept with the key so that no id in it can be reused by a new tensor
+            self._graph = (key, build(), tensors)
+        return self._graph[1]
 
     def session(self):
         """The context every pass over the data runs in (:func:`flatfast._model_util.measuring`)."""

@@ -218,6 +218,18 @@ def dense_hessian(model, batches, names=None, mode="eval", loss=F.cross_entropy)
     return H
 
 
+_DENSE = {}
+
+
+def case_hessian(name, names=None, mode="eval"):
+    """dense_hessian of a fresh case(name), computed once per (name, names, mode) for the whole module."""
+    key = (name, tuple(names) if names is not None else None, mode)
+    if key not in _DENSE:
+        model, batches = case(name)
+        _DENSE[key] = dense_hessian(model, batches, names, mode=mode)
+    return _DENSE[key]
+
+
 def _relative(a, b):
     return abs(float(a) - float(b)) / max(abs(float(b)), 1e-300)
 
@@ -229,7 +241,7 @@ def test_trace_eigenvalues_and_products_match_the_dense_hessian(name):
     model, batches = case(name)
     P = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert P < 3000
-    H = dense_hessian(model, batches)
+    H = case_hessian(name)
     exact_trace = float(torch.trace(H))
     top = np.sort(np.linalg.eigvalsh(H.numpy()))[::-1][:2]
     with warnings.catch_warnings(record=True) as caught:
@@ -255,19 +267,48 @@ def test_quadratic_forms_where_torch_forward_over_forward_is_wrong(name, mode):
     """v^T H v for the trace estimators: torch 2.13's jvp of jvp gets layer_norm and train-mode batch_norm wrong
     (tens of percent off here), so flatfast takes v . (H v); this pins it against the dense Hessian."""
     model, batches = case(name)
-    H = dense_hessian(model, batches, mode=mode)
+    H = case_hessian(name, mode=mode)
     op = HessianOperator(model, batches, mode=mode)
     V = torch.randn(4, op.dimension, generator=torch.Generator().manual_seed(9))
     torch.testing.assert_close(op.quadratic(V), ((V @ H) * V).sum(1), rtol=1e-8, atol=1e-10)
 
 
 @pytest.mark.parametrize("name", ["torch-transformer", "hand-attention", "lstm", "gru", "bert"])
-def test_attention_and_recurrent_layers_take_the_forward_mode_route(name):
-    """The math attention kernel and the composite RNN make forward-over-reverse possible: no double backward."""
+def test_both_routes_work_and_agree_on_attention_and_recurrent_layers(name):
+    """Double backward runs first; forward-over-reverse, the fallback for operations without a double backward,
+    also works on these models because attention runs on the math kernel and the RNN on its composite
+    implementation (the fused kernels have no forward-mode derivative), and gives the same products."""
     model, batches = case(name)
     op = HessianOperator(model, batches)
-    op.matmat(torch.randn(2, op.dimension))
+    V = torch.randn(2, op.dimension, generator=torch.Generator().manual_seed(10))
+    first = op.matmat(V)
+    assert op.route == "double backward"
+    op.route = "forward-over-reverse"
+    torch.testing.assert_close(op.matmat(V), first, rtol=1e-9, atol=1e-12)
+
+
+def test_a_route_is_left_only_for_what_torch_cannot_do():
+    from flatfast._generic_hvp import _first_route_that_works
+
+    class Op:
+        route = None
+        model = nn.Linear(1, 1)
+
+    op = Op()
+
+    def missing():
+        raise RuntimeError("derivative for aten::_fused_thing_backward is not implemented")
+
+    assert _first_route_that_works(op, {"double backward": missing, "forward-over-reverse": lambda: 7}) == 7
     assert op.route == "forward-over-reverse"
+    op.route = None
+
+    def users_bug():
+        raise RuntimeError("shape mismatch in the user's loss")
+
+    with pytest.raises(RuntimeError, match="user's loss"):
+        _first_route_that_works(op, {"double backward": users_bug, "forward-over-reverse": lambda: 7})
+    assert op.route is None
 
 
 def test_embedding_padding_rows_are_constant_and_the_operator_symmetric():
@@ -383,7 +424,7 @@ def test_params_gives_the_dense_sub_block(name, chosen):
                             for s in selected])}
     names = [n for n, p in model.named_parameters() if id(p) in ids]
     selected = chosen(model)  # a generator of pairs is spent by the line above
-    H = dense_hessian(model, batches, names)
+    H = case_hessian(name, names)
     P = H.shape[0]
     V = torch.randn(2, P, generator=torch.Generator().manual_seed(8))
     torch.testing.assert_close(flatfast.hvp(model, batches, V, params=selected if not hasattr(selected, "__next__")
@@ -401,7 +442,7 @@ def test_the_exact_trace_applies_to_a_piecewise_linear_subset():
     for name, head in (("torch-transformer", "head"), ("bert", "classifier")):
         model, batches = case(name)
         names = [f"{head}.weight", f"{head}.bias"]
-        H = dense_hessian(model, batches, names)
+        H = case_hessian(name, names)
         exact = flatfast.hessian_trace(model, batches, params=names, method="exact")
         assert exact.stderr == 0.0 and _relative(exact.value, torch.trace(H)) < 1e-10
         assert flatfast.hessian_trace(model, batches, params=names).method == "exact"
@@ -445,13 +486,13 @@ def test_eval_mode_by_default_train_mode_on_request_and_both_restored():
     for training in (True, False):
         model.train(training)
         for mode in ("eval", "train"):
-            H = dense_hessian(model, batches, mode=mode)
+            H = case_hessian("resnet-bn", mode=mode)
             res = flatfast.hessian_trace(model, batches, mode=mode, method="unit-vectors")
             assert res.mode == mode and _relative(res.value, torch.trace(H)) < 1e-6
             assert all(m.training == training for m in model.modules())
     assert all(torch.equal(buffers[n], b) for n, b in model.named_buffers())  # running statistics untouched
-    eval_trace = float(torch.trace(dense_hessian(model, batches, mode="eval")))
-    train_trace = float(torch.trace(dense_hessian(model, batches, mode="train")))
+    eval_trace = float(torch.trace(case_hessian("resnet-bn", mode="eval")))
+    train_trace = float(torch.trace(case_hessian("resnet-bn", mode="train")))
     assert _relative(eval_trace, train_trace) > 1e-3  # the two modes measure different functions here
     report = flatfast.flatness_report(model, batches, mode="train", eps=1e-3, slq_iterations=5)
     assert report.mode == "train" and report.trace.mode == "train" and report.as_dict()["mode"] == "train"
@@ -487,14 +528,14 @@ def test_empirical_kernel_and_log_prior_of_modern_architectures(name):
     else:
         X = batch[0] if isinstance(batch[0], torch.Tensor) else dict(zip(("x", "mask"), batch[0]))
     before = [p.detach().clone() for p in model.parameters()]
-    K16, se16 = flatfast.empirical_nngp_kernel(model, X, samples=16, seed=3, return_stderr=True)
+    K16, se16 = flatfast.empirical_nngp_kernel(model, X, kernel_samples=16, seed=3, return_stderr=True)
     n = K16.shape[0]
     assert K16.shape == (n, n) and torch.allclose(K16, K16.T) and bool(torch.isfinite(K16).all())
     assert float(torch.linalg.eigvalsh(K16).min()) > -1e-8 * float(K16.diagonal().max())
-    assert torch.equal(K16, flatfast.empirical_nngp_kernel(model, X, samples=16, seed=3))  # seeded
-    assert not torch.equal(K16, flatfast.empirical_nngp_kernel(model, X, samples=16, seed=4))
+    assert torch.equal(K16, flatfast.empirical_nngp_kernel(model, X, kernel_samples=16, seed=3))  # seeded
+    assert not torch.equal(K16, flatfast.empirical_nngp_kernel(model, X, kernel_samples=16, seed=4))
     assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))
-    _, se64 = flatfast.empirical_nngp_kernel(model, X, samples=64, seed=3, return_stderr=True)
+    _, se64 = flatfast.empirical_nngp_kernel(model, X, kernel_samples=64, seed=3, return_stderr=True)
     ratio = float(se64.mean() / se16.mean())
     assert 0.3 < ratio < 0.75  # Monte Carlo error falls like 1/sqrt(M): 0.5 expected
     y = np.where(np.arange(n) % 3 == 0, 1, -1)
