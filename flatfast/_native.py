@@ -10,6 +10,7 @@ import functools
 import importlib
 import os
 import threading
+from typing import Optional
 
 
 @functools.lru_cache(maxsize=None)
@@ -163,7 +164,7 @@ def run_with_blas_limited(work, fn, *args):
         return fn(*args)
 
 
-def set_num_threads(threads=None):
+def set_num_threads(threads: Optional[int] = None) -> Optional[int]:
     """Set how many threads the C++ kernels use (None: the default -- FLATFAST_NUM_THREADS, else OpenMP's or the
     hardware's count). Returns the count in force before. Without the C++ core it does nothing and returns None.
 

@@ -14,6 +14,7 @@ NNGP kernel; the hand-written 16x16-tile CUDA C++ kernels rank below them until 
 from __future__ import annotations
 
 import functools
+from typing import Dict
 
 from flatfast import _native
 from flatfast._dispatch import dispatch, register, report
@@ -57,7 +58,7 @@ register("mlp_hvp", "reference", generic_batch, devices=("cpu", "cuda"), priorit
 register("mlp_vhv", "reference", generic_quadratic, devices=("cpu", "cuda"), priority=0, reference=True)
 
 
-def backends():
+def backends() -> Dict[str, Dict[str, str]]:
     """What can run here: ``{op: {backend: "available (devices)" | "unavailable: reason"}}``.
 
     Examples

@@ -6,7 +6,7 @@ import math
 from flatfast._validate import check_float, check_int
 
 
-def pac_bayes_bound(log_p_train, m, delta=2.0 ** -10):
+def pac_bayes_bound(log_p_train: float, m: int, delta: float = 2.0 ** -10) -> float:
     r"""The marginal-likelihood PAC-Bayes bound of Valle-Pérez et al. on the expected error of a Bayesian learner.
 
     With :math:`P(U)` the prior probability of the training labelling U of the m training points (for an

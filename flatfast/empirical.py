@@ -4,8 +4,12 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping
+from typing import TYPE_CHECKING, Callable, Optional, Tuple, Union
 
 from flatfast._validate import check_float, check_int, memory_guard
+
+if TYPE_CHECKING:  # pragma: no cover
+    from flatfast._typing import ArrayLike, InputsLike, Model
 
 _READOUTS = ("penultimate", "output")
 
@@ -14,8 +18,11 @@ class _StopForward(Exception):
     """Raised by the readout hook once the penultimate features are captured: the last layer is not run."""
 
 
-def empirical_nngp_kernel(model, X, samples=64, *, readout="penultimate", sigma_w2=2.0, sigma_b2=1.0, init=None,
-                          batch_size=1024, seed=0, return_stderr=False, progress=None):
+def empirical_nngp_kernel(model: Model, X: InputsLike, kernel_samples: int = 64, *, readout: str = "penultimate",
+                          sigma_w2: float = 2.0, sigma_b2: float = 1.0, init: Optional[Callable] = None,
+                          batch_size: int = 1024, seed: int = 0, return_stderr: bool = False,
+                          progress: Optional[bool] = None, samples: Optional[int] = None
+                          ) -> Union[ArrayLike, Tuple[ArrayLike, ArrayLike]]:
     r"""The NNGP kernel of ``model``'s architecture by Monte Carlo over random initialisations.
 
     .. math::
@@ -62,8 +69,9 @@ def empirical_nngp_kernel(model, X, samples=64, *, readout="penultimate", sigma_
     X : torch.Tensor, array_like or mapping of tensors, n examples
         Inputs as the model takes them: a tensor or array (``model(X)``; integer token ids stay integers) or a
         mapping such as a tokenizer's output (``model(**X)``), every tensor with the n examples first.
-    samples : int
-        Draws M (>= 2).
+    kernel_samples : int
+        Draws M (>= 2): the same name as :func:`flatfast.log_prior`'s (``samples=``, its former name here, is still
+        accepted with a FutureWarning).
     readout : {"penultimate", "output"}
     sigma_w2, sigma_b2 : float
         The prior's weight and bias variances (also the last layer's, in the penultimate formula).
@@ -88,10 +96,10 @@ def empirical_nngp_kernel(model, X, samples=64, *, readout="penultimate", sigma_
     --------
     >>> import torch, flatfast
     >>> net = torch.nn.Sequential(torch.nn.Linear(5, 256), torch.nn.ReLU(), torch.nn.Linear(256, 1))
-    >>> K = flatfast.empirical_nngp_kernel(net, torch.rand(10, 5), samples=32)   # tensor in, tensor out
+    >>> K = flatfast.empirical_nngp_kernel(net, torch.rand(10, 5), kernel_samples=32)   # tensor in, tensor out
     >>> tuple(K.shape), K.dtype
     ((10, 10), torch.float64)
-    >>> type(flatfast.empirical_nngp_kernel(net, torch.rand(10, 5).numpy(), samples=32)).__name__
+    >>> type(flatfast.empirical_nngp_kernel(net, torch.rand(10, 5).numpy(), kernel_samples=32)).__name__
     'ndarray'
     >>> class Tagger(torch.nn.Module):   # token ids in a mapping, an embedding and an LSTM
     ...     def __init__(self):
@@ -101,7 +109,7 @@ def empirical_nngp_kernel(model, X, samples=64, *, readout="penultimate", sigma_
     ...     def forward(self, input_ids):
     ...         return self.head(self.rnn(self.embed(input_ids))[0][:, -1])
     >>> tokens = {"input_ids": torch.randint(0, 20, (6, 5))}
-    >>> tuple(flatfast.empirical_nngp_kernel(Tagger(), tokens, samples=8).shape)
+    >>> tuple(flatfast.empirical_nngp_kernel(Tagger(), tokens, kernel_samples=8).shape)
     (6, 6)
     """
     import torch
@@ -110,10 +118,16 @@ def empirical_nngp_kernel(model, X, samples=64, *, readout="penultimate", sigma_
 
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if samples is not None:
+        from flatfast.errors import warn
+
+        warn("empirical_nngp_kernel: samples= is now kernel_samples= (log_prior's name for the kernel's draws)",
+             FutureWarning)
+        kernel_samples = samples
     given_tensor = isinstance(X, torch.Tensor) or (  # a mapping or tuple of tensors counts as tensors
         isinstance(X, (Mapping, list, tuple)) and any(isinstance(v, torch.Tensor) for v in
                                                        (X.values() if isinstance(X, Mapping) else X)))
-    samples = check_int(samples, "samples", minimum=2)
+    samples = check_int(kernel_samples, "kernel_samples", minimum=2)
     if readout not in _READOUTS:
         raise ValueError(f"readout: expected one of {_READOUTS}, got {readout!r}")
     sigma_w2 = check_float(sigma_w2, "sigma_w2", positive=True)

@@ -30,10 +30,14 @@ class TraceResult:
     def __float__(self):
         return float(self.value)
 
+    def __repr__(self):
+        mode = "" if self.mode is None else f", mode={self.mode!r}"
+        return f"TraceResult({self.value:.6g} ± {self.stderr:.2g}, method={self.method!r}, probes={self.probes}{mode})"
+
 
 @dataclasses.dataclass
 class EigenResult:
-    """Extreme eigenvalues by Lanczos: values (largest first), residual norms |H u - theta u| of the Ritz pairs,
+    """Extreme eigenvalues by Lanczos: values (largest first), residual norms ``|H u - theta u|`` of the Ritz pairs,
     the Ritz vectors (k, P) when kept, and the Lanczos iterations used."""
 
     values: np.ndarray
@@ -41,6 +45,12 @@ class EigenResult:
     iterations: int
     vectors: Optional["torch.Tensor"] = dataclasses.field(default=None, repr=False)  # noqa: F821
     mode: Optional[str] = None
+
+    def __repr__(self):
+        mode = "" if self.mode is None else f", mode={self.mode!r}"
+        values = np.array2string(np.asarray(self.values), precision=6, separator=", ")
+        residuals = np.array2string(np.asarray(self.residuals), precision=2, separator=", ")
+        return f"EigenResult(values={values}, residuals={residuals}, iterations={self.iterations}{mode})"
 
 
 @dataclasses.dataclass
@@ -56,6 +66,12 @@ class SpectrumResult:
     sigma: float
     dimension: int
     mode: Optional[str] = None
+
+    def __repr__(self):
+        mode = "" if self.mode is None else f", mode={self.mode!r}"
+        probes, nodes = self.nodes.shape
+        return (f"SpectrumResult({probes} probes x {nodes} nodes, eigenvalues in [{self.nodes.min():.4g}, "
+                f"{self.nodes.max():.4g}], dimension={self.dimension}{mode})")
 
     def moment(self, j: int) -> float:
         """SLQ estimate of tr(H^j) / dimension."""
@@ -277,9 +293,9 @@ def lanczos_basis(dimension, k):
 def lanczos_eigenvalues(matmat: MatMat, dimension: int, *, k=1, max_iter=None, tol=1e-6, seed=0, dtype=None,
                         device="cpu", keep_vectors=False, progress=None, basis=None) -> EigenResult:
     """Top-k (largest algebraic) eigenvalues by thick-restart Lanczos (Wu & Simon 2000) with full
-    reorthogonalisation within its basis. Stops when every wanted Ritz pair has residual |H u - theta u| <= tol
-    |theta|, or after max_iter operator products (default min(dimension, max(4k + 40, 60))), or when the Krylov
-    space is exhausted.
+    reorthogonalisation within its basis. Stops when every wanted Ritz pair has residual
+    ``|H u - theta u| <= tol |theta|``, or after max_iter operator products (default min(dimension, max(4k + 40,
+    60))), or when the Krylov space is exhausted.
 
     Memory: the basis holds at most 8k vectors of the operator's dimension P (``basis``, default
     :func:`lanczos_basis`); when it is full, the best half of its Ritz vectors are kept, followed by the residual

@@ -31,16 +31,23 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+from typing import TYPE_CHECKING, List, Optional, Union
 
 import numpy as np
 
 from flatfast._exact_trace import exact_trace
 from flatfast._mlp_rop import mlp_exact_trace
 from flatfast._operator import HessianOperator
+from flatfast._typing import BatchFn, Loader, LossFn
 from flatfast._validate import check_float, check_int
 from flatfast.errors import NotPiecewiseLinearError
 from flatfast.estimators import (EigenResult, SpectrumResult, TraceResult, hutchinson, hutchpp,
                                  lanczos_eigenvalues, lanczos_iterations, probe_block, slq, unit_vector_trace)
+
+if TYPE_CHECKING:  # pragma: no cover
+    import scipy.sparse.linalg
+
+    from flatfast._typing import Model, ParamsLike, Tensor
 
 
 # --- public API ------------------------------------------------------------------------------------------
@@ -70,8 +77,9 @@ def _operator(model, loader, loss_fn, params, batch_fn, mode, backend="auto", pr
                            progress=progress)
 
 
-def hvp(model, loader, vectors, *, loss_fn=None, params=None, batch_fn=None, mode="eval", backend="auto",
-        progress=False):
+def hvp(model: Model, loader: Loader, vectors: Union[Tensor, List[Tensor]], *, loss_fn: Optional[LossFn] = None,
+        params: Optional[ParamsLike] = None, batch_fn: Optional[BatchFn] = None, mode: str = "eval",
+        backend: str = "auto", progress: bool = False) -> Union[Tensor, List[Tensor]]:
     r"""Hessian-vector products of the dataset-mean loss :math:`L(\theta) = \frac1N\sum_i \ell(f_\theta(x_i), y_i)`.
 
     All k products come from ONE pass over the data: the forward pass and the data loading are shared and the k
@@ -108,7 +116,7 @@ def hvp(model, loader, vectors, *, loss_fn=None, params=None, batch_fn=None, mod
 
     Returns
     -------
-    H V in the same layout as ``vectors``.
+    H V in the same layout as ``vectors``: a (k, P) or (P,) tensor, or a list of parameter-shaped tensors.
 
     Examples
     --------
@@ -191,8 +199,11 @@ def choose_trace_method(op, *, probes=None, rtol=0.01, max_probes=2000):
     return "hutch++", why_not or f"~{outputs} passes for the exact trace > ~{HVP_PASSES * budget} for the estimator"
 
 
-def hessian_trace(model, loader, *, loss_fn=None, params=None, batch_fn=None, mode="eval", probes=None, rtol=0.01,
-                  method="auto", seed=0, block=None, max_probes=2000, backend="auto", progress=None) -> TraceResult:
+def hessian_trace(model: Model, loader: Loader, *, loss_fn: Optional[LossFn] = None,
+                  params: Optional[ParamsLike] = None, batch_fn: Optional[BatchFn] = None, mode: str = "eval",
+                  probes: Optional[int] = None,
+                  rtol: float = 0.01, method: str = "auto", seed: int = 0, block: Optional[int] = None,
+                  max_probes: int = 2000, backend: str = "auto", progress: Optional[bool] = None) -> TraceResult:
     r"""Trace of the Hessian of the dataset-mean loss (see :func:`hvp` for the convention), with its standard error.
 
     ``method="auto"`` (default) takes the cheapest honest route (:func:`choose_trace_method`): the exact trace
@@ -319,11 +330,41 @@ def _with_progress(total, desc, enabled, run):
             bar.close()
 
 
-def hessian_eigenvalues(model, loader, k=1, *, loss_fn=None, params=None, batch_fn=None, mode="eval", max_iter=None,
-                        tol=1e-6, seed=0, backend="auto", return_vectors=False, progress=None) -> EigenResult:
-    """Top-k eigenvalues (largest first) of the Hessian of the dataset-mean loss by Lanczos with full
-    reorthogonalisation; ``.residuals`` holds |H u - theta u| of each Ritz pair (one data pass per iteration).
-    ``progress``: a bar over the iterations (None: when stderr is a terminal).
+def hessian_eigenvalues(model: Model, loader: Loader, k: int = 1, *, loss_fn: Optional[LossFn] = None,
+                        params: Optional[ParamsLike] = None, batch_fn: Optional[BatchFn] = None, mode: str = "eval",
+                        max_iter: Optional[int] = None, tol: float = 1e-6, seed: int = 0, backend: str = "auto",
+                        return_vectors: bool = False, progress: Optional[bool] = None) -> EigenResult:
+    """Top-k eigenvalues (largest first) of the Hessian of the dataset-mean loss (see :func:`hvp` for the
+    convention), by Lanczos with full reorthogonalisation and thick restarts (one data pass per iteration).
+
+    Each Ritz value theta comes with its residual ``|H u - theta u|``, a bound on its distance to an eigenvalue; the
+    run stops when every residual is at most ``tol * |theta|``. The basis holds at most 8k vectors of P
+    (:func:`flatfast.estimators.lanczos_basis`), whatever the number of iterations. A repeated eigenvalue is
+    found once (the top k *distinct* values are returned), and Ritz values are lower bounds of the eigenvalues
+    they approximate; a ConvergenceWarning says when max_iter ran out first.
+
+    Parameters
+    ----------
+    model, loader, loss_fn, params, batch_fn, mode : as for :func:`hvp`.
+    k : int
+        How many of the largest eigenvalues.
+    max_iter : int, optional
+        The most operator products (default max(4k + 40, 60), at most P).
+    tol : float
+        Relative residual at which a Ritz pair counts as converged.
+    seed : int
+        Seeds the start vector.
+    backend : str
+        The R-operator's backend for plain Linear/ReLU MLPs (see :func:`hvp`).
+    return_vectors : bool
+        Also return the Ritz vectors (k, P) in ``.vectors``.
+    progress : bool or None
+        A bar over the iterations (None: when stderr is a terminal).
+
+    Returns
+    -------
+    EigenResult with ``.values`` (largest first), ``.residuals``, ``.iterations`` (operator products) and
+    ``.mode``.
 
     Examples
     --------
@@ -344,12 +385,39 @@ def hessian_eigenvalues(model, loader, k=1, *, loss_fn=None, params=None, batch_
     return dataclasses.replace(result, mode=op.mode)
 
 
-def hessian_spectrum(model, loader, *, loss_fn=None, params=None, batch_fn=None, mode="eval", probes=4, iterations=64,
-                     seed=0, sigma=None, grid_size=1000, backend="auto", progress=None) -> SpectrumResult:
-    """Spectral density of the Hessian of the dataset-mean loss by stochastic Lanczos quadrature: nodes and
-    weights per probe and a Gaussian-smoothed density on a grid (``result.plot()``). The probes' Lanczos runs
-    advance together, one data pass per iteration. ``progress``: a bar over the iterations (None: when stderr
-    is a terminal).
+def hessian_spectrum(model: Model, loader: Loader, *, loss_fn: Optional[LossFn] = None,
+                     params: Optional[ParamsLike] = None, batch_fn: Optional[BatchFn] = None, mode: str = "eval",
+                     probes: int = 4, iterations: int = 64, seed: int = 0, sigma: Optional[float] = None,
+                     grid_size: int = 1000, backend: str = "auto", progress: Optional[bool] = None) -> SpectrumResult:
+    r"""Spectral density of the Hessian of the dataset-mean loss (see :func:`hvp`) by stochastic Lanczos quadrature
+    (Ubaru, Chen & Saad 2017; Ghorbani et al. 2019): for each random unit probe v, ``iterations`` Lanczos steps
+    give nodes :math:`	heta_j` and weights :math:`w_j` with :math:`v^	op f(H) v pprox \sum_j w_j f(	heta_j)`
+    (exact for polynomials of degree < 2 x iterations); the density is their Gaussian-smoothed average on a grid
+    (integrating to 1; multiply by P for an eigenvalue count), ``result.plot()`` draws it. The probes' runs advance
+    together, one data pass per iteration, each fully reorthogonalised (probes x iterations vectors of P).
+
+    Parameters
+    ----------
+    model, loader, loss_fn, params, batch_fn, mode : as for :func:`hvp`.
+    probes : int
+        Random start vectors (their spread is the estimate's).
+    iterations : int
+        Lanczos steps per probe (at most P).
+    seed : int
+        Seeds the probes.
+    sigma : float, optional
+        The smoothing width (default: the nodes' span / 200).
+    grid_size : int
+        Points of the density's grid.
+    backend : str
+        The R-operator's backend for plain Linear/ReLU MLPs (see :func:`hvp`).
+    progress : bool or None
+        A bar over the iterations (None: when stderr is a terminal).
+
+    Returns
+    -------
+    SpectrumResult with ``.nodes`` and ``.weights`` (probes, iterations), ``.grid``, ``.density``, ``.moment(j)``
+    and ``.mode``.
 
     Examples
     --------
@@ -369,9 +437,23 @@ def hessian_spectrum(model, loader, *, loss_fn=None, params=None, batch_fn=None,
     return dataclasses.replace(result, mode=op.mode)
 
 
-def hessian_operator(model, loader, *, loss_fn=None, params=None, batch_fn=None, mode="eval", backend="auto"):
-    """The Hessian of the dataset-mean loss as a ``scipy.sparse.linalg.LinearOperator`` (matvec and matmat on
-    numpy arrays; one data pass per call), for scipy's eigsh, cg, etc.
+def hessian_operator(model: Model, loader: Loader, *, loss_fn: Optional[LossFn] = None,
+                     params: Optional[ParamsLike] = None, batch_fn: Optional[BatchFn] = None, mode: str = "eval",
+                     backend: str = "auto") -> "scipy.sparse.linalg.LinearOperator":
+    """The Hessian of the dataset-mean loss (see :func:`hvp`) as a ``scipy.sparse.linalg.LinearOperator``: matvec
+    and matmat on numpy arrays in the parameters' dtype, one data pass per call, for scipy's eigsh, cg, etc. (the
+    counterpart of curvlinops' HessianLinearOperator). The model is measured in ``mode`` during each call; a
+    loader that is a list of one batch keeps that batch's gradient graph while the operator lives.
+
+    Parameters
+    ----------
+    model, loader, loss_fn, params, batch_fn, mode : as for :func:`hvp`.
+    backend : str
+        The R-operator's backend for plain Linear/ReLU MLPs (see :func:`hvp`).
+
+    Returns
+    -------
+    scipy.sparse.linalg.LinearOperator of shape (P, P), P the number of measured parameters.
 
     Examples
     --------

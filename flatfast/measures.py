@@ -6,12 +6,18 @@ import copy
 import dataclasses
 import math
 
+from typing import TYPE_CHECKING, Optional
+
 import numpy as np
 
+from flatfast._typing import BatchFn, Loader, LossFn
 from flatfast._validate import check_float, check_int
 from flatfast.estimators import TraceResult, hutchinson
 from flatfast._model_util import distributed, eval_mode
 from flatfast.hessian import HessianOperator, hessian_eigenvalues, hessian_spectrum, hessian_trace
+
+if TYPE_CHECKING:  # pragma: no cover
+    from flatfast._typing import InputsLike, Model, ParamsLike
 
 
 def _dataset_loss(model, op):
@@ -46,8 +52,10 @@ def _global_grads(grads):
 SHARPNESS_METHODS = ("sgd-ascent", "sign-ascent")
 
 
-def sharpness(model, loader, eps=1e-4, *, loss_fn=None, params=None, batch_fn=None, mode="eval", method="sgd-ascent",
-              epochs=100, lr=1e-3, steps=20, seed=0, progress=None):
+def sharpness(model: Model, loader: Loader, eps: float = 1e-4, *, loss_fn: Optional[LossFn] = None,
+              params: Optional[ParamsLike] = None, batch_fn: Optional[BatchFn] = None, mode: str = "eval",
+              method: str = "sgd-ascent", epochs: int = 100, lr: float = 1e-3, steps: int = 20, seed: int = 0,
+              progress: Optional[bool] = None) -> float:
     r"""Keskar et al.'s epsilon-sharpness of the dataset-mean loss L (see :func:`flatfast.hvp` for the convention):
 
     .. math::
@@ -62,7 +70,7 @@ def sharpness(model, loader, eps=1e-4, *, loss_fn=None, params=None, batch_fn=No
       want the ascent to see (Zhang et al.: batches of 32, shuffled; 100 epochs, lr 1e-3). Costs ``epochs`` x
       (batches + batches^2) forward passes.
     * ``method="sign-ascent"``: ``steps`` full-batch projected sign-gradient steps from a seeded random point of
-      the box (step 2 eps (|theta| + 1) / steps). Much cheaper; a lower bound on the same maximum like the other.
+      the box (step ``2 eps (|theta| + 1) / steps``). Much cheaper; a lower bound on the same maximum like the other.
 
     The box perturbs the measured parameters (``params``; default every trainable one) and holds the others.
     The model is evaluated in ``mode`` (eval by default); its parameters, modes and ``.grad`` are left as they
@@ -169,13 +177,35 @@ def sharpness(model, loader, eps=1e-4, *, loss_fn=None, params=None, batch_fn=No
     return 100.0 * (best - base) / (1.0 + base)
 
 
-def frobenius_norm(model, loader, *, loss_fn=None, params=None, batch_fn=None, mode="eval", probes=None, rtol=0.02,
-                   seed=0, block=16, max_probes=1000, progress=None):
+def frobenius_norm(model: Model, loader: Loader, *, loss_fn: Optional[LossFn] = None,
+                   params: Optional[ParamsLike] = None, batch_fn: Optional[BatchFn] = None, mode: str = "eval",
+                   probes: Optional[int] = None, rtol: float = 0.02, seed: int = 0, block: int = 16,
+                   max_probes: int = 1000, progress: Optional[bool] = None) -> TraceResult:
     r"""Frobenius norm of the Hessian of the dataset-mean loss, :math:`\|H\|_F = \sqrt{\mathrm{tr}(H^2)}`, with
     :math:`\mathrm{tr}(H^2) = E\|Hv\|^2` estimated by Hutchinson over Rademacher v (stderr by the delta method).
     Stops when the norm's relative standard error is below ``rtol`` (that of tr(H^2) below 2 rtol), or after
-    exactly ``probes`` products. ``progress``: a bar over the probes (None: when stderr is a terminal).
-    ``loss_fn``, ``params``, ``batch_fn`` and ``mode`` are as for :func:`flatfast.hvp`.
+    exactly ``probes`` products.
+
+    Parameters
+    ----------
+    model, loader, loss_fn, params, batch_fn, mode : as for :func:`flatfast.hvp`.
+    probes : int, optional
+        Exactly this many products (default: adaptive to ``rtol``, at most ``max_probes``).
+    rtol : float
+        Target relative standard error of the norm.
+    seed : int
+        Seeds the probes.
+    block : int
+        Probes per data pass.
+    max_probes : int
+        The most products the adaptive run takes.
+    progress : bool or None
+        A bar over the probes (None: when stderr is a terminal).
+
+    Returns
+    -------
+    TraceResult with the norm as ``.value``, its ``.stderr``, ``.probes``, ``.method`` ("hutchinson-frobenius")
+    and ``.mode``.
 
     Examples
     --------
@@ -214,6 +244,12 @@ class FlatnessReport:
     log_volume_stderr: float
     mode: str = "eval"
 
+    def __repr__(self):
+        return (f"FlatnessReport(trace={self.trace.value:.6g} ± {self.trace.stderr:.2g} ({self.trace.method}), "
+                f"top_eigenvalue={self.top_eigenvalue:.6g}, frobenius={self.frobenius.value:.6g} ± "
+                f"{self.frobenius.stderr:.2g}, sharpness={self.sharpness:.4g}, log_volume={self.log_volume:.6g} ± "
+                f"{self.log_volume_stderr:.2g}, mode={self.mode!r})")
+
     def as_dict(self):
         return {"trace": self.trace.value, "trace_stderr": self.trace.stderr, "top_eigenvalue": self.top_eigenvalue,
                 "top_eigenvalue_residual": self.top_eigenvalue_residual, "frobenius": self.frobenius.value,
@@ -221,8 +257,10 @@ class FlatnessReport:
                 "log_volume": self.log_volume, "log_volume_stderr": self.log_volume_stderr, "mode": self.mode}
 
 
-def flatness_report(model, loader, *, loss_fn=None, params=None, batch_fn=None, mode="eval", eps=1e-4, rtol=0.02,
-                    seed=0, volume_delta=1e-3, slq_probes=4, slq_iterations=40, progress=None):
+def flatness_report(model: Model, loader: Loader, *, loss_fn: Optional[LossFn] = None,
+                    params: Optional[ParamsLike] = None, batch_fn: Optional[BatchFn] = None, mode: str = "eval",
+                    eps: float = 1e-4, rtol: float = 0.02, seed: int = 0, volume_delta: float = 1e-3,
+                    slq_probes: int = 4, slq_iterations: int = 40, progress: Optional[bool] = None) -> FlatnessReport:
     r"""Trace, top eigenvalue, Frobenius norm, epsilon-sharpness and the log-volume measure of one model.
 
     The log-volume is the Laplace-approximation basin volume up to constants,
@@ -232,8 +270,26 @@ def flatness_report(model, loader, *, loss_fn=None, params=None, batch_fn=None, 
     in each parameter -- ReLU MLPs, CNNs, ResNets with eval-mode BatchNorm -- and for models with fewer parameters
     than the estimator would need probes, the Hutch++ estimate to ``rtol`` otherwise.
 
-    ``loss_fn``, ``params``, ``batch_fn`` and ``mode`` are as for :func:`flatfast.hvp` and apply to every measure.
-    ``progress`` (None: when stderr is a terminal) shows each measure's own bar in turn.
+    Parameters
+    ----------
+    model, loader, loss_fn, params, batch_fn, mode : as for :func:`flatfast.hvp`; they apply to every measure.
+    eps : float
+        The sharpness box's relative size (:func:`sharpness`, by its default SGD ascent).
+    rtol : float
+        Target relative standard error of the trace (when estimated) and of the Frobenius norm.
+    seed : int
+        Seeds every random part.
+    volume_delta : float
+        The shift :math:`\delta` of the log-volume.
+    slq_probes, slq_iterations : int
+        The log-volume's stochastic Lanczos quadrature (:func:`flatfast.hessian_spectrum`).
+    progress : bool or None
+        Each measure's own bar in turn (None: when stderr is a terminal).
+
+    Returns
+    -------
+    FlatnessReport: ``.trace`` and ``.frobenius`` (TraceResult), ``.top_eigenvalue`` and its residual,
+    ``.sharpness``, ``.log_volume`` and its stderr, ``.mode``; ``.as_dict()`` for a table row.
 
     Examples
     --------
@@ -280,7 +336,7 @@ def weighted_layer_positions(model):
     return [i for i, m in enumerate(model) if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
 
 
-def rescale(model, alpha, *, divided_layer=0, layer=None):
+def rescale(model: Model, alpha: float, *, divided_layer: int = 0, layer: None = None) -> Model:
     r"""Dinh et al.'s alpha-scale transformation of a ReLU network, on a copy of ``model``, in Zhang et al.'s
     direction: the weighted layer ``divided_layer`` (counting the nn.Linear and nn.Conv1d/2d/3d modules of an
     nn.Sequential) is **divided** by alpha and the next weighted layer's weight **multiplied** by alpha:
@@ -351,7 +407,7 @@ def rescale(model, alpha, *, divided_layer=0, layer=None):
     return scaled
 
 
-def function_of(model, X, *, batch_size=4096):
+def function_of(model: Model, X: InputsLike, *, batch_size: int = 4096) -> np.ndarray:
     """The +-1 labelling a trained binary classifier expresses on X: sign of its single logit (>= 0 -> +1), or
     +1 where class 1 wins for a two-logit model. X is what the model takes: a tensor or array, or a mapping of
     tensors (``model(**X)``, e.g. a tokenizer's output), n examples first; the output may be a tensor, a tuple or

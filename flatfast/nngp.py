@@ -1,13 +1,19 @@
 """The NNGP kernel of a deep fully connected ReLU network (backends in flatfast._nngp_backends)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, Optional
+
 import numpy as np
 
 from flatfast._registry import dispatch
 from flatfast._validate import as_float_matrix, check_float, check_int, device_of, float_dtype, is_torch
 
+if TYPE_CHECKING:  # pragma: no cover
+    from flatfast._typing import ArrayLike
 
-def nngp_kernel(X, Z=None, *, depth=2, sigma_w2=2.0, sigma_b2=1.0, backend="auto", dtype=np.float64):
+
+def nngp_kernel(X: ArrayLike, Z: Optional[ArrayLike] = None, *, depth: int = 2, sigma_w2: float = 2.0,
+                sigma_b2: float = 1.0, backend: str = "auto", dtype: Any = np.float64) -> ArrayLike:
     r"""Covariance of the output of an infinitely wide ReLU network between the rows of X and Z.
 
     The network has ``depth`` hidden ReLU layers, weights :math:`N(0, \sigma_w^2/\text{fan\_in})` and biases

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Iterable
 
 import torch
 
@@ -32,7 +33,8 @@ class EntropySGD(torch.optim.Optimizer):
     True
     """
 
-    def __init__(self, params, lr=1.0, inner_steps=20, inner_lr=0.1, gamma=0.03, noise=1e-4, alpha=0.75, seed=0):
+    def __init__(self, params: Iterable, lr: float = 1.0, inner_steps: int = 20, inner_lr: float = 0.1,
+                 gamma: float = 0.03, noise: float = 1e-4, alpha: float = 0.75, seed: int = 0) -> None:
         if lr <= 0 or inner_lr <= 0 or gamma <= 0 or noise < 0 or not 0 < alpha <= 1 or inner_steps < 1:
             raise ValueError("EntropySGD: lr, inner_lr, gamma > 0, noise >= 0, 0 < alpha <= 1, inner_steps >= 1")
         super().__init__(params, dict(lr=lr, inner_steps=inner_steps, inner_lr=inner_lr, gamma=gamma, noise=noise,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import math
+from typing import TYPE_CHECKING, List, Optional, Union
 
 import numpy as np
 
@@ -18,6 +19,9 @@ from flatfast._ep import _sweep_counter, expectation_propagation, second_order_c
 from flatfast._kernel_checks import _check_finite_symmetric, _check_psd, _impossible_points
 from flatfast._smc import RUNS as SMC_RUNS, block_rows as smc_block_rows, smc_estimate
 from flatfast._tilting import tilting_estimate
+
+if TYPE_CHECKING:  # pragma: no cover
+    from flatfast._typing import ArrayLike, InputsLike, Model
 from flatfast.errors import NotPSDError, warn
 from flatfast.results import EPResult
 
@@ -30,13 +34,16 @@ _RETIRED_METHODS = {
              "be backed; method='tilting' replaces it"}
 
 
-def log_prior(X, y, *, depth=2, sigma_w2=2.0, sigma_b2=1.0, likelihood="heaviside", method="ep", tol=1e-6,
-              max_sweeps=200, backend="auto", return_info=False, n_samples=20000, seed=0, precision="float64",
-              kernel=None, model=None, kernel_samples=None, samples=None, progress=None, correction=False):
+def log_prior(X: InputsLike, y: ArrayLike, *, depth: int = 2, sigma_w2: float = 2.0, sigma_b2: float = 1.0,
+              likelihood: str = "heaviside", method: str = "ep", tol: float = 1e-6, max_sweeps: int = 200,
+              backend: str = "auto", return_info: bool = False, n_samples: int = 20000, seed: int = 0,
+              precision: str = "float64", kernel: Optional[ArrayLike] = None, model: Optional[Model] = None,
+              kernel_samples: Optional[int] = None, samples: Optional[int] = None, progress: Optional[bool] = None,
+              correction: bool = False) -> Union[float, np.ndarray, EPResult, List[EPResult]]:
     r"""log P(f): the log probability that a random infinitely wide ReLU network labels X as y.
 
     The kernel is the arc-cosine NNGP kernel of a fully connected ReLU network by default; ``model=net,
-    samples=M`` uses instead the Monte Carlo NNGP kernel of any PyTorch architecture
+    kernel_samples=M`` uses instead the Monte Carlo NNGP kernel of any PyTorch architecture
     (:func:`flatfast.empirical_nngp_kernel` with the same sigma_w2, sigma_b2 and ``seed``), and ``kernel=K``
     any precomputed n x n covariance of the n points of X.
 
@@ -205,9 +212,11 @@ def log_prior(X, y, *, depth=2, sigma_w2=2.0, sigma_b2=1.0, likelihood="heavisid
                      precision=precision, progress=progress, correction=correction)
 
 
-def ep_log_evidence(K, y, *, likelihood="heaviside", method="ep", tol=1e-6, max_sweeps=200, return_info=False,
-                    n_samples=20000, seed=0, check_psd=True, warm_start=None, precision="float64", progress=None,
-                    correction=False):
+def ep_log_evidence(K: ArrayLike, y: ArrayLike, *, likelihood: str = "heaviside", method: str = "ep",
+                    tol: float = 1e-6, max_sweeps: int = 200, return_info: bool = False, n_samples: int = 20000,
+                    seed: int = 0, check_psd: bool = True, warm_start: Optional[EPResult] = None,
+                    precision: str = "float64", progress: Optional[bool] = None,
+                    correction: bool = False) -> Union[float, np.ndarray, EPResult, List[EPResult]]:
     r"""log P(sign g = y) for g ~ N(0, K), by EP, for a precomputed covariance matrix K.
 
     The same estimator as :func:`log_prior` (see there for ``likelihood``, ``method``, ``tol``, ``max_sweeps``,

@@ -58,3 +58,17 @@ class EPResult:
 
     def __float__(self):
         return float(self.log_z)
+
+    def __repr__(self):
+        value = f"{self.log_z:.6g}" if self.method == "ep" else f"{self.log_z:.6g} ± {self.stderr:.2g}"
+        parts = [value, f"method={self.method!r}", f"likelihood={self.likelihood!r}",
+                 f"sweeps={self.sweeps}", f"converged={self.converged}"]
+        if self.method != "ep" and self.ep_log_z is not None:
+            parts.append(f"ep_log_z={self.ep_log_z:.6g}")
+        if self.correction is not None:
+            parts.append(f"correction={self.correction:+.4g}")
+        if self.pareto_k is not None:
+            parts.append(f"pareto_k={self.pareto_k:.2f}")
+        if self.smc_stages is not None:
+            parts.append(f"smc_stages={self.smc_stages}")
+        return f"EPResult({', '.join(parts)})"

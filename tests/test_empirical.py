@@ -109,6 +109,8 @@ def test_same_seed_same_kernel_and_the_model_is_untouched():
     a = flatfast.empirical_nngp_kernel(net, X, 5, seed=7)
     b = flatfast.empirical_nngp_kernel(net, X, 5, seed=7)
     assert torch.equal(a, b) and a.dtype == torch.float64  # tensor in, tensor out
+    with pytest.warns(FutureWarning, match="kernel_samples"):  # the former name, still accepted
+        assert torch.equal(flatfast.empirical_nngp_kernel(net, X, samples=5, seed=7), a)
     assert all(torch.equal(p, q) for p, q in zip(before, net.parameters()))
 
 

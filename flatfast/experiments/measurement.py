@@ -112,7 +112,7 @@ def prior_kernel(config, X_prior, log=print):
         return flatfast.nngp_kernel(X_prior, depth=2, sigma_w2=2.0, sigma_b2=1.0)
     draws = kernel_draws(config, len(X_prior))
     net = make_cnn(IMAGE_SHAPES[config.data], config.channels, seed=0)
-    K, stderr = flatfast.empirical_nngp_kernel(net, X_prior, samples=draws, seed=0, return_stderr=True)
+    K, stderr = flatfast.empirical_nngp_kernel(net, X_prior, kernel_samples=draws, seed=0, return_stderr=True)
     off_diagonal = ~np.eye(len(K), dtype=bool)
     log(f"empirical NNGP kernel of the CNN: M = {draws} draws (penultimate readout), Monte Carlo standard error "
         f"of its entries {np.median(stderr[off_diagonal] / np.abs(K[off_diagonal])):.2%} of their size (median)")
