@@ -9,8 +9,12 @@ several seeds each.
 
     python bench/empirical_log_prior.py                      # n = 200, M = 8..256 (about 1 minute on 2 cores)
     python bench/empirical_log_prior.py --arch cnn --seeds 3 # M = 32..1024 (about 5 minutes on 2 cores)
+
+--out FILE appends one JSON line per (M, seed), which bench/results_pages.py turns into the results page's tables
+(docs/results/empirical-kernels/ holds the stored lines).
 """
 import argparse
+import json
 import warnings
 
 import numpy as np
@@ -45,6 +49,9 @@ def fcn(args):
         values = np.array(values)
         print(f"{M:>5} {values.mean():>14.3f} {values.std(ddof=1):>23.3f} {values.mean() - analytic:>16.3f}",
               flush=True)
+        for seed, value in enumerate(values):
+            _append(args.out, dict(arch="fcn", n=args.n, width=args.width, M=M, seed=seed, log_p=float(value),
+                                   analytic=float(analytic)))
 
 
 def cnn(args):
@@ -64,13 +71,21 @@ def cnn(args):
     for M in args.draws or [32, 64, 128, 256, 512, 1024]:
         true, other = [], []
         for seed in range(args.seeds):
-            K = flatfast.empirical_nngp_kernel(net, X, samples=M, seed=seed, progress=False)
+            K = flatfast.empirical_nngp_kernel(net, X, kernel_samples=M, seed=seed, progress=False)
             true.append(log_evidence(K, f_true))
             other.append(log_evidence(K, f_flipped))
+            _append(args.out, dict(arch="cnn", n=len(X), M=M, seed=seed, log_p_true=float(true[-1]),
+                                   log_p_flipped=float(other[-1])))
         true, other = np.array(true), np.array(other)
         diff = true - other
         print(f"{M:>5} {true.mean():>14.2f} {true.std(ddof=1):>6.2f} {other.mean():>13.2f} "
               f"{other.std(ddof=1):>6.2f} {diff.mean():>11.2f} {diff.std(ddof=1):>6.2f}", flush=True)
+
+
+def _append(out, record):
+    if out:
+        with open(out, "a") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 def main(argv=None):
@@ -80,6 +95,7 @@ def main(argv=None):
     parser.add_argument("--width", type=int, default=512, help="fcn: hidden width")
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--draws", type=int, nargs="*", help="the values of M")
+    parser.add_argument("--out", default=None, help="append one JSON line per (M, seed) to this file")
     args = parser.parse_args(argv)
     (cnn if args.arch == "cnn" else fcn)(args)
 

@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     demo.add_argument("--n", type=int, default=2000, help="number of points (default 2000)")
     demo.add_argument("--seed", type=int, default=0)
     rep = sub.add_parser("reproduce", help="the experiments of Zhang et al. (2021): train, measure, correlate, plot",
-                         description="Follows the authors' protocol by default; docs/protocol.md (in the "
+                         description="Follows the authors' protocol by default; docs/guide/protocol.md (in the "
                                      "project's source) states it step by step beside flatfast's defaults, and every "
                                      "departure from it is named there and below.")
     rep.add_argument("--experiment", choices=["main", "temporal"], default="main",

@@ -1,4 +1,4 @@
-"""docs/protocol.md states the authors' recipe, flatfast's defaults and the options that change them; its
+"""docs/guide/protocol.md states the authors' recipe, flatfast's defaults and the options that change them; its
 defaults block must match the command line's, and the command line must point at it."""
 import dataclasses
 import re
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-PROTOCOL = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
+PROTOCOL = Path(__file__).resolve().parent.parent / "docs" / "guide" / "protocol.md"
 
 
 def _documented_defaults():
@@ -45,8 +45,8 @@ def test_the_command_line_and_the_module_point_at_the_protocol(capsys):
 
     with pytest.raises(SystemExit):
         main(["reproduce", "--help"])
-    assert "docs/protocol.md" in capsys.readouterr().out
-    assert "docs/protocol.md" in flatfast.experiments.__doc__
+    assert "docs/guide/protocol.md" in capsys.readouterr().out
+    assert "docs/guide/protocol.md" in flatfast.experiments.__doc__
     assert "shared" not in flatfast.experiments.__doc__
 
 

@@ -1,6 +1,6 @@
 """The experiment of Zhang, Reid, Valle Pérez & Louis (arXiv 2103.06219) as one command: ``flatfast reproduce``.
 
-Their protocol (docs/protocol.md states it step by step, beside flatfast's defaults and every departure), by
+Their protocol (docs/guide/protocol.md states it step by step, beside flatfast's defaults and every departure), by
 default: a fully connected ReLU network d-40-40-1
 (weights N(0, 2/fan_in), biases N(0, 1): the NNGP prior with sigma_w2 = 2, sigma_b2 = 1), one logit with sigmoid
 cross-entropy, is trained on a binarised image set S (label 1 iff digit >= 5) together with an attack set A of

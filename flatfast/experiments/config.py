@@ -1,4 +1,4 @@
-"""The main experiment's settings: the grid, every option's default (docs/protocol.md lists each beside the
+"""The main experiment's settings: the grid, every option's default (docs/guide/protocol.md lists each beside the
 authors' choice) and the checks that run before anything is trained or written."""
 from __future__ import annotations
 
