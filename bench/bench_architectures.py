@@ -9,8 +9,8 @@ random weights, float32), each on one batch of N = 32 examples, eval mode, cross
   products must agree with PyHessian's and with a float64 product to 1e-4 relative; curvlinops' difference is
   printed, not asserted: on these LayerNorm models its forward-over-reverse products differ from the dense Hessian
   (2.9 % on torch's TransformerEncoder against central finite differences, which flatfast and PyHessian match to
-  3e-9; the same model without LayerNorm agrees to 2e-9), as torch's forward-mode derivatives of layer_norm do
-  (PyTorch issue 196700);
+  3e-9; the same model without LayerNorm agrees to 2e-9; torch's forward-mode differentiation of layer_norm has
+  known errors, PyTorch issue 196700);
 * the top eigenvalue at each library's tolerance 1e-3: PyHessian's power iteration ``eigenvalues(maxIter=100,
   tol=1e-3)``, scipy's ``eigsh(k=1, which="LA", tol=1e-3)`` on curvlinops' operator (ARPACK, 20 basis vectors),
   flatfast's Lanczos ``hessian_eigenvalues(k=1, tol=1e-3)`` (thick restart, 8 basis vectors). flatfast's and

@@ -92,11 +92,11 @@ def smc_coverage(results_dir, out_dir):
     ax.axvline(0.92, color="C3", linestyle="--", label="nominal for ten runs (Student's t, 9 d.o.f.)")
     ax.set_yticks(positions)
     ax.set_yticklabels([f"{c['case']}, n = {c['n']} ({c['seeds']} seeds)" for c in shown], fontsize=8)
-    ax.set_xlabel("fraction of seeds whose ±2 stderr held the exact value (95 % binomial interval)")
+    ax.set_xlabel("fraction of seeds whose ±2 stderr held the exact value\n(95 % binomial interval)")
     ax.set_xlim(0.6, 1.02)
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "smc-coverage.png"), dpi=110)
+    fig.savefig(os.path.join(out_dir, "smc-coverage.png"), dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -133,7 +133,7 @@ def ep_accuracy(results_dir, out_dir):
         ax.set_title("EP against minimax tilting, NNGP kernels of uniform inputs", fontsize=9)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "ep-vs-tilting.png"), dpi=110)
+        fig.savefig(os.path.join(out_dir, "ep-vs-tilting.png"), dpi=110, bbox_inches="tight")
         plt.close(fig)
     equicorrelated_path = os.path.join(folder, "equicorrelated.jsonl")
     if os.path.exists(equicorrelated_path):
@@ -169,10 +169,16 @@ def empirical_kernels(results_dir, out_dir):
         _write(os.path.join(out_dir, "empirical-fcn.md"), _table(
             ["M", "seeds", "sd of log P(f) over seeds", "mean − analytic"],
             [(m, len(v), f"{np.std(v, ddof=1):.2f}", f"{np.mean(v) - analytic:+.2f}") for m, v in by_m.items()]))
-    cnn = [r for r in records if r["arch"] == "cnn"]
-    if cnn:
+    for arch in ("cnn", "bert", "lstm"):
+        _labellings_table(records, arch, out_dir)
+
+
+def _labellings_table(records, arch, out_dir):
+    """M, seeds, log P(f_true) and log P(f_true) - log P(f_20 %) (mean +- sd over seeds) of one architecture."""
+    chosen = [r for r in records if r["arch"] == arch]
+    if chosen:
         by_m = OrderedDict()
-        for r in sorted(cnn, key=lambda r: (r["M"], r["seed"])):
+        for r in sorted(chosen, key=lambda r: (r["M"], r["seed"])):
             by_m.setdefault(r["M"], []).append((r["log_p_true"], r["log_p_flipped"]))
         rows = []
         for m, pairs in by_m.items():
@@ -180,7 +186,7 @@ def empirical_kernels(results_dir, out_dir):
             difference = np.array([a - b for a, b in pairs])
             rows.append((m, len(pairs), f"{true.mean():.1f} ± {true.std(ddof=1):.1f}",
                          f"{difference.mean():.1f} ± {difference.std(ddof=1):.1f}"))
-        _write(os.path.join(out_dir, "empirical-cnn.md"), _table(
+        _write(os.path.join(out_dir, f"empirical-{arch}.md"), _table(
             ["M", "seeds", "log P(f_true) (mean ± sd)", "log P(f_true) − log P(f_20 %) (mean ± sd)"], rows))
 
 
@@ -244,16 +250,17 @@ def benchmarks(results_dir, out_dir):
         ax.set_xscale("log")
         ax.set_yticks(range(len(labels)))
         ax.set_yticklabels([f"{name} ÷ {base}" for name, base in labels[::-1]], fontsize=7)
-        ax.set_xlabel("median time ÷ the baseline's, same run (below 1: flatfast faster); one dot per stored run")
+        ax.set_xlabel("median time ÷ the named baseline's median, same run (log scale)\none dot per stored run")
         fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "benchmarks.png"), dpi=110)
+        fig.savefig(os.path.join(out_dir, "benchmarks.png"), dpi=110, bbox_inches="tight")
         plt.close(fig)
 
 
 # --- the experiment ----------------------------------------------------------------------------------------------
 
-MEASURES = OrderedDict([("log_p", "log P(f) (probit)"), ("trace", "Hessian trace"), ("top_eigenvalue", "top eigenvalue"),
-                        ("frobenius", "Frobenius norm"), ("sharpness", "ε-sharpness")])
+MEASURES = OrderedDict([("log_p", "log P(f) (probit)"), ("trace", "Hessian trace"),
+                        ("top_eigenvalue", "top eigenvalue"), ("frobenius", "Frobenius norm"),
+                        ("sharpness", "ε-sharpness")])
 
 
 def alpha_ratios(results_csv, column):

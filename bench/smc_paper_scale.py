@@ -2,7 +2,7 @@
 MNIST-like inputs (X ~ U[0, 1)^(n x 784), depth 2, sigma_w2 = 2, sigma_b2 = 1). A script, not a benchmark: an
 estimate takes minutes on a GPU and hours on 2 CPU cores for the mixed labellings.
 
-Labellings: "rule" (sign of the first half of the pixels' sum minus the second half's, the README's), "flipped"
+Labellings: "rule" (sign of the first half of the pixels' sum minus the second half's, the documentation's), "flipped"
 (the rule with a fixed 10 % of the points the other way), "unanimous" (all +1), and "network": one
 network's f from the quick reproduction on digits (true labels on S, the SGD network's predictions on E; |S| = 500,
 |E| = 797, so n = 1297 whatever --n says, and the kernel is digits', as flatfast reproduce computes it).
@@ -30,7 +30,7 @@ NETWORK_N = 1297  # |S| + |E| of the quick reproduction on digits
 
 
 def uniform_problem(n, labelling):
-    """X ~ U[0, 1)^(n x 784) (the generator seeded 0, as the README's tables) and the labelling's y."""
+    """X ~ U[0, 1)^(n x 784) (the generator seeded 0, as the documentation's tables) and the labelling's y."""
     X = np.random.default_rng(0).random((n, 784))
     y = np.where(X[:, :392].sum(1) > X[:, 392:].sum(1), 1.0, -1.0)
     if labelling == "unanimous":

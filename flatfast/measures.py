@@ -351,7 +351,7 @@ def rescale(model: Model, alpha: float, *, divided_layer: int = 0, layer: None =
     that of layer k+1's weight shrinks by :math:`\alpha^2`, so whether the network gets sharper depends on which
     layer holds the curvature: with the paper's alpha = 5.9 on an FCN's large first layer every Hessian measure
     grows ~25x, on a small CNN's first conv (few weights) the trace less than 2.5x and the epsilon-sharpness falls
-    (README, "CNN against FCN on the digits"). For the opposite direction pass ``1 / alpha``.
+    (the documentation's results, "The experiment on the digits"). For the opposite direction pass ``1 / alpha``.
 
     Parameters
     ----------

@@ -73,7 +73,7 @@ def log_prior(X: InputsLike, y: ArrayLike, *, depth: int = 2, sigma_w2: float = 
     likelihood : {"heaviside", "probit"}
     method : {"ep", "tilting", "smc"}
         ``"ep"``: plain EP, deterministic and fast (O(n^3) per sweep, about 11 sweeps), but an approximation
-        whose error is not reported: see the measured tables in the README ("How far is EP from the truth?").
+        whose error is not reported: see the measured tables in the documentation's results ("EP's accuracy").
         On NNGP kernels of MNIST-like inputs it is within 0.007 nats of the truth up to n = 500. It is weakest
         on near-unanimous labels of strongly correlated points: on equicorrelated kernels (correlation rho) it
         underestimates unanimous labellings by 0.19 / 0.29 / 0.41 nats at rho = 0.9 / 0.96 / 0.99 (n = 100) and
@@ -85,7 +85,7 @@ def log_prior(X: InputsLike, y: ArrayLike, *, depth: int = 2, sigma_w2: float = 
         Botev's upper bound ``log_upper_bound``; ``ep_log_z`` keeps EP's value. P(f) is estimated without bias;
         the returned log P(f) is the log of that estimate, so it is biased low by about stderr^2 / 2. When
         ``pareto_k > 0.7`` neither value nor stderr can be trusted and an :class:`UnreliableEstimateWarning` says
-        so. On NNGP kernels of MNIST-like inputs it is reliable up to about n = 500 (see the README's table);
+        so. On NNGP kernels of MNIST-like inputs it is reliable up to about n = 500 (the same page);
         beyond that its weights become heavy-tailed. Runs in float64 on the CPU (a cupy K is copied to the host).
         ``"smc"``: sequential Monte Carlo after EP: particles drawn from EP's Gaussian travel to the prior
         restricted to the orthant through Gaussians restricted to boxes — walls moved in from outside the
@@ -98,18 +98,17 @@ def log_prior(X: InputsLike, y: ArrayLike, *, depth: int = 2, sigma_w2: float = 
         ``smc_stages`` the number of stages and ``smc_bounces`` the wall reflections per trajectory;
         ``ep_log_z`` keeps EP's value. Like tilting it is biased low, being the log of an unbiased estimate:
         by about stderr^2 / 2 where the runs' estimates are near normal, and more where they are skewed (below).
-        Measured with n_samples = 2000 (README, "A third estimator"): +-2 stderr held the exact value in 0.90-1.00
-        of 50 seeds on equicorrelated kernels at n = 100 (unanimous, 1 % and 10 % minority labels), 0.92-0.94 at
-        n = 1500 (unanimous, rho = 0.9-0.99, where EP is 0.25-0.54 nats low; stderr 0.01, 11 s an estimate on 2
-        cores), 0.90, 0.92 and 0.90 at n = 1500 with 1 % minority labels (rho = 0.9, 0.96 and 0.99, stderr 0.09,
-        156 s, 116 s and 158 s, low by 0.36, 0.32 and 0.31 stderr on average, though the rho = 0.99 runs'
-        estimates of P average 0.988 +- 0.013 of the exact value), and 0.88 of 50 on a diagonal-plus-rank-2
-        kernel with 1 % minority labels at n = 1500 (stderr 0.09, 128 s). On an NNGP kernel at n = 300 with a
-        linear-rule labelling, where trajectories reflect about a hundred times, 28 of 30 seeds were within +-2
-        stderr of tilting's value, low by 0.4 stderr (0.05 nats) on average. (Times but the 116 s and 158 s were
-        measured before the C++ core ruled out walls by a bound, which halved them where trajectories reflect
-        often.) With the error bar estimated from ten runs, about 0.92 is the nominal coverage of +-2 stderr
-        (Student's t, 9 degrees of freedom).
+        Measured with n_samples = 2000 (the documentation's results, "SMC coverage"): +-2 stderr held the exact value in
+        0.90-1.00 of 50 seeds on equicorrelated kernels at n = 100 (unanimous, 1 % and 10 % minority labels), 0.92-0.94
+        at n = 1500 (unanimous, rho = 0.9-0.99, where EP is 0.25-0.54 nats low; stderr 0.01, 11 s an estimate on 2
+        cores), 0.90, 0.92 and 0.90 at n = 1500 with 1 % minority labels (rho = 0.9, 0.96 and 0.99, stderr 0.09, 156 s,
+        116 s and 158 s, low by 0.36, 0.32 and 0.31 stderr on average, though the rho = 0.99 runs' estimates of P
+        average 0.988 +- 0.013 of the exact value), and 0.88 of 50 on a diagonal-plus-rank-2 kernel with 1 % minority
+        labels at n = 1500 (stderr 0.09, 128 s). On an NNGP kernel at n = 300 with a linear-rule labelling, where
+        trajectories reflect about a hundred times, 28 of 30 seeds were within +-2 stderr of tilting's value, low by 0.4
+        stderr (0.05 nats) on average. (Times but the 116 s and 158 s were measured before the C++ core ruled out walls
+        by a bound, which halved them where trajectories reflect often.) With the error bar estimated from ten runs,
+        about 0.92 is the nominal coverage of +-2 stderr (Student's t, 9 degrees of freedom).
         The default n_samples = 20,000 narrows the error bar about 3x at 10x the cost. Cost per stage:
         one O(n^3) Gaussian, 5 x (all particles) x (n^2 for the velocities + reflections x n); reflections are
         below one per trajectory on near-unanimous labels and hundreds on NNGP kernels with mixed labels, where
@@ -149,9 +148,9 @@ def log_prior(X: InputsLike, y: ArrayLike, *, depth: int = 2, sigma_w2: float = 
         a torch tensor (CPU or CUDA) or a cupy array; EP runs where it is (see X).
     model, kernel_samples : torch.nn.Module and int, optional
         Use the empirical NNGP kernel of ``model``'s architecture from ``kernel_samples`` random
-        initialisations M. Its Monte Carlo error moves log P(f): see the README ("Empirical kernels") for how
-        much, by M. (``samples=`` is its former name, still accepted with a FutureWarning: one name, one meaning
-        -- ``n_samples`` is the tilting sampler's.)
+        initialisations M. Its Monte Carlo error moves log P(f): see the documentation's results ("EP's
+        accuracy") for how much, by M. (``samples=`` is its former name, still accepted with a FutureWarning:
+        one name, one meaning -- ``n_samples`` is the Monte Carlo samples'.)
 
     Returns
     -------

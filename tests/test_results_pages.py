@@ -26,6 +26,8 @@ def test_every_stored_result_becomes_a_table(tmp_path):
                       "ep-equicorrelated.md": "ep-accuracy/equicorrelated.jsonl",
                       "empirical-fcn.md": "empirical-kernels/log-prior-by-draws.jsonl",
                       "empirical-cnn.md": "empirical-kernels/log-prior-by-draws.jsonl",
+                      "empirical-bert.md": "empirical-kernels/log-prior-by-draws.jsonl",
+                      "empirical-lstm.md": "empirical-kernels/log-prior-by-draws.jsonl",
                       "benchmarks.md": "benchmarks"}.get(name)
             if stored is None or (ROOT / "docs" / "results" / stored).exists():
                 assert name in written, (page.name, name)
