@@ -201,7 +201,18 @@ def test_trace_flatfast(benchmark, arch):
 
 # --- top eigenvalue ---------------------------------------------------------------------------------------------
 
+def _time_peer_eigenvalue(benchmark, key, run, counted, P):
+    """One untimed run of ``counted`` -- ``run`` with its operator products counted, returning (value, products)
+    -- for the products and the peak memory, then the timed rounds of ``run``; the value goes to RESULTS[key]."""
+    (_, products), peak = peak_memory(counted)
+    RESULTS[key] = benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
+    benchmark.extra_info.update({"products": products, "value": round(RESULTS[key], 5),
+                                 "peak memory": _copies(peak, P)})
+
+
 def test_top_eigenvalue_pyhessian(benchmark, arch):
+    import sys
+
     name, _, _, peer_model, peer_data, P = arch
     session = _pyhessian(peer_model, peer_data)
     benchmark.group = f"arch top-eigenvalue {name}"
@@ -212,28 +223,25 @@ def test_top_eigenvalue_pyhessian(benchmark, arch):
         with session() as h:
             return float(h.eigenvalues(maxIter=100, tol=1e-3, top_n=1)[0][0])
 
-    import sys
+    def counted():
+        module = sys.modules["pyhessian.hessian"]  # pyhessian.hessian the attribute is the class, not the module
+        product, products = module.hessian_vector_product, [0]
 
-    module = sys.modules["pyhessian.hessian"]  # pyhessian.hessian the attribute is the class, not the module
-    counted, products = module.hessian_vector_product, [0]
+        def counting(*args, **kwargs):
+            products[0] += 1
+            return product(*args, **kwargs)
 
-    def counting(*args, **kwargs):
-        products[0] += 1
-        return counted(*args, **kwargs)
+        module.hessian_vector_product = counting
+        try:
+            return run(), products[0]
+        finally:
+            module.hessian_vector_product = product
 
-    module.hessian_vector_product = counting
-    try:
-        _, peak = peak_memory(run)
-    finally:
-        module.hessian_vector_product = counted
-    benchmark.extra_info["products"] = products[0]
-    RESULTS["eig", "pyhessian", name] = benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
-    benchmark.extra_info["value"] = round(RESULTS["eig", "pyhessian", name], 5)
-    benchmark.extra_info["peak memory"] = _copies(peak, P)
+    _time_peer_eigenvalue(benchmark, ("eig", "pyhessian", name), run, counted, P)
 
 
 def test_top_eigenvalue_curvlinops_eigsh(benchmark, arch):
-    from scipy.sparse.linalg import eigsh
+    from scipy.sparse.linalg import LinearOperator, eigsh
 
     name, _, _, peer_model, peer_data, P = arch
     _, H = _curvlinops_operator(peer_model, peer_data)
@@ -245,20 +253,16 @@ def test_top_eigenvalue_curvlinops_eigsh(benchmark, arch):
             return float(eigsh(operator or H.to_scipy(), k=1, which="LA", tol=1e-3, return_eigenvectors=False,
                                v0=np.random.default_rng(0).standard_normal(P))[0])
 
-    from scipy.sparse.linalg import LinearOperator
+    def counted():
+        scipy_operator, products = H.to_scipy(), [0]
 
-    scipy_operator, products = H.to_scipy(), [0]
+        def counting(v):
+            products[0] += 1
+            return scipy_operator.matvec(v)
 
-    def counting(v):
-        products[0] += 1
-        return scipy_operator.matvec(v)
+        return run(LinearOperator(scipy_operator.shape, matvec=counting, dtype=scipy_operator.dtype)), products[0]
 
-    _, peak = peak_memory(lambda: run(LinearOperator(scipy_operator.shape, matvec=counting,
-                                                     dtype=scipy_operator.dtype)))
-    benchmark.extra_info["products"] = products[0]
-    RESULTS["eig", "curvlinops", name] = benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
-    benchmark.extra_info["value"] = round(RESULTS["eig", "curvlinops", name], 5)
-    benchmark.extra_info["peak memory"] = _copies(peak, P)
+    _time_peer_eigenvalue(benchmark, ("eig", "curvlinops", name), run, counted, P)
 
 
 def test_top_eigenvalue_flatfast(benchmark, arch):
