@@ -261,6 +261,29 @@ def test_trace_eigenvalues_and_products_match_the_dense_hessian(name):
     assert np.isfinite(spectrum.density).all()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("name", CASES)
+def test_cuda_curvature_of_each_architecture_matches_the_dense_hessian(name):
+    """The same calls with the model on a GPU: attention must leave the flash and memory-efficient kernels and the
+    recurrent layers cuDNN (neither has a double backward), with no fallback warning; batches stay on the CPU and
+    flatfast moves them."""
+    model, batches = case(name)
+    H = case_hessian(name)
+    model = model.cuda()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trace = flatfast.hessian_trace(model, batches, method="unit-vectors", progress=False)
+        eig = flatfast.hessian_eigenvalues(model, batches, k=2, tol=1e-10, progress=False)
+        V = torch.randn(2, H.shape[0], generator=torch.Generator().manual_seed(4))
+        HV = flatfast.hvp(model, batches, V.cuda()).cpu()
+    ours = [str(w.message) for w in caught if "flatfast" in str(w.filename) or "flatfast" in str(w.message)]
+    assert not ours, ours
+    assert _relative(trace.value, float(torch.trace(H))) < 1e-6
+    np.testing.assert_allclose(eig.values, np.sort(np.linalg.eigvalsh(H.numpy()))[::-1][:2], rtol=1e-6)
+    torch.testing.assert_close(HV, V @ H, rtol=1e-6, atol=1e-9 * float(H.abs().max()))
+    assert next(model.parameters()).is_cuda  # left where the user put it
+
+
 @pytest.mark.parametrize("name, mode", [("torch-transformer", "eval"), ("hand-attention", "eval"),
                                         ("resnet-bn", "train")])
 def test_quadratic_forms_where_torch_forward_over_forward_is_wrong(name, mode):
