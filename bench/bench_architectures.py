@@ -11,21 +11,23 @@ random weights, float32), each on one batch of N = 32 examples, eval mode, cross
   (2.9 % on torch's TransformerEncoder against central finite differences, which flatfast and PyHessian match to
   3e-9; the same model without LayerNorm agrees to 2e-9; torch's forward-mode differentiation of layer_norm has
   known errors, PyTorch issue 196700);
-* the top eigenvalue at each library's tolerance 1e-3: PyHessian's power iteration ``eigenvalues(maxIter=100,
-  tol=1e-3)``, scipy's ``eigsh(k=1, which="LA", tol=1e-3)`` on curvlinops' operator (ARPACK, 20 basis vectors),
-  flatfast's Lanczos ``hessian_eigenvalues(k=1, tol=1e-3)`` (thick restart, 8 basis vectors). flatfast's and
-  eigsh's tolerances bound the residual |H u - theta u| <= 1e-3 |theta|, so their values must agree to 1e-3;
-  PyHessian's tol bounds the change between iterations, and power iteration can stop well short, so its value is
-  only checked to be a lower bound (a Rayleigh quotient) and its shortfall is printed. Each row prints the
-  operator products it used and its peak memory beyond what the process held before (resident set size,
-  Linux's high-water mark reset before the call) in copies of the parameters, beside one flatfast.hvp
-  product's.
+* the top eigenvalue to 1e-4 relative in each library: flatfast's Lanczos ``hessian_eigenvalues(k=1, tol=1e-4)``
+  (thick restart, 8 basis vectors) and scipy's ``eigsh(k=1, which="LA", tol=1e-4)`` on curvlinops' operator
+  (ARPACK, 20 basis vectors) bound the residual |H u - theta u| <= 1e-4 |theta|; PyHessian's power iteration
+  ``eigenvalues(maxIter=1000, tol=1e-6)``: its tol bounds the change between iterations, and power iteration creeps,
+  so at tol=1e-3 it stopped 1.7 %, 1.3 % and 0.01 % below the top eigenvalue (ResNet, ViT, BERT) and at 1e-4 still
+  0.16 % and 1.2 % below on the first two; 1e-6 is the loosest power of ten at which all three came within 1e-4
+  (one trial each). The three values must agree to 1e-4 relative (PyHessian's, a Rayleigh quotient, from below).
+  Each row prints the operator products it used and its peak memory beyond what the process held before
+  (resident set size, Linux's high-water mark reset before the call) in copies of the parameters, beside one
+  flatfast.hvp product's.
 
 flatfast takes the Hugging Face models as users have them (a mapping with "labels"); the peers call one tensor and
 need a logits tensor, so they get the same model behind bench/architectures.PeerView. Both peers run with
 attention on torch's math kernel, which flatfast selects itself: without it neither can differentiate these
-models twice (the fused kernels have no double backward). Median of 3 rounds after a warm-up, every row; rows
-whose package is missing are skipped, saying which (``pip install torch==2.13.0 -e ".[bench,test]"``).
+models twice (the fused kernels have no double backward). Median of 3 rounds after a warm-up, every row (the
+peers' eigenvalue rows warm up on the run that counts their products); rows whose package is missing are skipped,
+saying which (``pip install torch==2.13.0 -e ".[bench,test]"``).
 """
 import contextlib
 import math
@@ -39,6 +41,7 @@ import flatfast
 import architectures
 
 N, PROBES = 32, 100
+EIGEN_TOL = 1e-4  # the agreement the top-eigenvalue rows are held to
 MODELS = ["resnet18", "vit", "bert"]
 RESULTS = {}
 
@@ -203,9 +206,10 @@ def test_trace_flatfast(benchmark, arch):
 
 def _time_peer_eigenvalue(benchmark, key, run, counted, P):
     """One untimed run of ``counted`` -- ``run`` with its operator products counted, returning (value, products)
-    -- for the products and the peak memory, then the timed rounds of ``run``; the value goes to RESULTS[key]."""
+    -- for the products and the peak memory, then the timed rounds of ``run``; the value goes to RESULTS[key]. The
+    counted run is the warm-up (PyHessian's takes over a minute on the ViT)."""
     (_, products), peak = peak_memory(counted)
-    RESULTS[key] = benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
+    RESULTS[key] = benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=0)
     benchmark.extra_info.update({"products": products, "value": round(RESULTS[key], 5),
                                  "peak memory": _copies(peak, P)})
 
@@ -221,7 +225,7 @@ def test_top_eigenvalue_pyhessian(benchmark, arch):
     def run():
         torch.manual_seed(0)
         with session() as h:
-            return float(h.eigenvalues(maxIter=100, tol=1e-3, top_n=1)[0][0])
+            return float(h.eigenvalues(maxIter=1000, tol=1e-6, top_n=1)[0][0])
 
     def counted():
         module = sys.modules["pyhessian.hessian"]  # pyhessian.hessian the attribute is the class, not the module
@@ -250,7 +254,7 @@ def test_top_eigenvalue_curvlinops_eigsh(benchmark, arch):
 
     def run(operator=None):
         with _math_attention():
-            return float(eigsh(operator or H.to_scipy(), k=1, which="LA", tol=1e-3, return_eigenvectors=False,
+            return float(eigsh(operator or H.to_scipy(), k=1, which="LA", tol=EIGEN_TOL, return_eigenvectors=False,
                                v0=np.random.default_rng(0).standard_normal(P))[0])
 
     def counted():
@@ -273,7 +277,7 @@ def test_top_eigenvalue_flatfast(benchmark, arch):
                                         f"arch-top-eigenvalue-curvlinops-eigsh-{name}"]
 
     def run():
-        return flatfast.hessian_eigenvalues(model, batches, k=1, tol=1e-3, progress=False)
+        return flatfast.hessian_eigenvalues(model, batches, k=1, tol=EIGEN_TOL, progress=False)
 
     _, peak = peak_memory(run)
     res = benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
@@ -283,8 +287,8 @@ def test_top_eigenvalue_flatfast(benchmark, arch):
     if ("hvp-memory", name) in RESULTS:
         benchmark.extra_info["peak memory beyond one hvp"] = _copies(peak - RESULTS["hvp-memory", name], P)
     if ("eig", "curvlinops", name) in RESULTS:
-        assert value == pytest.approx(RESULTS["eig", "curvlinops", name], rel=1e-3)
+        assert value == pytest.approx(RESULTS["eig", "curvlinops", name], rel=EIGEN_TOL)
     if ("eig", "pyhessian", name) in RESULTS:
         theirs = RESULTS["eig", "pyhessian", name]
-        benchmark.extra_info["PyHessian's value below this one"] = f"{(value - theirs) / value:.2%}"
-        assert theirs <= value * (1 + 1e-3)
+        benchmark.extra_info["PyHessian's value below this one"] = f"{(value - theirs) / value:.1e} relative"
+        assert value * (1 - EIGEN_TOL) <= theirs <= value * (1 + EIGEN_TOL)

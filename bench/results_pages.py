@@ -212,7 +212,8 @@ def benchmarks(results_dir, out_dir):
     if not paths:
         return
     sections = []
-    series = OrderedDict()
+    series = OrderedDict()  # (benchmark, baseline) -> [(index of the run in titles, ratio)]
+    titles = []  # the runs with ratios, each its own colour in the plot: a row's protocol may change between runs
     for path in paths:
         with open(path) as f:
             run = json.load(f)
@@ -232,7 +233,8 @@ def benchmarks(results_dir, out_dir):
             sections.append(_table(["benchmark", "÷ baseline", "ratio"],
                                    [(name, base, f"{ratio:.3f}") for _, name, base, ratio, _ in ratios]))
             for _, name, base, ratio, _ in ratios:
-                series.setdefault((name, base), []).append(ratio)
+                series.setdefault((name, base), []).append((len(titles), ratio))
+            titles.append(title)
         extras = [(b["name"], k, v) for b in run["benchmarks"] for k, v in sorted(b["extra_info"].items())
                   if k != "baseline"]
         if extras:
@@ -245,8 +247,11 @@ def benchmarks(results_dir, out_dir):
         labels = list(series)
         fig, ax = plt.subplots(figsize=(8, 0.4 * len(labels) + 1.2))
         for i, key in enumerate(labels[::-1]):
-            ax.plot(series[key], [i] * len(series[key]), "o", color="C0")
-        ax.axvline(1.0, color="C3", linestyle="--")
+            for run, ratio in series[key]:
+                ax.plot([ratio], [i], "o", color=f"C{run % 10}", label=titles[run])
+        handles = {label: handle for handle, label in zip(*ax.get_legend_handles_labels())}
+        ax.legend(handles.values(), handles.keys(), fontsize=7, loc="best")
+        ax.axvline(1.0, color="black", linestyle="--", linewidth=0.8)
         ax.set_xscale("log")
         ax.set_yticks(range(len(labels)))
         ax.set_yticklabels([f"{name} ÷ {base}" for name, base in labels[::-1]], fontsize=7)
