@@ -91,11 +91,19 @@ def _double_backward(op, inputs, y, V, reduce):
     import torch
 
     flat, g = _gradient_graph(op, inputs, y)
-    if not g.requires_grad:  # the gradient does not depend on the parameters: H = 0
-        return torch.stack([reduce(v, torch.zeros_like(v)) for v in V])
-    with torch.enable_grad():
-        return torch.stack([reduce(v, torch.autograd.grad(g, flat, grad_outputs=v, retain_graph=True)[0])
-                            for v in V])
+    results = None  # filled row by row: stacking a list would hold every product twice
+    for i, v in enumerate(V):
+        if g.requires_grad:
+            with torch.enable_grad():
+                hv = torch.autograd.grad(g, flat, grad_outputs=v, retain_graph=True)[0]
+        else:  # the gradient does not depend on the parameters: H = 0
+            hv = torch.zeros_like(v)
+        reduced = reduce(v, hv)
+        del hv
+        if results is None:
+            results = reduced.new_empty((len(V),) + tuple(reduced.shape))
+        results[i] = reduced
+    return results
 
 
 def _forward_over_reverse(op, inputs, y, V):

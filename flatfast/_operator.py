@@ -222,15 +222,19 @@ class HessianOperator:
         if V.dim() != 2 or V.shape[-1] != self.dimension:
             raise ValueError(f"vectors: expected {self.dimension} entries per vector (the measured parameters), "
                              f"got shape {tuple(V.shape)}")
+        if V.shape[0] == 0:  # no vectors: nothing to pass over the data for
+            return V.new_zeros(V.shape if per_vector_shape else (0,))
         if self.constant_entries is not None:  # H -> M H M, M zeroing the entries torch holds constant
             V = V.masked_fill(self.constant_entries.to(self.device), 0.0)
-        total = torch.zeros_like(V) if per_vector_shape else torch.zeros(V.shape[0], dtype=self.dtype,
-                                                                          device=self.device)
-        count = 0
+        total, count = None, 0  # the first batch's result becomes the total: no k x P buffer of zeros besides
         with self.session(), torch.no_grad():
             for inputs, y in self.batches():
-                total += fn(self, inputs, y, V)
+                part = fn(self, inputs, y, V).to(dtype=self.dtype)  # a no-op where the backend kept the dtype
+                total = part if total is None else total.add_(part)
                 count += inputs.size
+        if total is None:  # this process saw no batch (a distributed rank with none): it adds zero
+            total = torch.zeros_like(V) if per_vector_shape else torch.zeros(V.shape[0], dtype=self.dtype,
+                                                                              device=self.device)
         if distributed():
             import torch.distributed as dist
 
@@ -239,5 +243,5 @@ class HessianOperator:
             dist.all_reduce(n)
             count = int(n.item())
         if per_vector_shape and self.constant_entries is not None:
-            total = total.masked_fill(self.constant_entries.to(self.device), 0.0)
-        return total / count
+            total.masked_fill_(self.constant_entries.to(self.device), 0.0)
+        return total.div_(count)

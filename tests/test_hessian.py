@@ -105,6 +105,13 @@ def test_hvp_matches_dense_hessian(kind, target, backend, device):
     assert torch.allclose(op.quadratic(V.to(device)).cpu(), (V * (V @ H)).sum(1), rtol=1e-10, atol=1e-12)
 
 
+def test_no_vectors_give_no_products_without_a_pass_over_the_data():
+    model, batches = cnn(), data("cnn")
+    op = HessianOperator(model, batches)
+    empty = torch.zeros(0, op.dimension, dtype=torch.float64)
+    assert op.matmat(empty).shape == (0, op.dimension) and op.quadratic(empty).shape == (0,)
+
+
 def test_fast_path_is_chosen_and_agrees_with_generic():
     model, batches = mlp(), data("mlp")
     assert HessianOperator(model, batches).backend == "torch"
