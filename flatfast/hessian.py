@@ -391,7 +391,7 @@ def hessian_spectrum(model: Model, loader: Loader, *, loss_fn: Optional[LossFn] 
                      grid_size: int = 1000, backend: str = "auto", progress: Optional[bool] = None) -> SpectrumResult:
     r"""Spectral density of the Hessian of the dataset-mean loss (see :func:`hvp`) by stochastic Lanczos quadrature
     (Ubaru, Chen & Saad 2017; Ghorbani et al. 2019): for each random unit probe v, ``iterations`` Lanczos steps
-    give nodes :math:`	heta_j` and weights :math:`w_j` with :math:`v^	op f(H) v pprox \sum_j w_j f(	heta_j)`
+    give nodes :math:`\theta_j` and weights :math:`w_j` with :math:`v^\top f(H) v \approx \sum_j w_j f(\theta_j)`
     (exact for polynomials of degree < 2 x iterations); the density is their Gaussian-smoothed average on a grid
     (integrating to 1; multiply by P for an eigenvalue count), ``result.plot()`` draws it. The probes' runs advance
     together, one data pass per iteration, each fully reorthogonalised (probes x iterations vectors of P).

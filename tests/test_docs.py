@@ -43,6 +43,16 @@ def test_every_public_function_has_a_docstring_with_an_example():
             assert obj.__doc__ and "Example" in obj.__doc__, name
 
 
+def test_public_docstrings_hold_no_control_characters():
+    """A LaTeX command such as \\theta or \\approx in a docstring that is not a raw string becomes a tab or a bell
+    character, which renders as garbage in the API reference."""
+    import re
+
+    for name in flatfast.__all__:
+        doc = getattr(flatfast, name).__doc__ or ""
+        assert not re.search(r"[\x00-\x08\x0b-\x1f]", doc), name
+
+
 def test_every_public_function_is_annotated():
     """Type hints on the public API (flatfast ships a py.typed marker): every parameter and the return value."""
     import inspect
