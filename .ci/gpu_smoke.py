@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 import flatfast
-from flatfast import _xp
+from flatfast.backend import xp as _xp
 
 reason = _xp.device_ep_unavailable()
 print("EP on the GPU:", "available" if reason is None else f"UNAVAILABLE: {reason}")

@@ -146,8 +146,8 @@ def test_gpu_mixed_precision_sweeps(benchmark):
     """Whether float32 pays on the GPU: float32 EP's site changes per sweep on cupy at n = 10000, and one sweep's
     cubic work (POTRF, then diag(B^-1) by triangular solves) timed in float32 against float64 on the same K."""
     cupy = pytest.importorskip("cupy")
-    from flatfast import _ep
-    from flatfast._xp import linalg_for, scaled_system_blocked
+    from flatfast.prior import ep as _ep
+    from flatfast.backend.xp import linalg_for, scaled_system_blocked
 
     n = 10000
     X, y = _problem_on_gpu(n)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import flatfast
-from flatfast._native import load_cpp
+from flatfast.backend.native import load_cpp
 from flatfast.reference.nngp import nngp_kernel_reference
 
 D = 784

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 import flatfast
-from flatfast import _native, _smc
+from flatfast.backend import native as _native
+from flatfast.prior import smc as _smc
 
 N_POINTS, PARTICLES, GPU_PARTICLES = 300, 220, 22_000
 

@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 import flatfast  # noqa: E402
-from flatfast import _smc  # noqa: E402
+from flatfast.prior import smc as _smc  # noqa: E402
 from orthant_reference import equicorrelated_log_orthant, low_rank_log_orthant, low_rank_problem  # noqa: E402
 from smc_paper_scale import uniform_problem  # noqa: E402
 

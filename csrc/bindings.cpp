@@ -34,7 +34,7 @@ void check_matrix(const py::array& a, const char* name) {
 }
 
 template <typename T>
-py::array nngp(const py::array& X, const std::optional<py::array>& Z, int depth, double sw2, double sb2) {
+py::array nngp(const py::array& X, const std::optional<py::array>& Z, int depth, double sw2, double sb2, bool serial) {
   check_matrix<T>(X, "X");
   FF_CHECK_ARG(X.shape(1) >= 1, "X", "must have at least one column");
   if (Z) {
@@ -53,6 +53,7 @@ py::array nngp(const py::array& X, const std::optional<py::array>& Z, int depth,
   T* o = out.mutable_data();
   if (n > 0 && m > 0) {
     py::gil_scoped_release release;
+    SerialScope scope(serial);
     nngp_cpu<T>(x, n, z, m, d, depth, sw2, sb2, o);
   }
   return std::move(out);
@@ -60,7 +61,7 @@ py::array nngp(const py::array& X, const std::optional<py::array>& Z, int depth,
 
 template <typename T>
 py::array masked_matmul(const py::array& A, const py::array& B, bool b_transposed, const py::array& mask,
-                        const std::optional<py::array>& C) {
+                        const std::optional<py::array>& C, bool serial) {
   check_matrix<T>(A, "A");
   check_matrix<T>(B, "B");
   const int64_t M = A.shape(0), K = A.shape(1);
@@ -85,6 +86,7 @@ py::array masked_matmul(const py::array& A, const py::array& B, bool b_transpose
   const int64_t rows = mask.shape(0);
   if (M > 0 && N > 0) {
     py::gil_scoped_release release;
+    SerialScope scope(serial);
     masked_matmul_cpu<T>(a, M, K, b, N, b_transposed, keep, rows, c, o);
   }
   return std::move(out);
@@ -183,13 +185,13 @@ double blas_check() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "flatfast CPU kernels (C++17; OpenMP or std::thread workers)";
   m.def("nngp_f64", &nngp<double>, py::arg("X"), py::arg("Z"), py::arg("depth"), py::arg("sigma_w2"),
-        py::arg("sigma_b2"));
+        py::arg("sigma_b2"), py::arg("serial") = false);
   m.def("nngp_f32", &nngp<float>, py::arg("X"), py::arg("Z"), py::arg("depth"), py::arg("sigma_w2"),
-        py::arg("sigma_b2"));
+        py::arg("sigma_b2"), py::arg("serial") = false);
   m.def("masked_matmul_f64", &masked_matmul<double>, py::arg("A"), py::arg("B"), py::arg("b_transposed"),
-        py::arg("mask"), py::arg("C"));
+        py::arg("mask"), py::arg("C"), py::arg("serial") = false);
   m.def("masked_matmul_f32", &masked_matmul<float>, py::arg("A"), py::arg("B"), py::arg("b_transposed"),
-        py::arg("mask"), py::arg("C"));
+        py::arg("mask"), py::arg("C"), py::arg("serial") = false);
   m.def("ep_scaled_system_f64", &ep_scaled_system<double>, py::arg("K"), py::arg("s"), py::arg("out"),
         py::arg("shift") = 0.0);
   m.def("ep_scaled_system_f32", &ep_scaled_system<float>, py::arg("K"), py::arg("s"), py::arg("out"),

@@ -9,10 +9,6 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-# The repository root on the import path (``python -m sphinx`` run there puts it first) would make its kernels/
-# folder, installed as flatfast.kernels, hide Hugging Face's ``kernels`` package, which transformers imports; flatfast
-# itself is imported through its installation.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != ROOT]
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")

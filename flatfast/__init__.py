@@ -3,20 +3,30 @@
 Local flatness of the loss (Hessian trace, eigenvalues, spectral density, sharpness) against the Bayesian
 prior of the function, log P(f), under the NNGP of an infinitely wide ReLU network.
 
+The package is grouped by part, and every public name is ``flatfast.NAME``:
+
+* ``flatfast.curvature`` -- Hessian products of any model and what is estimated from them;
+* ``flatfast.kernel`` -- the NNGP kernel, analytic and empirical;
+* ``flatfast.prior`` -- log P(f) by EP, tilting and SMC;
+* ``flatfast.measures`` -- flatness measures, the alpha-rescaling, the PAC-Bayes bound;
+* beneath them ``flatfast.models`` (how a user's model and batches are read) and ``flatfast.backend`` (array
+  modules, native loading, dispatch); beside them the shared ``errors``, ``results`` and ``experiments``.
+
 Importing flatfast never needs torch, Triton, CUDA or the compiled extension; :func:`backends` reports what
 can run here and why not.
 """
-from flatfast._native import set_num_threads
-from flatfast._registry import backends
-from flatfast.bounds import pac_bayes_bound
+from flatfast.backend.dispatch import backends
+from flatfast.backend.native import set_num_threads
+from flatfast.curvature.hessian import hessian_eigenvalues, hessian_operator, hessian_spectrum, hvp
+from flatfast.curvature.trace import hessian_trace
 from flatfast.errors import (BackendFallbackWarning, BackendUnavailableError, ConvergenceWarning,
                              NotPiecewiseLinearError, NotPSDError, UnreliableEstimateWarning)
-from flatfast.empirical import empirical_nngp_kernel
-from flatfast.hessian import hessian_eigenvalues, hessian_operator, hessian_spectrum, hessian_trace, hvp
-from flatfast.measures import FlatnessReport, flatness_report, frobenius_norm, function_of, rescale, sharpness
-from flatfast.nngp import nngp_kernel
-from flatfast.prior import ep_log_evidence, log_prior
-from flatfast.results import EPResult
+from flatfast.kernel.empirical import empirical_nngp_kernel
+from flatfast.kernel.nngp import nngp_kernel
+from flatfast.measures.bounds import pac_bayes_bound
+from flatfast.measures.flatness import flatness_report, frobenius_norm, function_of, rescale, sharpness
+from flatfast.prior.evidence import ep_log_evidence, log_prior
+from flatfast.results import EigenResult, EPResult, FlatnessReport, SpectrumResult, TraceResult
 
 __version__ = "0.1.0"
 
@@ -29,15 +39,19 @@ def __getattr__(name):
         return EntropySGD
     raise AttributeError(f"module 'flatfast' has no attribute {name!r}")
 
+
 __all__ = [
     "BackendFallbackWarning",
     "BackendUnavailableError",
     "ConvergenceWarning",
     "EPResult",
+    "EigenResult",
     "EntropySGD",
     "FlatnessReport",
     "NotPiecewiseLinearError",
     "NotPSDError",
+    "SpectrumResult",
+    "TraceResult",
     "UnreliableEstimateWarning",
     "backends",
     "empirical_nngp_kernel",

@@ -8,7 +8,7 @@ import time
 
 def _info(args) -> int:
     import flatfast
-    from flatfast._native import cpp_build_summary
+    from flatfast.backend.native import cpp_build_summary
 
     print(f"flatfast {flatfast.__version__}")
     print(cpp_build_summary())

@@ -25,8 +25,8 @@ def devices_here():
 def nngp_backends_here():
     """(backend, device) pytest params for every nngp backend on every device present that it runs on; one that
     cannot run here is skipped with its reason (never silently dropped)."""
-    import flatfast._registry  # noqa: F401  (registers the backends)
-    from flatfast._dispatch import _REGISTRY
+    import flatfast.backend.dispatch  # noqa: F401  (registers the backends)
+    from flatfast.backend.dispatch import _REGISTRY
 
     params = []
     for device in devices_here():
@@ -55,7 +55,7 @@ def to_numpy(result):
 def native_module_or_skip():
     """flatfast._C for native-only tests. A pure-Python install, declared by FLATFAST_NO_NATIVE=1, skips them with
     the reason; anywhere else a missing or broken module is a failure, never a silent skip."""
-    from flatfast._native import load_cpp
+    from flatfast.backend.native import load_cpp
 
     module, reason = load_cpp()
     if module is None and os.environ.get("FLATFAST_NO_NATIVE") == "1":

@@ -15,7 +15,7 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import flatfast
-from flatfast.hessian import HessianOperator
+from flatfast.curvature.operator import HessianOperator
 
 @pytest.fixture(autouse=True, scope="module")
 def _float64():
@@ -311,7 +311,7 @@ def test_both_routes_work_and_agree_on_attention_and_recurrent_layers(name):
 
 
 def test_a_route_is_left_only_for_what_torch_cannot_do():
-    from flatfast._generic_hvp import _first_route_that_works
+    from flatfast.curvature.generic_hvp import _first_route_that_works
 
     class Op:
         route = None
@@ -570,7 +570,7 @@ def test_empirical_kernel_and_log_prior_of_modern_architectures(name):
 def test_every_layer_of_a_transformer_is_redrawn():
     """Linear maps, attention projections, recurrent weights, embeddings and (for Hugging Face) the class token
     and position embeddings all change between draws; LayerNorm is drawn by its own initialiser (ones, zeros)."""
-    from flatfast.empirical import _draw_from_prior, _prior_rules
+    from flatfast.kernel.empirical import _draw_from_prior, _prior_rules
 
     model = TorchTransformer()
     model.rnn = nn.GRU(8, 8)

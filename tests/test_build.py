@@ -22,13 +22,13 @@ import importlib.util, sys
 import numpy as np
 path, out = sys.argv[1], sys.argv[2]
 if path == "installed":
-    from flatfast._native import load_cpp, single_threaded_blas
+    from flatfast.backend.native import load_cpp, single_threaded_blas
     module = load_cpp()[0]
 else:
     spec = importlib.util.spec_from_file_location("_C", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    from flatfast._native import single_threaded_blas
+    from flatfast.backend.native import single_threaded_blas
 rng = np.random.default_rng(7)
 X, Z = rng.random((600, 97)), rng.random((300, 97))
 A, B = rng.standard_normal((700, 64)), rng.standard_normal((64, 50))
@@ -226,7 +226,7 @@ def test_blas_thread_limit_is_restored_after_overlapping_callers():
     import threading
 
     pytest.importorskip("threadpoolctl")
-    from flatfast._native import single_threaded_blas
+    from flatfast.backend.native import single_threaded_blas
 
     original = _blas_threads()
     first, second = single_threaded_blas(), single_threaded_blas()
@@ -267,3 +267,74 @@ def test_set_num_threads():
     np.testing.assert_allclose(flatfast.nngp_kernel(np.random.default_rng(1).random((600, 50))), K1, rtol=1e-15)
     with pytest.raises(ValueError, match="threads: expected a positive integer"):
         flatfast.set_num_threads(0)
+
+
+_BLAS_IN_PARALLEL_SCRIPT = """
+import sys
+import torch  # loads an OpenMP runtime first, as a user's script would
+import numpy as np
+import flatfast
+from flatfast.backend import native
+if sys.argv[1] == "no-threadpoolctl":  # a process where no BLAS can be limited to one thread
+    native._blas_controller.cache_clear()
+    native._blas_controller = lambda: None
+rng = np.random.default_rng(0)
+for n, d in ((200, 30), (700, 300)):  # below and above the work at which BLAS is limited
+    flatfast.nngp_kernel(rng.random((n, d)))
+    flatfast.nngp_kernel(rng.random((n, d)), rng.random((n // 2, d)), dtype=np.float32)
+model = torch.nn.Sequential(torch.nn.Linear(30, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3)).double()
+data = [(torch.randn(256, 30, dtype=torch.float64), torch.randint(0, 3, (256,)))]
+P = sum(p.numel() for p in model.parameters())
+flatfast.hvp(model, data, torch.randn(4, P, dtype=torch.float64), backend="cpp")
+print("ran")
+"""
+
+
+@pytest.mark.parametrize("blas_limit", ["threadpoolctl", "no-threadpoolctl"])
+def test_no_threaded_blas_is_called_inside_a_parallel_region(blas_limit):
+    """A threaded BLAS called from inside an OpenMP region oversubscribes the cores, and OpenBLAS prints 'Detect
+    OpenMP Loop and this application may hang'. The C++ kernels that call BLAS from their workers run their tiles
+    in parallel only while BLAS is limited to one thread, and serially on the caller's thread otherwise --
+    whatever was imported first, and whether or not threadpoolctl can limit it."""
+    import subprocess
+    import sys
+
+    native_module_or_skip()
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "FLATFAST_NUM_THREADS",
+                                                            "OPENBLAS_NUM_THREADS")}
+    env["FLATFAST_NUM_THREADS"] = "2"  # a parallel region even on a one-core machine
+    env["OPENBLAS_NUM_THREADS"] = "2"
+    done = subprocess.run([sys.executable, "-c", _BLAS_IN_PARALLEL_SCRIPT, blas_limit], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert done.returncode == 0 and "ran" in done.stdout, done.stderr
+    assert "OpenMP Loop" not in done.stderr + done.stdout, done.stderr
+
+
+def test_no_folder_of_the_repository_root_hides_an_installed_package():
+    """Python run from the repository root (a script there, ``python -m pytest``) has the root on sys.path, so a
+    package folder there would hide an installed package of the same name: the Triton kernels' former
+    ``kernels/__init__.py`` hid Hugging Face's ``kernels``, and transformers failed to import. They live in
+    kernels/triton/ now (installed as flatfast.kernels), and a root folder without __init__.py never wins over an
+    installed package."""
+    import importlib.util
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(flatfast.__file__).resolve().parent.parent
+    if not (root / "pyproject.toml").exists():
+        pytest.skip("not a source checkout")
+    packages = sorted(p.name for p in root.iterdir() if (p / "__init__.py").exists() and p.name != "flatfast")
+    assert not packages, f"package folders in the repository root: {packages}"
+    assert importlib.util.find_spec("flatfast.kernels") is not None  # the Triton kernels still ship under this name
+
+    pytest.importorskip("transformers")
+    script = ("import transformers, importlib.util\n"
+              "from transformers import BertConfig, BertForSequenceClassification\n"
+              "BertForSequenceClassification(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,"
+              " intermediate_size=8, vocab_size=20))\n"
+              "spec = importlib.util.find_spec('kernels')\n"
+              "print('kernels from', None if spec is None else spec.origin)\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert str(root / "kernels") not in done.stdout, done.stdout

@@ -125,8 +125,8 @@ def test_exact_trace_matches_dense_hessian(case):
 
 
 def test_generic_exact_trace_agrees_with_the_mlp_fast_path():
-    from flatfast._exact_trace import exact_trace
-    from flatfast._operator import HessianOperator
+    from flatfast.curvature.exact_trace import exact_trace
+    from flatfast.curvature.operator import HessianOperator
 
     torch.manual_seed(4)
     model = nn.Sequential(nn.Linear(36, 9), nn.ReLU(), nn.Linear(9, 4)).double()
@@ -139,7 +139,7 @@ def test_generic_exact_trace_agrees_with_the_mlp_fast_path():
 def test_many_classes_are_chunked_over_outputs(monkeypatch):
     """With a gradient-memory budget smaller than one factor's gradients, every factor vector and example is its
     own chunk; the trace must not change."""
-    import flatfast._exact_trace as exact
+    import flatfast.curvature.exact_trace as exact
 
     torch.manual_seed(5)
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(32, 8), nn.ReLU(),

@@ -276,6 +276,11 @@ def test_temporal_run_rescales_half_way_and_resumes(tmp_path):
               f"out={str(out)!r}), log=log)\n")
     table = out / "temporal.csv"
     _kill_after_rows([sys.executable, "-c", script], table, 4)
+    import torch
+
+    # the checkpoint holds tensors and plain values only, so it loads without unpickling code
+    state = torch.load(out / "temporal_state.pt", weights_only=True)
+    assert state["warm"]["probit"]["site_precision"].shape == (100,)
     with pytest.raises(ValueError, match="other settings"):
         run_temporal(config(out, every=3), resume=True, log=lambda s: None)
     run_temporal(config(out), resume=True, log=lambda s: None)
@@ -284,6 +289,19 @@ def test_temporal_run_rescales_half_way_and_resumes(tmp_path):
         return [{k: v for k, v in r.items() if k not in ("seconds", "ep_seconds")} for r in rows]
 
     assert strip(read_temporal(table)) == strip(rows)
+
+
+def test_nothing_in_the_repository_unpickles_code_on_load():
+    """A torch.load that is not weights_only runs whatever code a checkpoint carries; flatfast's checkpoints hold
+    only tensors and plain values, so every load is weights_only=True."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    pattern = "weights_only" + "=False"  # split, so that this test does not find itself
+    found = [str(p.relative_to(root)) for p in root.rglob("*.py")
+             if ".git" not in p.parts and re.search(pattern, p.read_text(errors="ignore"))]
+    assert not found, found
 
 
 # --- the CNN experiment and CIFAR-10 ------------------------------------------------------------------------------
@@ -318,7 +336,7 @@ def test_cnn_prior_kernel_is_the_empirical_kernel_of_the_same_prior():
     # By hand: the kernel's draws continue one generator seeded 0, and its first draw is the network that
     # make_cnn(seed=0) builds for training (one prior draw, one function); K averages
     # (sigma_w2 / d) phi phi^T + sigma_b2 over the draws' penultimate features phi.
-    from flatfast.empirical import _draw_from_prior
+    from flatfast.kernel.empirical import _draw_from_prior
 
     first = make_cnn((1, 8, 8), 4, seed=0)
     second = make_cnn((1, 8, 8), 4, seed=0)
@@ -452,13 +470,13 @@ def test_resume_continues_from_the_saved_settings_without_retyping_them(tmp_path
 
 
 def test_ctrl_c_leaves_one_line_saying_what_was_kept(monkeypatch, reference_table, capsys):
-    import flatfast.experiments.grid as grid
+    import flatfast.experiments.cli as cli
     from flatfast.__main__ import main
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(grid, "run", interrupted)
+    monkeypatch.setattr(cli, "run", interrupted)
     out = reference_table.parent
     assert main(["reproduce", "--resume", "--out", str(out)]) == 130
     err = capsys.readouterr().err.strip()
@@ -535,7 +553,7 @@ def test_the_network_trained_is_the_priors_own_draw():
     own generator: re-drawing a copy with that function and seed gives the same weights."""
     import copy
 
-    from flatfast.empirical import _draw_from_prior
+    from flatfast.kernel.empirical import _draw_from_prior
     from flatfast.experiments import make_network
 
     model = make_network(8, 5, seed=7)

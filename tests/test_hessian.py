@@ -7,7 +7,7 @@ import torch
 from torch.func import functional_call
 
 import flatfast
-from flatfast.hessian import HessianOperator
+from flatfast.curvature.operator import HessianOperator
 
 from conftest import devices_here, native_module_or_skip
 
@@ -337,7 +337,7 @@ def _diagonal_operator(eigenvalues):
 
 def test_lanczos_with_few_iterations_warns_and_bounds_from_below():
     from flatfast.errors import ConvergenceWarning
-    from flatfast.estimators import lanczos_eigenvalues
+    from flatfast.curvature.estimators import lanczos_eigenvalues
 
     eigenvalues = np.linspace(1.0, 2.0, 400) ** 3  # a slowly decaying top: 8 iterations cannot resolve it
     with pytest.warns(ConvergenceWarning, match="Ritz values have residuals above tol"):
@@ -376,7 +376,7 @@ def test_one_batch_reuses_its_gradient_graph_until_something_changes():
 def test_lanczos_holds_a_bounded_basis_through_its_restarts(monkeypatch):
     """Thick restarts keep the basis at 8k vectors however many products a tight tolerance takes, and the values
     are those of Lanczos keeping every vector."""
-    from flatfast.estimators import lanczos_basis, lanczos_eigenvalues
+    from flatfast.curvature.estimators import lanczos_basis, lanczos_eigenvalues
 
     allocations = []
     empty = torch.empty
@@ -396,7 +396,7 @@ def test_lanczos_holds_a_bounded_basis_through_its_restarts(monkeypatch):
 
 def test_lanczos_finds_a_repeated_eigenvalue_once():
     from flatfast.errors import ConvergenceWarning
-    from flatfast.estimators import lanczos_eigenvalues
+    from flatfast.curvature.estimators import lanczos_eigenvalues
 
     eigenvalues = [5.0, 5.0, 3.0, 1.0, 0.5]
     res = lanczos_eigenvalues(_diagonal_operator(eigenvalues), 5, k=2, tol=1e-10)
@@ -410,7 +410,7 @@ def test_probe_budgets_that_leave_no_standard_error_are_refused():
     model, batches = mlp(), data("mlp")
     with pytest.raises(ValueError, match="probes: must be >= 6"):
         flatfast.hessian_trace(model, batches, probes=3)
-    from flatfast.estimators import hutchinson, hutchpp
+    from flatfast.curvature.estimators import hutchinson, hutchpp
 
     with pytest.raises(ValueError, match="probes: Hutch\\+\\+ needs at least 6"):
         hutchpp(_diagonal_operator([1.0, 2.0]), 2, probes=5)
@@ -546,7 +546,7 @@ def test_default_trace_of_a_large_smooth_network_estimates_with_at_most_p_probes
 
 def test_trace_rule_weighs_the_exact_cost_against_the_estimators():
     """The cost model: exact costs ~C passes (C outputs), the estimator 2 passes per expected probe."""
-    from flatfast.hessian import choose_trace_method, expected_estimator_probes
+    from flatfast.curvature.trace import choose_trace_method, expected_estimator_probes
 
     assert expected_estimator_probes(None, 0.01, 2000) == 2000
     assert expected_estimator_probes(None, 0.1, 2000) == 200
@@ -565,7 +565,7 @@ def test_trace_rule_weighs_the_exact_cost_against_the_estimators():
 
 
 def test_probe_block_fills_a_memory_budget():
-    from flatfast.estimators import probe_block
+    from flatfast.curvature.estimators import probe_block
 
     assert probe_block(10**6, 4, "cpu", requested=5) == 5
     assert probe_block(10**6, 4, "cpu") == 16  # 256 MiB / (4 x 4 MB)

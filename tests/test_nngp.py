@@ -181,7 +181,7 @@ def test_unavailable_backend_says_why():
 
 
 def test_auto_falls_back_to_reference_with_one_warning(monkeypatch):
-    import flatfast._dispatch as dispatch_mod
+    import flatfast.backend.dispatch as dispatch_mod
 
     impls = dispatch_mod._REGISTRY["nngp"]
     broken = [i if i.reference else dataclasses.replace(i, probe=lambda: "pretend it is not built") for i in impls]

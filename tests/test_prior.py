@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import flatfast
-from flatfast.prior import ep_log_evidence, log_prior
+from flatfast import ep_log_evidence, log_prior
 
 from ep_oracle import sequential_ep_log_z
 from orthant_reference import STORED, genz_log_orthant, problems
@@ -207,7 +207,7 @@ def test_too_large_fails_early_with_the_size(monkeypatch):
 
 
 def test_non_positive_cavity_is_retried_with_damping(monkeypatch):
-    import flatfast._ep as P
+    import flatfast.prior.ep as P
 
     rng = np.random.default_rng(6)
     X, K, y = _problem(60, 5, rng, "structured")
@@ -447,7 +447,7 @@ def test_ep_on_equicorrelated_kernels_against_the_exact_integral(n, rho, minorit
 
 
 def test_damping_follows_the_secant_estimate_and_grows_back_slowly():
-    from flatfast._ep import next_damping
+    from flatfast.prior.ep import next_damping
 
     step = np.array([1.0, -2.0, 0.5])
     # a two-cycle of undamped EP (each proposal the negative of the last): lam = -1, damping 1 / (1 - lam) = 1/2
@@ -475,7 +475,7 @@ def test_warm_start_mirrors_the_sites_of_flipped_labels(rng):
     warm = ep_log_evidence(K, flipped, return_info=True, warm_start=first)
     np.testing.assert_array_equal(first.labels, y)
     assert warm.converged and abs(warm.log_z - cold.log_z) <= 1e-6
-    unmirrored = flatfast._ep.expectation_propagation(
+    unmirrored = flatfast.prior.ep.expectation_propagation(
         K, flipped, init=(first.site_precision, first.site_natural_mean))
     assert warm.sweeps < min(cold.sweeps, unmirrored.sweeps), (warm.sweeps, cold.sweeps, unmirrored.sweeps)
 
@@ -529,7 +529,7 @@ def test_second_order_correction_of_probit_is_heaviside_on_k_plus_i(rng):
 def test_secant_step_lands_on_the_fixed_point_of_a_linear_map_with_two_bad_modes():
     """EP's map on unanimous labels has an oscillating mode (-5.8) and a slow one (+0.87): no damping serves both
     (the best, 0.29, contracts 0.96 a sweep), but on a linear map three sweeps fix the Anderson step exactly."""
-    from flatfast._ep import _SecantSteps
+    from flatfast.prior.ep import _SecantSteps
 
     modes = np.array([[1.0, 1.0], [1.88, 1.0]]).T
     A = modes @ np.diag([-5.8, 0.87]) @ np.linalg.inv(modes)
@@ -549,7 +549,7 @@ def test_secant_step_lands_on_the_fixed_point_of_a_linear_map_with_two_bad_modes
 
 
 def test_secant_step_declines_when_the_sweeps_proposed_the_same_step():
-    from flatfast._ep import _SecantSteps
+    from flatfast.prior.ep import _SecantSteps
 
     secant = _SecantSteps(np)
     for x in (0.1, 0.2, 0.3):  # a constant residual: the differences are zero and fit nothing

@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 
 import flatfast
-from flatfast import _ep, _kernel_checks, _xp, prior
+from flatfast.prior import ep as _ep
+from flatfast.kernel import checks as _kernel_checks
+from flatfast.backend import xp as _xp
+from flatfast.prior import evidence as prior
 from flatfast.errors import BackendFallbackWarning, NotPSDError
 
 

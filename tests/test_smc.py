@@ -1,4 +1,4 @@
-"""method="smc": sequential Monte Carlo from EP's Gaussian to the orthant (flatfast._smc), against exact values."""
+"""method="smc": sequential Monte Carlo from EP's Gaussian to the orthant (flatfast.prior.smc), against exact values."""
 import json
 import math
 import pathlib
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import flatfast
-from flatfast import _smc
+from flatfast.prior import smc as _smc
 from orthant_reference import equicorrelated_log_orthant, genz_log_orthant, low_rank_log_orthant, low_rank_problem
 
 
@@ -130,7 +130,7 @@ def _truncated_gaussian_moves(reference):
 
 
 def _native_module():
-    from flatfast import _native
+    from flatfast.backend import native as _native
 
     module, reason = _native.load_cpp()
     if module is None:

@@ -15,7 +15,9 @@ def _module_name(path):
 
 
 def import_graph():
-    """{module: set of flatfast modules it imports anywhere in its source}."""
+    """{module: set of flatfast modules it imports anywhere in its source}. An import that names a package
+    (``from flatfast.experiments import grid``, ``import flatfast``) runs that package's __init__, so it is an edge
+    to the package too; the parents that Python imports implicitly before any submodule are not counted."""
     modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
     graph = {}
     for name, path in modules.items():
@@ -24,14 +26,50 @@ def import_graph():
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                # "from flatfast import _native" imports flatfast._native; "from flatfast.x import f" imports x
-                targets = [f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in modules else node.module
-                           for alias in node.names]
+                # "from flatfast.backend import native" imports flatfast.backend and flatfast.backend.native;
+                # "from flatfast.curvature.trace import f" imports flatfast.curvature.trace
+                targets = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names
+                                           if f"{node.module}.{alias.name}" in modules]
             else:
                 continue
             edges |= {t for t in targets if t in modules and t != name}
         graph[name] = edges
     return graph
+
+
+# The layers of the package, lowest first: a module imports only from lower layers or from its own part.
+LAYERS = [
+    ("shared", ["flatfast.errors", "flatfast.results", "flatfast._validate", "flatfast._typing",
+                "flatfast._progress", "flatfast.reference", "flatfast.optim"]),
+    ("beneath the parts", ["flatfast.models", "flatfast.backend"]),
+    ("the parts", ["flatfast.curvature", "flatfast.kernel"]),
+    ("built on the parts", ["flatfast.prior", "flatfast.measures"]),
+    ("the face", ["flatfast", "flatfast.testing"]),
+    ("the experiments", ["flatfast.experiments"]),
+    ("the command line", ["flatfast.__main__"]),
+]
+
+
+def _place(module):
+    """(layer index, part) of a module: the longest prefix among LAYERS' names."""
+    best = None
+    for index, (_, parts) in enumerate(LAYERS):
+        for part in parts:
+            if (module == part or module.startswith(part + ".")) and (best is None or len(part) > len(best[1])):
+                best = (index, part)
+    assert best is not None, f"{module} is in no layer of tests/test_structure.py's LAYERS"
+    return best
+
+
+def test_every_import_runs_downward_and_no_part_reaches_sideways():
+    wrong = []
+    for module, targets in import_graph().items():
+        layer, part = _place(module)
+        for target in sorted(targets):
+            target_layer, target_part = _place(target)
+            if target_part != part and target_layer >= layer:
+                wrong.append(f"{module} ({LAYERS[layer][0]}) imports {target} ({LAYERS[target_layer][0]})")
+    assert not wrong, "\n".join(wrong)
 
 
 def test_imports_form_no_cycle():
@@ -57,16 +95,15 @@ def test_imports_form_no_cycle():
 
 def test_dispatcher_and_loaders_know_no_clients():
     graph = import_graph()
-    for low_level in ("flatfast._dispatch", "flatfast._native"):
+    for low_level in ("flatfast.backend.dispatch", "flatfast.backend.native"):
         assert graph[low_level] <= {"flatfast.errors"}, (low_level, graph[low_level])
 
 
 def test_auto_ranks_the_measured_safe_paths_first_on_cuda():
     """On CUDA tensors 'auto' tries cuBLAS (torch) for the R-operator and Triton for the NNGP kernel before the
-    hand-written CUDA C++ kernels, which an H100 measured slower (flatfast/_registry.py has the figures); on the
+    hand-written CUDA C++ kernels, which an H100 measured slower (flatfast/kernel/nngp_backends.py and flatfast/curvature/mlp_rop.py have the figures); on the
     CPU the measured order stands."""
-    import flatfast._registry  # noqa: F401
-    from flatfast._dispatch import _REGISTRY
+    from flatfast.backend.dispatch import _REGISTRY
 
     def auto_order(op, device):
         return [impl.name for impl in _REGISTRY[op] if device in (impl.auto_devices or impl.devices)]

@@ -9,8 +9,8 @@ from scipy import special
 from scipy.stats import multivariate_normal
 
 import flatfast
-from flatfast import _tilting
-from flatfast.prior import ep_log_evidence
+from flatfast.prior import tilting as _tilting
+from flatfast import ep_log_evidence
 
 
 def _closed_form_log_orthant(C):

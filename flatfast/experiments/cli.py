@@ -1,14 +1,14 @@
 """``flatfast reproduce`` (the main experiment): the command line's options turned into a Config, and what Ctrl-C
 leaves."""
-import csv
 import json
 import os
 import sys
 import time
 from pathlib import Path
 
-from flatfast.experiments import grid
 from flatfast.experiments.config import Config
+from flatfast.experiments.grid import merge, run
+from flatfast.experiments.table import interrupted_message
 
 
 def parse_shard(text):
@@ -24,16 +24,6 @@ def parse_shard(text):
     except ValueError:
         raise ValueError(f"--shard: expected i/N (e.g. 0/4), got {text!r}") from None
     return index, count
-
-
-def interrupted_message(table, out):
-    """The one line Ctrl-C leaves: what was kept and how to go on (every finished row is already on disk)."""
-    rows = 0
-    if Path(table).exists():
-        with open(table, newline="") as fh:
-            rows = sum(1 for _ in csv.DictReader(fh))
-    return (f"flatfast reproduce: interrupted; {rows} finished row(s) are kept in {table}; continue with "
-            f"`flatfast reproduce --resume --out {out}`")
 
 
 def _with_e3_settings(overrides, quick):
@@ -59,7 +49,7 @@ def main(args) -> int:
     try:
         if getattr(args, "merge", None):
             t0 = time.perf_counter()
-            grid.merge(args.merge, args.out or "flatfast-results", log=lambda s: print(s, flush=True))
+            merge(args.merge, args.out or "flatfast-results", log=lambda s: print(s, flush=True))
             print(f"done in {time.perf_counter() - t0:.0f} s")
             return 0
         overrides = {}
@@ -84,7 +74,7 @@ def main(args) -> int:
                 overrides = _with_e3_settings(overrides, args.quick)
             config = Config.quick(**overrides) if args.quick else Config(**overrides)
         t0 = time.perf_counter()
-        grid.run(config, resume=args.resume, log=lambda s: print(s, flush=True), jobs=jobs)
+        run(config, resume=args.resume, log=lambda s: print(s, flush=True), jobs=jobs)
     except (FileExistsError, FileNotFoundError, ValueError) as exc:
         print(f"flatfast reproduce: {exc}", file=sys.stderr)
         return 2

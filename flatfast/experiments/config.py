@@ -27,6 +27,50 @@ NOT_COMPARED = {"out": "resume and merge", "shard_index": "merge"}
 
 @dataclasses.dataclass
 class Config:
+    """Every setting of ``flatfast reproduce``; the defaults are the authors' protocol (the documentation's
+    protocol page lists each beside their choice). Each field is the command line's option of the same name.
+
+    Attributes
+    ----------
+    data, data_dir : str, str or None
+        "digits" (scikit-learn's, bundled), "mnist" or "cifar10" (read from ``data_dir``).
+    arch, channels, kernel_samples : str, int, int or None
+        "fcn" (d-``width``-``width``-1, the authors') or "cnn" (two 3x3 convolutions of ``channels``); the CNN's
+        empirical NNGP kernel takes ``kernel_samples`` draws (default n / 10, the authors' rule).
+    n_train, n_test, attack_sizes : int, int or None, list of int
+        |S|, |E| (default: all held-out images) and the attack-set sizes |A| of the grid.
+    seeds, successful_runs, max_seeds : int
+        Seeds per (optimizer, |A|); groups with fewer networks that fit S take further seeds up to ``max_seeds``
+        until ``successful_runs`` have (the authors kept 5 successful runs).
+    optimizers, width, lr, batch_size, max_epochs, train_precision : list of str, int, float, int, int, str
+        Training: "sgd", "adam", "entropy-sgd"; stop at the first epoch with 100 % accuracy on S.
+    likelihood : str
+        The link whose log P(f) the summary reports ("probit", GPy's, as the paper; both are recorded).
+    alpha, divided_layer : float, int
+        The alpha-rescaling of every SGD network (:func:`flatfast.rescale`).
+    sharpness_eps, sharpness_method, sharpness_epochs, sharpness_lr : float, str, int, float
+        Keskar's epsilon-sharpness (:func:`flatfast.sharpness`).
+    trace_method, trace_rtol, frobenius_rtol : str, float, float
+        The Hessian trace's route and the estimators' relative standard errors.
+    pac_bayes_delta : float
+        The confidence parameter of the PAC-Bayes bound (the authors' 2^-10).
+    shard_index, shard_count, out : int, int, str
+        This process's share of the grid (``--shard i/N``) and the output folder.
+
+    Examples
+    --------
+    >>> from flatfast.experiments import Config
+    >>> config = Config()                       # the authors' grid
+    >>> config.n_train, config.attack_sizes[:3], config.optimizers
+    (500, [0, 50, 100], ['sgd', 'adam', 'entropy-sgd'])
+    >>> len(config.grid())                      # (optimizer, |A|, seed) configurations run first
+    165
+    >>> Config(n_train=0).validate()
+    Traceback (most recent call last):
+        ...
+    ValueError: --n-train: must be >= 1, got 0
+    """
+
     data: str = "digits"
     data_dir: Optional[str] = None
     arch: str = "fcn"

@@ -19,9 +19,36 @@ from flatfast.experiments.training import every_seconds, make_model, run_seed, t
 
 
 def run(config: Config, *, resume=False, log=print, jobs=1):
-    """Run every (optimizer, attack size, seed) of the grid (or of this shard), appending rows to
-    <out>/results.csv; then correlations and plots. ``jobs``: configurations run in that many worker processes
-    (the same rows as a serial run, appended as they finish). Returns the path of the results table."""
+    """``flatfast reproduce`` from Python: train and measure every (optimizer, attack size, seed) of the grid (or
+    of this shard), appending one row a network to <out>/results.csv as it finishes; then correlations.json and
+    the plots.
+
+    Parameters
+    ----------
+    config : Config
+        The settings (checked first; a bad one raises ValueError naming its option, before anything is written).
+    resume : bool
+        Continue the run in ``config.out`` (only with the settings it was made with), skipping finished rows.
+    log : callable(str)
+        Where progress lines go.
+    jobs : int
+        Configurations run in that many worker processes (the same rows as a serial run).
+
+    Returns
+    -------
+    pathlib.Path of the results table.
+
+    Examples
+    --------
+    A small grid (two minutes on 2 cores; ``Config.quick()`` is the README's quick reproduction):
+
+    >>> from flatfast.experiments import Config, run
+    >>> config = Config(n_train=60, n_test=150, attack_sizes=[0, 20], seeds=1, successful_runs=1,
+    ...                 optimizers=["sgd"], lr=0.05, sharpness_epochs=3, out="tiny-results")
+    >>> table = run(config)                     # doctest: +SKIP
+    >>> open(table).readline().split(",")[:4]   # doctest: +SKIP
+    ['data', 'optimizer', 'attack_size', 'seed']
+    """
     import flatfast
 
     config.validate()
@@ -121,7 +148,7 @@ def run_configuration(config, shared, optimizer_name, attack, seed, done, log=pr
     attack pool, the test set, the prior kernel, log P(U) and the PAC-Bayes bound). Deterministic given its
     arguments, so serial and parallel runs give the same rows."""
     import flatfast
-    from flatfast.measures import weighted_layer_positions
+    from flatfast.measures.flatness import weighted_layer_positions
 
     S, (A_X, A_y), X_test, y_test, K = shared["S"], shared["A"], shared["X_test"], shared["y_test"], shared["K"]
     t0 = time.perf_counter()

@@ -81,3 +81,13 @@ def read_typed_csv(table, fields, text_fields, bool_fields):
 
 def read_table(table):
     return read_typed_csv(table, FIELDS, _TEXT_FIELDS, _BOOL_FIELDS)
+
+
+def interrupted_message(table, out):
+    """The one line Ctrl-C leaves: what was kept and how to go on (every finished row is already on disk)."""
+    rows = 0
+    if Path(table).exists():
+        with open(table, newline="") as fh:
+            rows = sum(1 for _ in csv.DictReader(fh))
+    return (f"flatfast reproduce: interrupted; {rows} finished row(s) are kept in {table}; continue with "
+            f"`flatfast reproduce --resume --out {out}`")

@@ -153,10 +153,10 @@ def run_temporal(config: TemporalConfig, *, resume=False, log=print):
             summarise_temporal(table, config, log=log)
             return table
     if resume and state_path.exists():
-        state = torch.load(state_path, weights_only=False)
+        state = torch.load(state_path, weights_only=True)  # tensors and plain values only: no code runs
         model.load_state_dict(state["model"])
         gen.set_state(state["generator"])
-        measure.warm = state["warm"]
+        measure.warm = _warm_starts_from_state(state["warm"])
         epoch, fit_epochs, rescaled = state["epoch"], state["fit_epochs"], state["rescaled"]
         with open(table, newline="") as fh:
             done = {(int(r["epoch"]), r["phase"]) for r in csv.DictReader(fh)}
@@ -188,7 +188,8 @@ def run_temporal(config: TemporalConfig, *, resume=False, log=print):
 
         def checkpoint():
             tmp = state_path.with_suffix(".tmp")
-            torch.save(dict(model=model.state_dict(), generator=gen.get_state(), warm=measure.warm, epoch=epoch,
+            torch.save(dict(model=model.state_dict(), generator=gen.get_state(), warm=_warm_starts_as_state(measure.warm),
+                            epoch=epoch,
                             fit_epochs=fit_epochs, rescaled=rescaled), tmp)
             os.replace(tmp, state_path)
 
@@ -280,6 +281,29 @@ _MAIN_ONLY = {"attack_sizes": "--attack-sizes", "seeds": "--seeds", "successful_
               "sharpness_method": "--sharpness", "shard": "--shard"}
 
 
+def _warm_starts_as_state(warm):
+    """The EP warm starts as tensors and strings, which ``torch.load(weights_only=True)`` reads back."""
+    import torch
+
+    return {likelihood: None if res is None else {
+        "site_precision": torch.from_numpy(np.asarray(res.site_precision)),
+        "site_natural_mean": torch.from_numpy(np.asarray(res.site_natural_mean)),
+        "labels": torch.from_numpy(np.asarray(res.labels))} for likelihood, res in warm.items()}
+
+
+def _warm_starts_from_state(state):
+    """The EP warm starts of a checkpoint as the EPResult records ``ep_log_evidence(warm_start=)`` takes."""
+    from flatfast.results import EPResult
+
+    def record(likelihood, sites):
+        return EPResult(log_z=float("nan"), sweeps=0, converged=True, damping=1.0, max_site_change=0.0,
+                        log_z_history=[], seconds=0.0, likelihood=likelihood,
+                        site_precision=sites["site_precision"].numpy(),
+                        site_natural_mean=sites["site_natural_mean"].numpy(), labels=sites["labels"].numpy())
+
+    return {likelihood: None if sites is None else record(likelihood, sites) for likelihood, sites in state.items()}
+
+
 def main(args) -> int:
     given = [flag for field, flag in _MAIN_ONLY.items() if getattr(args, field, None) is not None]
     if given:
@@ -299,7 +323,7 @@ def main(args) -> int:
         config = TemporalConfig.quick(**overrides) if args.quick else TemporalConfig(**overrides)
         run_temporal(config, resume=args.resume, log=lambda s: print(s, flush=True))
     except KeyboardInterrupt:
-        from flatfast.experiments.cli import interrupted_message
+        from flatfast.experiments.table import interrupted_message
 
         print(interrupted_message(Path(overrides["out"]) / "temporal.csv", overrides["out"]), file=sys.stderr)
         return 130

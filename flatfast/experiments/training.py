@@ -33,7 +33,7 @@ def make_cnn(image_shape, channels, seed):
     import torch
     import torch.nn as nn
 
-    from flatfast.empirical import _draw_from_prior
+    from flatfast.kernel.empirical import _draw_from_prior
 
     c, h, w = image_shape
     model = nn.Sequential(nn.Unflatten(1, image_shape), nn.Conv2d(c, channels, 3, padding=1), nn.ReLU(),
@@ -46,10 +46,10 @@ def make_cnn(image_shape, channels, seed):
 
 def make_network(d, width, seed):
     """d-width-width-1 ReLU network, weights N(0, 2/fan_in), biases N(0, 1) (float64): the same prior draw as
-    make_cnn's and the empirical kernel's (flatfast.empirical), from its own generator seeded with ``seed``."""
+    make_cnn's and the empirical kernel's (flatfast.kernel.empirical), from its own generator seeded with ``seed``."""
     import torch
 
-    from flatfast.empirical import _draw_from_prior
+    from flatfast.kernel.empirical import _draw_from_prior
 
     model = torch.nn.Sequential(torch.nn.Linear(d, width), torch.nn.ReLU(), torch.nn.Linear(width, width),
                                 torch.nn.ReLU(), torch.nn.Linear(width, 1)).double()

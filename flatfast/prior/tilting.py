@@ -204,8 +204,8 @@ def tilting_estimate(K, y, ep, *, n_samples, seed, shift=0.0):
     constraint twice and make Sigma singular, so all but one of each group are dropped first: P is unchanged.
     The sampler runs in float64 numpy on the CPU; a cupy K is copied to the host.
     """
-    from flatfast._kernel_checks import _degenerate_pairs
-    from flatfast._xp import to_host, xp_of
+    from flatfast.kernel.checks import _degenerate_pairs
+    from flatfast.backend.xp import to_host, xp_of
     from flatfast.errors import UnreliableEstimateWarning, warn
 
     if xp_of(K) is not np:

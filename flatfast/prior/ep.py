@@ -1,5 +1,5 @@
 """Expectation Propagation for the orthant probability P(sign g = y), g ~ N(0, K + shift I): the parallel EP
-loop, written once against an array module (numpy on the CPU, cupy on a GPU; flatfast._xp holds what differs).
+loop, written once against an array module (numpy on the CPU, cupy on a GPU; flatfast.backend.xp holds what differs).
 
 Per sweep one Cholesky of B = I + S^1/2 K S^1/2 in place in one n x n workspace; the posterior marginal
 variances from diag(B^-1) (the inverse factor's column norms), the means from two triangular products. K and
@@ -13,8 +13,8 @@ import time
 
 import numpy as np
 
-from flatfast._kernel_checks import _scan_rows
-from flatfast._xp import linalg_for, to_host, xp_of
+from flatfast.kernel.checks import _scan_rows
+from flatfast.backend.xp import linalg_for, to_host, xp_of
 from flatfast.errors import ConvergenceWarning, NotPSDError, warn
 from flatfast.results import EPResult
 
@@ -29,9 +29,9 @@ _CANCELLATION_GUARD = {8: 1e-6, 4: 1e-2}
 
 def _sweep_counter(enabled, n):
     """A counter of EP's sweeps without a total (None when not wanted; enabled=None: when stderr is a terminal)."""
-    from flatfast.hessian import _progress_counter
+    from flatfast._progress import progress_counter
 
-    return _progress_counter(None, f"flatfast EP (n = {n})", enabled)[1]
+    return progress_counter(None, f"flatfast EP (n = {n})", enabled)[1]
 
 
 def expectation_propagation(K, y, *, tol=1e-6, max_sweeps=200, site_tol=None, init=None, precision="float64",
@@ -365,115 +365,3 @@ def _log_z_ep(log_zhat, tau, nu, tau_cav, cav_mean, post_mean, half_log_det, xp)
                  - half_log_det
                  + 0.5 * (nu @ post_mean - xp.sum(nu * nu / total_prec))
                  + 0.5 * xp.sum(cav_mean * tau_cav / total_prec * (tau * cav_mean - 2.0 * nu)))
-
-
-# --- the second-order correction of Opper, Paquet & Winther -------------------------------------------------
-
-def second_order_correction(K, y, result, shift=0.0):
-    """The leading correction to EP's log Z of Opper, Paquet & Winther ("Improving on Expectation Propagation",
-    NIPS 2008; JMLR 14, 2013): log Z = log Z_EP + log R with R = E_q[prod_i (1 + eps_i)], q = EP's Gaussian
-    posterior and eps_i = (tilted marginal i) / (q's marginal i) - 1. Expanding each eps_i in Hermite polynomials
-    of z_i = (g_i - mu_i) / sigma_i, whose coefficients c_ki = E_tilted[He_k(z_i)] start at k = 3 (EP matches the
-    first two moments), the pair terms give
-
-        log R ~ sum_{i<j} sum_{k=3,4} c_ki c_kj rho_ij^k / k!,
-
-    rho the posterior correlations of q: the skewness and excess-kurtosis products of every pair of sites. Here the
-    tilted distributions are Gaussians N(m_i, v_i) truncated to y_i g_i > 0, and each c_ki is a 400-point
-    Gauss-Legendre integral over that half-line.
-
-    Cost: the posterior covariance (:func:`posterior_covariance`: one Cholesky, one triangular solve, one
-    product, ~10 Cholesky-equivalents) and two n x n arrays beside K, in float64 on the CPU (a cupy K is copied to
-    the host). ``K`` is the prior
-    covariance without the probit shift; ``shift`` is added on its diagonal."""
-    from scipy.special import log_ndtr
-
-    y = to_host(y).astype(np.float64)
-    tau = to_host(result.site_precision).astype(np.float64)
-    nu = to_host(result.site_natural_mean).astype(np.float64)
-    n = len(y)
-    Sigma, mean, _ = posterior_covariance(to_host(K), tau, nu, shift)
-    var = np.diagonal(Sigma).copy()
-    tau_cav = 1.0 / var - tau
-    cav_mean, cav_var = (mean / var - nu) / tau_cav, 1.0 / tau_cav
-    c3, c4 = _truncated_hermite_coefficients(y, cav_mean, cav_var, mean, var, log_ndtr)
-    scale = 1.0 / np.sqrt(var)
-    block = max(64, n // 32)  # rows of rho at a time: its powers take 0.1 n^2 at most
-    total = 0.0
-    for start in range(0, n, block):
-        rho = Sigma[start: start + block] * scale[start: start + block, None] * scale[None, :]
-        rho3 = rho * rho * rho
-        total += c3[start: start + block] @ rho3 @ c3 / 6.0 + c4[start: start + block] @ (rho3 * rho) @ c4 / 24.0
-    total -= np.sum(c3 * c3) / 6.0 + np.sum(c4 * c4) / 24.0  # the i = j terms (rho_ii = 1) are not pairs
-    return 0.5 * float(total)
-
-
-def posterior_covariance(K, tau, nu, shift=0.0):
-    """EP's Gaussian posterior N(mean, Sigma) from its sites (tau, nu), for the prior covariance C = K + shift I,
-    in float64 on K's array module (numpy on the host, cupy on its device): (Sigma, mean, half_log_det) with
-    B = I + S^1/2 C S^1/2 = L L^T, V = L^-1 S^1/2 C, Sigma = (C^-1 + S)^-1 = C - V^T V, mean = Sigma nu and
-    half_log_det = sum log diag L (= 1/2 log|B|). On numpy two n x n arrays beside K: B's buffer, factored in place,
-    ends as Sigma; V is solved in place (on cupy three: B's factor is a copy). Raises NotPSDError when B is not
-    positive definite."""
-    from scipy.linalg import lapack
-
-    xp = xp_of(K)
-    if xp is not np:  # pragma: no cover - GPU only
-        return _posterior_covariance_on_device(K, tau, nu, shift, xp)
-    n = len(tau)
-    root = np.sqrt(tau)
-    B = np.multiply(K, root[:, None])
-    B *= root[None, :]
-    B[np.diag_indices(n)] += 1.0 + shift * tau
-    L, info = lapack.dpotrf(B.T, lower=1, clean=1, overwrite_a=1)  # B's Fortran view: factored in place
-    if info != 0:
-        raise NotPSDError("K: B = I + S^1/2 K S^1/2 is not positive definite at EP's sites")
-    half_log_det = float(np.sum(np.log(np.diagonal(L))))
-    V = np.multiply(K, root[None, :]).T  # S^1/2 K, Fortran-ordered so that TRTRS solves in place
-    V[np.diag_indices(n)] += shift * root
-    V, info = lapack.dtrtrs(L, V, lower=1, overwrite_b=1)
-    Sigma = np.matmul(V.T, V, out=B)
-    del V, L
-    np.subtract(K, Sigma, out=Sigma)
-    Sigma[np.diag_indices(n)] += shift
-    return Sigma, Sigma @ nu, half_log_det
-
-
-def _posterior_covariance_on_device(K, tau, nu, shift, xp):  # pragma: no cover - GPU only
-    """posterior_covariance's algorithm on cupy arrays (cuSOLVER's Cholesky, cuBLAS's triangular solve)."""
-    from cupyx.scipy.linalg import solve_triangular
-
-    n = tau.shape[0]
-    diagonal = xp.arange(n)
-    root = xp.sqrt(tau)
-    B = K * root[:, None]
-    B *= root[None, :]
-    B[diagonal, diagonal] += 1.0 + shift * tau
-    L = xp.linalg.cholesky(B)
-    del B
-    half_log_det = float(xp.sum(xp.log(xp.diagonal(L))))
-    if not math.isfinite(half_log_det):  # cuSOLVER leaves NaNs where numpy raises
-        raise NotPSDError("K: B = I + S^1/2 K S^1/2 is not positive definite at EP's sites")
-    V = K * root[:, None]  # S^1/2 C
-    V[diagonal, diagonal] += shift * root
-    V = solve_triangular(L, V, lower=True, overwrite_b=True)
-    del L
-    Sigma = V.T @ V
-    del V
-    xp.subtract(K, Sigma, out=Sigma)
-    Sigma[diagonal, diagonal] += shift
-    return Sigma, Sigma @ nu, half_log_det
-
-
-def _truncated_hermite_coefficients(y, cav_mean, cav_var, mean, var, log_ndtr, nodes=400):
-    """E[He_3(z)], E[He_4(z)] under N(cav_mean, cav_var) truncated to y g > 0, z = (g - mean) / sqrt(var): with
-    u = y (g - cav_mean) / sqrt(cav_var) >= a, the density phi(u) / Phi(-a), integrated by Gauss-Legendre on
-    [a, max(a, 0) + 14] (the tail beyond is below 1e-40 of the mass)."""
-    x, w = np.polynomial.legendre.leggauss(nodes)
-    a = -y * cav_mean / np.sqrt(cav_var)
-    width = (np.maximum(a, 0.0) + 14.0 - a)[:, None] / 2.0
-    u = a[:, None] + width * (x[None, :] + 1.0)
-    weight = w[None, :] * width * np.exp(-0.5 * u * u - 0.5 * math.log(2.0 * math.pi) - log_ndtr(-a)[:, None])
-    z = (cav_mean[:, None] + y[:, None] * np.sqrt(cav_var)[:, None] * u - mean[:, None]) / np.sqrt(var)[:, None]
-    z2 = z * z
-    return np.sum(weight * z * (z2 - 3.0), axis=1), np.sum(weight * (z2 * z2 - 6.0 * z2 + 3.0), axis=1)

@@ -1,91 +1,19 @@
 """Randomised and Krylov estimators over a symmetric linear operator given by its block product.
 
 ``matmat(V)`` maps a (k, P) torch tensor of k vectors to the (k, P) tensor of their products. Nothing here knows
-about models or data: the Hessian of a loss is one such operator (see :mod:`flatfast.hessian`), an explicit
+about models or data: the Hessian of a loss is one such operator (see :func:`flatfast.hvp`), an explicit
 matrix is another (the tests use both). Every estimate carries its uncertainty.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import Callable, List, Optional
+from typing import Callable
 
 import numpy as np
 
+from flatfast.results import EigenResult, SpectrumResult, TraceResult
+
 MatMat = Callable[["torch.Tensor"], "torch.Tensor"]  # noqa: F821
-
-
-@dataclasses.dataclass
-class TraceResult:
-    """A trace estimate: value, its standard error, the operator products it used (probes), and the
-    per-probe samples of the stochastic part (for diagnostics)."""
-
-    value: float
-    stderr: float
-    probes: int
-    method: str
-    samples: List[float] = dataclasses.field(default_factory=list, repr=False)
-    mode: Optional[str] = None  # the model's mode during the passes ("eval" or "train"); None for a bare operator
-
-    def __float__(self):
-        return float(self.value)
-
-    def __repr__(self):
-        mode = "" if self.mode is None else f", mode={self.mode!r}"
-        return f"TraceResult({self.value:.6g} ± {self.stderr:.2g}, method={self.method!r}, probes={self.probes}{mode})"
-
-
-@dataclasses.dataclass
-class EigenResult:
-    """Extreme eigenvalues by Lanczos: values (largest first), residual norms ``|H u - theta u|`` of the Ritz pairs,
-    the Ritz vectors (k, P) when kept, and the Lanczos iterations used."""
-
-    values: np.ndarray
-    residuals: np.ndarray
-    iterations: int
-    vectors: Optional["torch.Tensor"] = dataclasses.field(default=None, repr=False)  # noqa: F821
-    mode: Optional[str] = None
-
-    def __repr__(self):
-        mode = "" if self.mode is None else f", mode={self.mode!r}"
-        values = np.array2string(np.asarray(self.values), precision=6, separator=", ")
-        residuals = np.array2string(np.asarray(self.residuals), precision=2, separator=", ")
-        return f"EigenResult(values={values}, residuals={residuals}, iterations={self.iterations}{mode})"
-
-
-@dataclasses.dataclass
-class SpectrumResult:
-    """Stochastic Lanczos quadrature: per probe, Ritz values (nodes) and weights (squared first components of the
-    Ritz vectors; each probe's weights sum to 1). ``grid``/``density`` is the Gaussian-smoothed spectral density
-    (integrates to 1; multiply by the dimension for an eigenvalue count)."""
-
-    nodes: np.ndarray  # (probes, iterations)
-    weights: np.ndarray  # (probes, iterations)
-    grid: np.ndarray
-    density: np.ndarray
-    sigma: float
-    dimension: int
-    mode: Optional[str] = None
-
-    def __repr__(self):
-        mode = "" if self.mode is None else f", mode={self.mode!r}"
-        probes, nodes = self.nodes.shape
-        return (f"SpectrumResult({probes} probes x {nodes} nodes, eigenvalues in [{self.nodes.min():.4g}, "
-                f"{self.nodes.max():.4g}], dimension={self.dimension}{mode})")
-
-    def moment(self, j: int) -> float:
-        """SLQ estimate of tr(H^j) / dimension."""
-        return float(np.mean(np.sum(self.weights * self.nodes ** j, axis=1)))
-
-    def plot(self, ax=None, **kwargs):
-        """Plot the smoothed density on a log scale (matplotlib)."""
-        import matplotlib.pyplot as plt
-
-        ax = ax or plt.gca()
-        ax.semilogy(self.grid, np.maximum(self.density, 1e-12), **kwargs)
-        ax.set_xlabel("eigenvalue")
-        ax.set_ylabel("density")
-        return ax
 
 
 def rademacher(k, P, generator, dtype, device):

@@ -12,9 +12,13 @@ import numpy as np
 
 from flatfast._typing import BatchFn, Loader, LossFn
 from flatfast._validate import check_float, check_int
-from flatfast.estimators import TraceResult, hutchinson
-from flatfast._model_util import distributed, eval_mode
-from flatfast.hessian import HessianOperator, hessian_eigenvalues, hessian_spectrum, hessian_trace
+from flatfast.curvature.estimators import hutchinson
+from flatfast.results import FlatnessReport, TraceResult
+from flatfast.models.passes import distributed
+from flatfast.models.modes import eval_mode
+from flatfast.curvature.operator import HessianOperator
+from flatfast.curvature.hessian import hessian_eigenvalues, hessian_spectrum
+from flatfast.curvature.trace import hessian_trace
 
 if TYPE_CHECKING:  # pragma: no cover
     from flatfast._typing import InputsLike, Model, ParamsLike
@@ -139,9 +143,9 @@ def sharpness(model: Model, loader: Loader, eps: float = 1e-4, *, loss_fn: Optio
         import torch.distributed as dist
 
         world = dist.get_world_size()
-    from flatfast.hessian import _progress_counter
+    from flatfast._progress import progress_counter
 
-    update, bar = _progress_counter(epochs if method == "sgd-ascent" else steps + 1, f"flatfast sharpness ({method})",
+    update, bar = progress_counter(epochs if method == "sgd-ascent" else steps + 1, f"flatfast sharpness ({method})",
                                     progress)
     try:
         with op.session(), _differentiable(params):
@@ -221,40 +225,14 @@ def frobenius_norm(model: Model, loader: Loader, *, loss_fn: Optional[LossFn] = 
         HV = op.matmat(V)
         return (HV * HV).sum(dim=1)
 
-    from flatfast.hessian import _with_progress
+    from flatfast._progress import with_progress
 
-    res = _with_progress(probes or max_probes, "flatfast Frobenius norm", progress, lambda update: hutchinson(
+    res = with_progress(probes or max_probes, "flatfast Frobenius norm", progress, lambda update: hutchinson(
         op.matmat, op.dimension, quadratic=squared_norms, probes=probes, rtol=2 * rtol, seed=seed, block=block,
         max_probes=max_probes, dtype=op.dtype, device=op.device, progress=update))
     value = math.sqrt(max(res.value, 0.0))
     stderr = res.stderr / (2 * value) if value > 0 else float("inf")
     return TraceResult(value, stderr, res.probes, "hutchinson-frobenius", res.samples, mode=op.mode)
-
-
-@dataclasses.dataclass
-class FlatnessReport:
-    """Every local flatness measure of one model and data set, each with its uncertainty."""
-
-    trace: TraceResult
-    top_eigenvalue: float
-    top_eigenvalue_residual: float
-    frobenius: TraceResult
-    sharpness: float
-    log_volume: float
-    log_volume_stderr: float
-    mode: str = "eval"
-
-    def __repr__(self):
-        return (f"FlatnessReport(trace={self.trace.value:.6g} ± {self.trace.stderr:.2g} ({self.trace.method}), "
-                f"top_eigenvalue={self.top_eigenvalue:.6g}, frobenius={self.frobenius.value:.6g} ± "
-                f"{self.frobenius.stderr:.2g}, sharpness={self.sharpness:.4g}, log_volume={self.log_volume:.6g} ± "
-                f"{self.log_volume_stderr:.2g}, mode={self.mode!r})")
-
-    def as_dict(self):
-        return {"trace": self.trace.value, "trace_stderr": self.trace.stderr, "top_eigenvalue": self.top_eigenvalue,
-                "top_eigenvalue_residual": self.top_eigenvalue_residual, "frobenius": self.frobenius.value,
-                "frobenius_stderr": self.frobenius.stderr, "sharpness": self.sharpness,
-                "log_volume": self.log_volume, "log_volume_stderr": self.log_volume_stderr, "mode": self.mode}
 
 
 def flatness_report(model: Model, loader: Loader, *, loss_fn: Optional[LossFn] = None,
@@ -422,7 +400,7 @@ def function_of(model: Model, X: InputsLike, *, batch_size: int = 4096) -> np.nd
     """
     import torch
 
-    from flatfast.empirical import model_inputs
+    from flatfast.kernel.empirical import model_inputs
 
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")

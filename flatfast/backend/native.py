@@ -106,6 +106,12 @@ def triton_unavailable():
     return None
 
 
+def triton_devices():
+    """The devices whose tensors Triton runs: CUDA; the CPU too under its interpreter (tests), which is chosen
+    before triton is imported."""
+    return ("cuda", "cpu") if triton_interpreted() else ("cuda",)
+
+
 def require_triton_device(device_type):
     """Triton launches on CUDA tensors; CPU tensors only under its interpreter (tests)."""
     if device_type == "cpu" and not triton_interpreted():
@@ -114,10 +120,14 @@ def require_triton_device(device_type):
 
 @functools.lru_cache(maxsize=None)
 def _blas_controller():
+    """threadpoolctl's view of the loaded libraries, taken once scipy's BLAS -- the one the C++ core calls -- is
+    loaded (a controller made earlier would not see it); None without threadpoolctl."""
     try:
         from threadpoolctl import ThreadpoolController
     except ImportError:
         return None
+    import scipy.linalg.cython_blas  # noqa: F401
+
     return ThreadpoolController()
 
 
@@ -127,22 +137,23 @@ _BLAS_STATE = {"users": 0, "limiter": None}
 
 @contextlib.contextmanager
 def single_threaded_blas():
-    """Limit every loaded BLAS to one thread while native code calls BLAS from its own worker threads.
+    """Limit every loaded BLAS to one thread while native code calls BLAS from its own worker threads; yields
+    whether a BLAS was found and limited (False without threadpoolctl, or when it sees no BLAS).
 
-    Without it, OpenBLAS's idle threads spin on the same cores as the workers and halve throughput. The limit is
+    Without the limit, OpenBLAS's threads spin on the same cores as the workers and halve throughput. The limit is
     process-wide, so it is reference-counted: the first caller in sets it, the last one out restores the
     original, and Python threads calling the kernels concurrently cannot leave numpy single-threaded.
     """
     controller = _blas_controller()
-    if controller is None:
-        yield
+    if controller is None or not controller.select(user_api="blas").lib_controllers:
+        yield False
         return
     with _BLAS_LOCK:
         if _BLAS_STATE["users"] == 0:
             _BLAS_STATE["limiter"] = controller.limit(limits=1, user_api="blas")
         _BLAS_STATE["users"] += 1
     try:
-        yield
+        yield True
     finally:
         with _BLAS_LOCK:
             _BLAS_STATE["users"] -= 1
@@ -151,17 +162,20 @@ def single_threaded_blas():
                 _BLAS_STATE["limiter"] = None
 
 
-# Below this many multiply-adds the threadpoolctl round trip (~1 ms) costs more than BLAS threads could.
+# Below this many multiply-adds the threadpoolctl round trip (~1 ms) costs more than parallel tiles could gain.
 _SINGLE_THREAD_BLAS_MIN_WORK = 2_000_000
 
 
 def run_with_blas_limited(work, fn, *args):
-    """``fn(*args)``, a C++ kernel whose worker threads call BLAS, with BLAS limited to one thread when the
-    multiply-add count ``work`` makes the limit worth its cost."""
-    if work < _SINGLE_THREAD_BLAS_MIN_WORK:
-        return fn(*args)
-    with single_threaded_blas():
-        return fn(*args)
+    """``fn(*args)``, a C++ kernel whose workers call BLAS, so that no threaded BLAS is ever called inside a
+    parallel region: its tiles run in parallel only while every loaded BLAS is limited to one thread; below
+    ``work`` = 2 million multiply-adds (where the limit's round trip costs more than it saves), or where no BLAS
+    can be limited, they run on the calling thread (``serial=True``) and BLAS may thread on its own."""
+    if work >= _SINGLE_THREAD_BLAS_MIN_WORK:
+        with single_threaded_blas() as limited:
+            if limited:
+                return fn(*args)
+    return fn(*args, serial=True)
 
 
 def set_num_threads(threads: Optional[int] = None) -> Optional[int]:

@@ -1,6 +1,8 @@
 """One dispatch mechanism for every native primitive.
 
-Each primitive (``nngp``, ``mlp_hvp``) registers its implementations with a device list, a priority and an
+It knows nothing of its clients: each part registers its own implementations where they are defined (the NNGP
+kernel's in :mod:`flatfast.kernel.nngp_backends`, the R-operator's in :mod:`flatfast.curvature.mlp_rop`), and
+``import flatfast`` imports every part. Each primitive (``nngp``, ``mlp_hvp``) registers its implementations with a device list, a priority and an
 availability probe. ``dispatch(op, backend, device)`` returns the implementation to run:
 
 * ``backend="auto"`` takes the highest-priority available implementation for the device. Falling back to
@@ -83,8 +85,17 @@ def dispatch(op: str, backend: str, device: str) -> Impl:
     raise BackendUnavailableError(f"no backend for {op} runs on {device}: {skipped}")
 
 
-def report() -> Dict[str, Dict[str, str]]:
-    """``{op: {backend: "available (devices)" | "unavailable: reason"}}`` for everything registered."""
+def backends() -> Dict[str, Dict[str, str]]:
+    """What can run here: ``{op: {backend: "available (devices)" | "unavailable: reason"}}`` for every primitive
+    (``nngp``, the NNGP kernel; ``mlp_hvp`` and ``mlp_vhv``, the R-operator of Linear/ReLU networks) and every
+    backend registered for it. ``flatfast info`` prints the same.
+
+    Examples
+    --------
+    >>> import flatfast
+    >>> flatfast.backends()["nngp"]["reference"]
+    'available (cpu/cuda)'
+    """
     result: Dict[str, Dict[str, str]] = {}
     for op, impls in _REGISTRY.items():
         result[op] = {}

@@ -25,7 +25,7 @@ so that one Gaussian a stage serves them. On numpy the trajectories run in the C
 (flatfast._C.orthant_trajectories_f64), and on cupy in the CUDA kernel, one warp per particle
 (flatfast._C_cuda.orthant_trajectories); trajectories_reference is the same loop written against the array module,
 all particles in lockstep, the oracle both are tested against and the fallback where neither is built. Each
-stage's Gaussian is formed where K is (flatfast._ep.posterior_covariance: LAPACK on the host, cuSOLVER on the
+stage's Gaussian is formed where K is (flatfast.prior.posterior.posterior_covariance: LAPACK on the host, cuSOLVER on the
 device), so on a GPU no n x n array crosses to the host.
 """
 from __future__ import annotations
@@ -35,8 +35,8 @@ import time
 
 import numpy as np
 
-from flatfast._ep import posterior_covariance
-from flatfast._xp import to_host, xp_of
+from flatfast.prior.posterior import posterior_covariance
+from flatfast.backend.xp import to_host, xp_of
 
 RUNS = 10  # independent runs behind the error bar (their spread is the standard error)
 MOVES = 5  # reflected Hamiltonian trajectories per particle and stage
@@ -57,14 +57,14 @@ def smc_estimate(K, y, ep, *, n_samples, seed, shift=0.0, progress=None, runs=No
     averaged over all moves). ``seed`` seeds the pilot and the runs together; ``progress``: a counter
     of the stages (None: when stderr is a terminal)."""
     from flatfast.errors import UnreliableEstimateWarning, warn
-    from flatfast.hessian import _progress_counter
+    from flatfast._progress import progress_counter
 
     t0 = time.perf_counter()
     runs, moves = runs or RUNS, moves or MOVES  # read at call time, so that a script may change them
     xp = xp_of(K)
     particles = n_samples // runs
     path = _Path(K, y, ep, shift, xp)
-    update, bar = _progress_counter(None, f"flatfast SMC stages (n = {K.shape[0]})", progress)
+    update, bar = progress_counter(None, f"flatfast SMC stages (n = {K.shape[0]})", progress)
     try:
         log_ratios, stages, bounces, stopped = _lockstep_runs(path, runs, particles, xp.random.default_rng(seed),
                                                               moves, update)
@@ -218,8 +218,8 @@ def _native_trajectories(xp):
     """The native trajectories for K's array module, or None: the C++ core (flatfast._C.orthant_trajectories_f64)
     for numpy particles, the CUDA kernel (flatfast._C_cuda.orthant_trajectories, _cuda_trajectories) for cupy's;
     where that extension is missing, trajectories_reference runs instead, after one BackendFallbackWarning."""
-    from flatfast import _native
-    from flatfast._xp import _warn_once
+    from flatfast.backend import native as _native
+    from flatfast.backend.xp import _warn_once
 
     module, reason = _native.load_cpp() if xp is np else _native.load_cuda()
     if module is None:

@@ -1,37 +1,35 @@
-"""log P(f): the NNGP prior probability of a labelling — the public functions ``log_prior`` and
-``ep_log_evidence``, their argument checks and memory guard, and the run over one or several labellings.
+"""log P(f): the NNGP prior probability of a labelling -- the public functions ``log_prior`` and
+``ep_log_evidence`` and the run of an estimator over one or several labellings.
 
-The EP solver is flatfast._ep (one loop over an array module: numpy on the CPU, cupy on a GPU, in two n x n
-arrays), the kernel's checks flatfast._kernel_checks, and the tilting estimator flatfast._tilting.
+``log_prior`` reads as three steps: the kernel of the points (:func:`_prior_kernel`), the labels
+(:func:`flatfast.prior.checks._labels`), the estimator (:func:`_evidence`: EP of :mod:`flatfast.prior.ep`, then
+tilting or SMC where asked).
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, List, Optional, Union
 
 import numpy as np
 
-from flatfast._validate import check_float, check_int, memory_guard
-from flatfast._xp import ep_array, free_bytes, linalg_for, xp_of
-from flatfast._ep import _sweep_counter, expectation_propagation, second_order_correction
-from flatfast._kernel_checks import _check_finite_symmetric, _check_psd, _impossible_points
-from flatfast._smc import RUNS as SMC_RUNS, block_rows as smc_block_rows, smc_estimate
-from flatfast._tilting import tilting_estimate
+from flatfast._validate import check_float, check_int
+from flatfast.backend.xp import ep_array, linalg_for, xp_of
+from flatfast.errors import NotPSDError, warn
+from flatfast.kernel.checks import _check_finite_symmetric, _check_psd, _impossible_points
+from flatfast.prior.checks import _check_correction, _check_method, _guard_memory, _labels, _module_for_input
+from flatfast.prior.correction import second_order_correction
+from flatfast.prior.ep import _sweep_counter, expectation_propagation
+from flatfast.prior.smc import RUNS as SMC_RUNS
+from flatfast.prior.smc import smc_estimate
+from flatfast.prior.tilting import tilting_estimate
+from flatfast.results import EPResult
 
 if TYPE_CHECKING:  # pragma: no cover
     from flatfast._typing import ArrayLike, InputsLike, Model
-from flatfast.errors import NotPSDError, warn
-from flatfast.results import EPResult
 
 _LIKELIHOODS = ("heaviside", "probit")
 _PRECISIONS = ("float64", "mixed")
-_METHODS = ("ep", "tilting", "smc")
-_RETIRED_METHODS = {
-    "ep-is": "method='ep-is' was removed: importance sampling from the EP posterior has infinite-variance weights "
-             "under the Heaviside likelihood and collapses beyond a few dozen points, so its error bar could not "
-             "be backed; method='tilting' replaces it"}
 
 
 def log_prior(X: InputsLike, y: ArrayLike, *, depth: int = 2, sigma_w2: float = 2.0, sigma_b2: float = 1.0,
@@ -164,51 +162,67 @@ def log_prior(X: InputsLike, y: ArrayLike, *, depth: int = 2, sigma_w2: float = 
     >>> flatfast.log_prior(X, y) < 0
     True
     """
-    from flatfast.nngp import nngp_kernel
+    kernel_samples = _kernel_samples_argument(samples, kernel_samples)
+    X, n = _points(X, kernel=kernel, model=model, kernel_samples=kernel_samples)
+    labels = _labels(y, n)
+    _check_method(method)
+    estimator = dict(likelihood=likelihood, method=method, tol=tol, max_sweeps=max_sweeps, return_info=return_info,
+                     n_samples=n_samples, seed=seed, precision=precision, progress=progress, correction=correction)
+    if kernel is not None:  # X only says how many points there are; it may have any shape
+        shape = tuple(getattr(kernel, "shape", np.shape(kernel)))
+        if shape != (n, n):
+            raise ValueError(f"kernel: expected shape ({n}, {n}) for the {n} points of X, got {shape}")
+        return ep_log_evidence(kernel, y, **estimator)
+    _check_correction(correction, method)
+    _guard_memory(n, likelihood, method, "log_prior", xp=_module_for_input(X), new_arrays=1, n_samples=n_samples,
+                  correction=correction)
+    K = _prior_kernel(X, model=model, kernel_samples=kernel_samples, depth=depth, sigma_w2=sigma_w2,
+                      sigma_b2=sigma_b2, seed=seed, backend=backend)
+    return _evidence(K, labels, y_was_2d=np.ndim(y) == 2, **estimator)
+
+
+def _kernel_samples_argument(samples, kernel_samples):
+    """``kernel_samples``, or ``samples``, its former name (with a FutureWarning)."""
+    if samples is None:
+        return kernel_samples
+    if kernel_samples is not None:
+        raise ValueError("samples, kernel_samples: samples is kernel_samples' former name; give one")
+    warn("log_prior: samples= is now kernel_samples= (the kernel's random draws; n_samples is the tilting "
+         "sampler's)", FutureWarning)
+    return samples
+
+
+def _points(X, *, kernel, model, kernel_samples):
+    """(X checked, n): the points the prior is over. With ``model``, X is what the model takes (a tensor, or a
+    mapping of tensors); with ``kernel``, X only says how many points there are."""
     from flatfast._validate import as_float_matrix
 
-    if samples is not None:
-        if kernel_samples is not None:
-            raise ValueError("samples, kernel_samples: samples is kernel_samples' former name; give one")
-        warn("log_prior: samples= is now kernel_samples= (the kernel's random draws; n_samples is the tilting "
-             "sampler's)", FutureWarning)
-        kernel_samples = samples
     if kernel is not None and model is not None:
         raise ValueError("kernel, model: give one of them (model's kernel is computed), not both")
     if (model is None) != (kernel_samples is None):
         raise ValueError("model, kernel_samples: the empirical kernel needs both (kernel_samples = number of "
                          "random draws M)")
-    if model is not None or isinstance(X, Mapping):  # X as a model takes it: a tensor, or a mapping of tensors
-        from flatfast.empirical import model_inputs
+    if model is not None or isinstance(X, Mapping):
+        from flatfast.kernel.empirical import model_inputs
 
-        n = model_inputs(X).size
-    else:
-        if kernel is None:
-            X = as_float_matrix(X, "X", allow_empty=False)
-        n = len(X)
-    labels = _labels(y, n)
-    _check_method(method)
-    if kernel is not None:  # X only says how many points there are; it may have any shape
-        shape = tuple(getattr(kernel, "shape", np.shape(kernel)))
-        if shape != (n, n):
-            raise ValueError(f"kernel: expected shape ({n}, {n}) for the {n} points of X, got {shape}")
-        return ep_log_evidence(kernel, y, likelihood=likelihood, method=method, tol=tol, max_sweeps=max_sweeps,
-                               correction=correction,
-                               return_info=return_info, n_samples=n_samples, seed=seed, precision=precision,
-                               progress=progress)
-    _check_correction(correction, method)
-    _guard_memory(n, likelihood, method, "log_prior", xp=_module_for_input(X), new_arrays=1, n_samples=n_samples,
-                  correction=correction)
+        return X, model_inputs(X).size
+    if kernel is None:
+        X = as_float_matrix(X, "X", allow_empty=False)
+    return X, len(X)
+
+
+def _prior_kernel(X, *, model, kernel_samples, depth, sigma_w2, sigma_b2, seed, backend):
+    """The prior covariance of the points, as EP takes it: the empirical NNGP kernel of ``model``'s architecture,
+    else the arc-cosine NNGP kernel of a ReLU network of ``depth`` hidden layers."""
     if model is not None:
-        from flatfast.empirical import empirical_nngp_kernel
+        from flatfast.kernel.empirical import empirical_nngp_kernel
 
         K = empirical_nngp_kernel(model, X, kernel_samples, sigma_w2=sigma_w2, sigma_b2=sigma_b2, seed=seed)
     else:
+        from flatfast.kernel.nngp import nngp_kernel
+
         K = nngp_kernel(X, depth=depth, sigma_w2=sigma_w2, sigma_b2=sigma_b2, backend=backend)
-    K = ep_array(K, "the kernel")
-    return _evidence(K, labels, y_was_2d=np.ndim(y) == 2, likelihood=likelihood, method=method, tol=tol,
-                     max_sweeps=max_sweeps, return_info=return_info, n_samples=n_samples, seed=seed,
-                     precision=precision, progress=progress, correction=correction)
+    return ep_array(K, "the kernel")
 
 
 def ep_log_evidence(K: ArrayLike, y: ArrayLike, *, likelihood: str = "heaviside", method: str = "ep",
@@ -282,86 +296,6 @@ def ep_log_evidence(K: ArrayLike, y: ArrayLike, *, likelihood: str = "heaviside"
     return _evidence(K, labels, y_was_2d=np.ndim(y) == 2, likelihood=likelihood, method=method, tol=tol,
                      max_sweeps=max_sweeps, return_info=return_info, n_samples=n_samples, seed=seed, init=init,
                      precision=precision, check_psd=check_psd, progress=progress, correction=correction)
-
-
-# --- validation -------------------------------------------------------------------------------------------
-
-def _labels(y, n):
-    if isinstance(y, (str, bytes)) or y is None:
-        raise TypeError(f"y: expected labels in {{-1, +1}} or {{0, 1}}, got {type(y).__name__}")
-    from flatfast._validate import to_numpy
-
-    arr = to_numpy(y)
-    if arr.ndim not in (1, 2):
-        raise ValueError(f"y: expected a 1-D labelling or a 2-D array of labellings, got {arr.ndim}-D")
-    if arr.shape[-1] != n:
-        raise ValueError(f"y: has {arr.shape[-1]} labels per labelling but there are {n} points")
-    if arr.dtype.kind not in "biuf":
-        raise TypeError(f"y: expected numeric labels, got dtype {arr.dtype}")
-    values = np.unique(arr)
-    if np.all(np.isin(values, (-1, 1))):
-        signs = arr.astype(np.float64)
-    elif np.all(np.isin(values, (0, 1))):
-        signs = np.where(arr > 0, 1.0, -1.0)
-    else:
-        raise ValueError(f"y: labels must be in {{-1, +1}} or {{0, 1}}; found {values[:5].tolist()}")
-    return np.atleast_2d(signs)
-
-
-def _check_method(method):
-    if method in _RETIRED_METHODS:
-        raise ValueError(f"method: {_RETIRED_METHODS[method]}")
-    if method not in _METHODS:
-        raise ValueError(f"method: expected one of {_METHODS}, got {method!r}")
-
-
-def _module_for_input(X):
-    """The array module EP will run on for inputs like X (cupy for CUDA tensors when it can run there)."""
-    from flatfast._xp import device_ep_unavailable, is_cuda_tensor
-
-    if (is_cuda_tensor(X) or type(X).__module__.startswith("cupy")) and device_ep_unavailable() is None:
-        import cupy
-
-        return cupy
-    return np
-
-
-def _check_correction(correction, method):
-    if not isinstance(correction, bool):
-        raise TypeError(f"correction: expected True or False, got {correction!r}")
-    if correction and method != "ep":
-        raise ValueError("correction: is EP's second-order correction, for method='ep' only")
-
-
-def _guard_memory(n, likelihood, method, caller, *, xp=np, new_arrays=0, n_samples=0, correction=False):
-    """Fail before allocating, against the memory of the device EP runs on. ``new_arrays``: n x n float64 arrays
-    the caller makes before EP (the kernel, or a float64 copy of K); then EP's workspace (its row-block scans add
-    0.1 n^2 at large n, up to 0.25 n^2 at n of a few hundred). Tilting (on the host) adds four (the signed K, its
-    ordered factor, the Newton system and its Jacobian), a block of n x min(2048, n_samples) samples, and for
-    probit its own K + I; the second-order correction 2.7 (on the host). The counts are what tracemalloc measures
-    (tests/test_prior_device.py)."""
-    arrays = new_arrays + 1.25
-    what = "EP's workspace"
-    extra = 0.0
-    if method == "tilting":
-        arrays += 4 + (likelihood == "probit")
-        samples = n_samples if isinstance(n_samples, int) else 2048  # validated later, with the other arguments
-        extra = 8.0 * n * min(2048, max(samples, 1))
-        what += ", the tilting estimator's four and its sample block" + (" and K + I" if likelihood == "probit"
-                                                                        else "")
-    if method == "smc":
-        # each stage's Gaussian (its covariance and factor, made beside one temporary on the host, two on a GPU)
-        # and all runs' particles with the pilot's, twice while they are resampled, plus the moves' blocks
-        samples = n_samples if isinstance(n_samples, int) else 0
-        rows = samples // SMC_RUNS * (SMC_RUNS + 1)
-        arrays += (2 if xp is np else 3) + (2 * rows + 8 * min(rows, smc_block_rows(xp))) / n
-        what += ", the SMC's stage covariance and its factor, and its particles"
-    if correction:
-        arrays += 2.7
-        what += ", the correction's posterior covariance and its factor (on the host)"
-    where = "" if xp is np else " on the GPU"
-    memory_guard(arrays * 8.0 * n * n + extra, f"{caller} on n = {n} points{where} ({arrays:g} new float64 n x n "
-                 "arrays: " + ("the kernel, " if new_arrays else "") + what + ")", available=free_bytes(xp))
 
 
 def _evidence(K, labels, *, y_was_2d, likelihood, method, tol, max_sweeps, return_info, n_samples, seed, init=None,

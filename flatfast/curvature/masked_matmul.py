@@ -33,7 +33,7 @@ def cpp_masked_matmul(A, B, mask, C=None):
     """(A @ B + C) * mask by the C++ kernel on numpy views of the CPU tensors (no copies for contiguous ones)."""
     import torch
 
-    from flatfast import _native
+    from flatfast.backend import native as _native
 
     module = _native.load_cpp()[0]
     a, b, transposed, keep, c = _flat_operands(A, B, mask, C)
@@ -47,7 +47,7 @@ def cuda_masked_matmul(A, B, mask, C=None):
     """(A @ B + C) * mask by the CUDA C++ kernel on the tensors' device memory."""
     import torch
 
-    from flatfast import _native
+    from flatfast.backend import native as _native
 
     module = _native.load_cuda()[0]
     a, b, transposed, keep, c = _flat_operands(A, B, mask, C)
@@ -60,7 +60,7 @@ def cuda_masked_matmul(A, B, mask, C=None):
 
 
 def triton_masked_matmul(A, B, mask, C=None):
-    from flatfast import _native
+    from flatfast.backend import native as _native
 
     _native.require_triton_device(A.device.type)
     return _native.load_triton()[0].masked_matmul_triton(A, B, mask, C)

@@ -9,7 +9,7 @@
 Both give the same products (to rounding). The operator remembers the route that worked
 (``HessianOperator.route``); only torch's own "not implemented" errors move on to the next route, anything else
 (out of memory, a dtype error, a bug in the user's loss) propagates. Attention and recurrent layers run on
-backends that support both (see :func:`flatfast._model_util.measuring`).
+backends that support both (see :func:`flatfast.models.modes.measuring`).
 
 Why double backward first, measured on 2 cores (seconds per vector, one run each; double backward against
 forward-over-reverse): a ResNet-18-shaped CNN with 1.1M parameters 0.36 / 0.48 at 1 vector a call, 0.25 / 0.41 at
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 
-from flatfast._model_util import check_finite
+from flatfast.models.passes import check_finite
 
 ROUTES = ("double backward", "forward-over-reverse")
 _LOG = logging.getLogger("flatfast")

@@ -29,28 +29,22 @@ products are all-reduced.
 from __future__ import annotations
 
 import dataclasses
-import math
-import sys
 from typing import TYPE_CHECKING, List, Optional, Union
 
 import numpy as np
 
-from flatfast._exact_trace import exact_trace
-from flatfast._mlp_rop import mlp_exact_trace
-from flatfast._operator import HessianOperator
+from flatfast._progress import with_progress
 from flatfast._typing import BatchFn, Loader, LossFn
-from flatfast._validate import check_float, check_int
-from flatfast.errors import NotPiecewiseLinearError
-from flatfast.estimators import (EigenResult, SpectrumResult, TraceResult, hutchinson, hutchpp,
-                                 lanczos_eigenvalues, lanczos_iterations, probe_block, slq, unit_vector_trace)
+from flatfast._validate import check_int
+from flatfast.curvature.estimators import lanczos_eigenvalues, lanczos_iterations, slq
+from flatfast.curvature.operator import HessianOperator
+from flatfast.results import EigenResult, SpectrumResult
 
 if TYPE_CHECKING:  # pragma: no cover
     import scipy.sparse.linalg
 
     from flatfast._typing import Model, ParamsLike, Tensor
 
-
-# --- public API ------------------------------------------------------------------------------------------
 
 def _as_matrix(op, vectors):
     import torch
@@ -70,11 +64,6 @@ def _as_matrix(op, vectors):
     if vectors.dim() != 2:
         raise ValueError(f"vectors: expected a (k, P) tensor, got shape {tuple(vectors.shape)}")
     return vectors, "matrix"
-
-
-def _operator(model, loader, loss_fn, params, batch_fn, mode, backend="auto", progress=None):
-    return HessianOperator(model, loader, loss_fn, params=params, batch_fn=batch_fn, mode=mode, backend=backend,
-                           progress=progress)
 
 
 def hvp(model: Model, loader: Loader, vectors: Union[Tensor, List[Tensor]], *, loss_fn: Optional[LossFn] = None,
@@ -127,207 +116,13 @@ def hvp(model: Model, loader: Loader, vectors: Union[Tensor, List[Tensor]], *, l
     >>> flatfast.hvp(model, data, torch.randn(2, P)).shape
     torch.Size([2, 67])
     """
-    op = _operator(model, loader, loss_fn, params, batch_fn, mode, backend, progress)
+    op = HessianOperator(model, loader, loss_fn, params=params, batch_fn=batch_fn, mode=mode, backend=backend,
+                        progress=progress)
     V, layout = _as_matrix(op, vectors)
     HV = op.matmat(V)
     if layout == "list":
         return [t.view(s) for t, s in zip(HV[0].split(op.sizes), op.shapes)]
     return HV[0] if layout == "vector" else HV
-
-
-def _progress_counter(total, desc, enabled):
-    if not (enabled if enabled is not None else sys.stderr.isatty()):
-        return None, None
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, desc=desc, file=sys.stderr, leave=False)
-    state = {"n": 0}
-
-    def update(n):
-        bar.update(n - state["n"])
-        state["n"] = n
-
-    return update, bar
-
-
-_TRACE_METHODS = ("auto", "exact", "unit-vectors", "hutch++", "hutchinson")
-# The cost model of method="auto", in forward+backward passes over the data: one Hessian-vector product (or
-# quadratic form) costs about two; the exact trace about one per output-curvature factor (C for C outputs).
-HVP_PASSES = 2
-
-
-def expected_estimator_probes(probes, rtol, max_probes):
-    """Operator products the estimator is expected to need: ``probes`` when given; else 2 / rtol^2 (Hutchinson's
-    relative variance 2 (|H|_F^2 - sum H_ii^2) / tr(H)^2 is near 2 when a few top eigenvalues dominate the
-    spectrum, as in trained networks), capped at ``max_probes``."""
-    if probes is not None:
-        return probes
-    return int(min(max_probes, math.ceil(2.0 / rtol ** 2)))
-
-
-def choose_trace_method(op, *, probes=None, rtol=0.01, max_probes=2000):
-    """The cheapest honest route to tr H for ``hessian_trace(method="auto")``; returns (method, why).
-
-    1. ``"exact"`` when the network is piecewise linear in each parameter (one watched forward pass of two
-       examples decides, as for method="exact") and its cost, about K passes for K output-curvature factors (the
-       outputs C), is at most the estimator's expected cost, HVP_PASSES x expected_estimator_probes.
-    2. ``"unit-vectors"`` when the estimator would need at least as many products as there are parameters P:
-       the P products with unit vectors give the trace exactly.
-    3. ``"hutch++"`` otherwise, never with more than P probes.
-    """
-    import torch
-
-    from flatfast._exact_trace import AUTOGRAD_LOSS_MAX_OUTPUTS, _loss_kind, check_piecewise_linear
-
-    budget = expected_estimator_probes(probes, rtol, max_probes)
-    inputs, _ = next(iter(op.batches()))
-    with op.session(), torch.no_grad():
-        outputs = int(inputs[:1].call(op.model).numel())
-        why_not = None
-        if op.linears is None:
-            try:
-                check_piecewise_linear(op.model, inputs[:2], op.params)
-            except NotPiecewiseLinearError as exc:
-                why_not = str(exc)
-        if why_not is None and _loss_kind(op) == "autograd" and outputs > AUTOGRAD_LOSS_MAX_OUTPUTS:
-            why_not = f"the loss's {outputs} x {outputs} output Hessian is not factored beyond " \
-                      f"{AUTOGRAD_LOSS_MAX_OUTPUTS} outputs"
-    if why_not is None and outputs <= HVP_PASSES * budget:
-        return "exact", f"piecewise linear; ~{outputs} passes against ~{HVP_PASSES * budget} for the estimator"
-    if op.dimension <= budget:
-        return "unit-vectors", f"{op.dimension} parameters <= the estimator's ~{budget} probes"
-    return "hutch++", why_not or f"~{outputs} passes for the exact trace > ~{HVP_PASSES * budget} for the estimator"
-
-
-def hessian_trace(model: Model, loader: Loader, *, loss_fn: Optional[LossFn] = None,
-                  params: Optional[ParamsLike] = None, batch_fn: Optional[BatchFn] = None, mode: str = "eval",
-                  probes: Optional[int] = None,
-                  rtol: float = 0.01, method: str = "auto", seed: int = 0, block: Optional[int] = None,
-                  max_probes: int = 2000, backend: str = "auto", progress: Optional[bool] = None) -> TraceResult:
-    r"""Trace of the Hessian of the dataset-mean loss (see :func:`hvp` for the convention), with its standard error.
-
-    ``method="auto"`` (default) takes the cheapest honest route (:func:`choose_trace_method`): the exact trace
-    below when the network is piecewise linear in each parameter and its cost (about C passes for C outputs) is
-    at most the estimator's expected cost (two passes per probe, ``probes`` or 2 / rtol^2 of them, capped at
-    ``max_probes``); the exact trace from the P products with unit vectors (``"unit-vectors"``) when the
-    estimator would need at least P probes for the model's P parameters; Hutch++ otherwise, with at most P
-    probes. ``result.method`` says which ran.
-
-    ``method="hutch++"`` sketches the top of the spectrum exactly and runs Hutchinson on the rest;
-    ``method="hutchinson"`` is plain Hutchinson with Rademacher probes, :math:`\mathrm{tr} H \approx
-    \frac1m\sum_j v_j^\top H v_j` (each :math:`v^\top H v` a second directional derivative). Probes are drawn
-    in blocks of ``block`` (one data pass per block; default: as many as fit in 256 MiB on the CPU or an eighth
-    of the device's free memory, at most 64), drawn on the model's device. Stops when ``stderr <= rtol *
-    |value|``, or after exactly ``probes`` operator products (>= 6 for Hutch++, >= 2 for Hutchinson) when given.
-
-    ``method="exact"`` is the exact trace, with zero standard error, of any network that is piecewise linear in
-    each single parameter -- built from Linear, Conv1d/2d/3d (and transposed), ReLU, LeakyReLU, Hardtanh/ReLU6,
-    max/average/adaptive pooling, Flatten and reshapes, Dropout and BatchNorm in eval mode, residual additions
-    and concatenations, in any nn.Module (not only nn.Sequential) -- or piecewise linear in the measured
-    ``params`` alone: a transformer's classifier head, say, whatever comes before it. For such a network the
-    second derivative of the outputs in one parameter is 0, so the Hessian's diagonal is the Gauss-Newton
-    diagonal and
-    :math:`\mathrm{tr} H = \frac1N \sum_i \sum_k w_k \lVert J_i^\top s_{ik} \rVert^2`, where
-    :math:`H_{out,i} = \sum_k w_k s_{ik} s_{ik}^\top` factors the loss's Hessian in example i's outputs:
-    cross-entropy :math:`s_k = \sqrt{p_k}(e_k - p)`, MSE (mean over C outputs) :math:`\sqrt{2/C}\, e_k`,
-    BCE-with-logits :math:`\sqrt{\sigma(1-\sigma)/C}\, e_k` (the default loss and torch's CrossEntropyLoss,
-    MSELoss, BCEWithLogitsLoss with default settings); any other ``loss_fn`` that is a mean of per-example losses
-    is factored by the eigendecomposition of its autograd output Hessian (up to 256 outputs). One forward pass
-    on the first batch checks the network: a smooth nonlinearity on parameter-dependent values (tanh, GELU,
-    softplus, LayerNorm, softmax), BatchNorm on batch statistics, dropout in training mode, or a product of two
-    values that depend on the same parameter (a weight applied twice in sequence, gating, attention) raises
-    ValueError naming the module. Cost: one forward pass, then per example a backward pass for each of the K
-    factor vectors (K = C for cross-entropy and MSE, so about C backward passes with per-example gradient
-    norms; bench/bench_hessian.py measures it on a small ResNet against one forward+backward pass and a 100-probe
-    Hutchinson estimate); the per-example gradients are held at most 256 MiB at a time,
-    chunked over examples and factor vectors, so C = 1000 classes fits. nn.Sequential Linear/ReLU models with
-    cross-entropy or MSE take a batched fast path with the same result.
-
-    Parameters
-    ----------
-    model, loader, loss_fn, params, batch_fn, mode : as for :func:`hvp`.
-    probes : int, optional
-        Exactly this many operator products for the estimators (>= 6 for Hutch++, >= 2 for Hutchinson).
-    rtol : float
-        Without ``probes``: stop when ``stderr <= rtol * |value|``.
-    method : {"auto", "exact", "unit-vectors", "hutch++", "hutchinson"}
-    seed : int
-        Seeds the probes: the same seed gives the same estimate.
-    block : int, optional
-        Probes per data pass.
-    max_probes : int
-        The most probes the adaptive estimators take.
-    backend : str
-        The R-operator's backend for plain Linear/ReLU MLPs (see :func:`hvp`).
-    progress : bool or None
-        A bar over the probes (None: when stderr is a terminal).
-
-    Returns
-    -------
-    TraceResult with ``.value``, ``.stderr``, ``.probes`` (operator products used; 0 for "exact"), ``.method`` and
-    ``.mode``.
-
-    Examples
-    --------
-    >>> import torch, flatfast
-    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
-    >>> data = [(torch.randn(64, 4), torch.randint(0, 3, (64,)))]
-    >>> res = flatfast.hessian_trace(model, data, probes=64, method="hutchinson")
-    >>> res.probes
-    64
-    >>> cnn = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-    ...                           torch.nn.Flatten(), torch.nn.Linear(16, 1))
-    >>> images, labels = torch.randn(32, 1, 6, 6), torch.randint(0, 2, (32, 1)).float()
-    >>> bce = torch.nn.BCEWithLogitsLoss()
-    >>> exact = flatfast.hessian_trace(cnn, [(images, labels)], loss_fn=bce, method="exact")
-    >>> exact.stderr
-    0.0
-    >>> flatfast.hessian_trace(cnn, [(images, labels)], loss_fn=bce).method   # auto
-    'exact'
-    """
-    if method not in _TRACE_METHODS:
-        raise ValueError(f"method: expected one of {_TRACE_METHODS}, got {method!r}")
-    if probes is not None:
-        probes = check_int(probes, "probes", minimum=2 if method == "hutchinson" else 6)
-    rtol = check_float(rtol, "rtol", positive=True)
-    seed = check_int(seed, "seed", minimum=0)
-    max_probes = check_int(max_probes, "max_probes", minimum=2)
-    if block is not None:
-        block = check_int(block, "block", minimum=1)
-    op = _operator(model, loader, loss_fn, params, batch_fn, mode, backend)
-    import torch
-
-    block = probe_block(op.dimension, torch.empty((), dtype=op.dtype).element_size(), op.device, block)
-    chosen = method
-    if method == "auto":
-        chosen, _ = choose_trace_method(op, probes=probes, rtol=rtol, max_probes=max_probes)
-        max_probes = min(max_probes, op.dimension)  # never more probes than the unit vectors would take
-    if chosen == "exact":
-        value = mlp_exact_trace(op) if op.linears is not None else exact_trace(op)
-        return TraceResult(value, 0.0, 0, "exact", mode=op.mode)
-    if chosen == "unit-vectors":
-        result = _with_progress(op.dimension, "flatfast trace (unit-vectors)", progress, lambda update: (
-            unit_vector_trace(op.matmat, op.dimension, quadratic=op.quadratic, block=block, dtype=op.dtype,
-                              device=op.device, progress=update)))
-        return dataclasses.replace(result, mode=op.mode)
-    estimator = hutchpp if chosen == "hutch++" else hutchinson
-    if probes is not None and method == "auto":
-        probes = min(probes, op.dimension)
-    result = _with_progress(probes or max_probes, f"flatfast trace ({chosen})", progress, lambda update: estimator(
-        op.matmat, op.dimension, quadratic=op.quadratic, probes=probes, rtol=rtol, seed=seed, block=block,
-        max_probes=max_probes, dtype=op.dtype, device=op.device, progress=update))
-    return dataclasses.replace(result, mode=op.mode)
-
-
-def _with_progress(total, desc, enabled, run):
-    """``run(update)`` with a progress bar of ``total`` steps (``enabled``: True, False, or None for "when stderr is
-    a terminal"); ``update`` is None without a bar."""
-    update, bar = _progress_counter(total, desc, enabled)
-    try:
-        return run(update)
-    finally:
-        if bar is not None:
-            bar.close()
 
 
 def hessian_eigenvalues(model: Model, loader: Loader, k: int = 1, *, loss_fn: Optional[LossFn] = None,
@@ -339,7 +134,7 @@ def hessian_eigenvalues(model: Model, loader: Loader, k: int = 1, *, loss_fn: Op
 
     Each Ritz value theta comes with its residual ``|H u - theta u|``, a bound on its distance to an eigenvalue; the
     run stops when every residual is at most ``tol * |theta|``. The basis holds at most 8k vectors of P
-    (:func:`flatfast.estimators.lanczos_basis`), whatever the number of iterations. A repeated eigenvalue is
+    (:func:`flatfast.curvature.estimators.lanczos_basis`), whatever the number of iterations. A repeated eigenvalue is
     found once (the top k *distinct* values are returned), and Ritz values are lower bounds of the eigenvalues
     they approximate; a ConvergenceWarning says when max_iter ran out first.
 
@@ -375,11 +170,11 @@ def hessian_eigenvalues(model: Model, loader: Loader, k: int = 1, *, loss_fn: Op
     (2,)
     """
     k = check_int(k, "k", minimum=1)
-    op = _operator(model, loader, loss_fn, params, batch_fn, mode, backend)
+    op = HessianOperator(model, loader, loss_fn, params=params, batch_fn=batch_fn, mode=mode, backend=backend)
     if k > op.dimension:
         raise ValueError(f"k: asks for {k} eigenvalues of a {op.dimension}-dimensional Hessian")
     iterations = lanczos_iterations(op.dimension, k, max_iter)
-    result = _with_progress(iterations, "flatfast Lanczos", progress, lambda update: lanczos_eigenvalues(
+    result = with_progress(iterations, "flatfast Lanczos", progress, lambda update: lanczos_eigenvalues(
         op.matmat, op.dimension, k=k, max_iter=max_iter, tol=tol, seed=seed, dtype=op.dtype, device=op.device,
         keep_vectors=return_vectors, progress=update))
     return dataclasses.replace(result, mode=op.mode)
@@ -430,8 +225,8 @@ def hessian_spectrum(model: Model, loader: Loader, *, loss_fn: Optional[LossFn] 
     """
     probes = check_int(probes, "probes", minimum=1)
     iterations = check_int(iterations, "iterations", minimum=1)
-    op = _operator(model, loader, loss_fn, params, batch_fn, mode, backend)
-    result = _with_progress(iterations, "flatfast SLQ", progress, lambda update: slq(
+    op = HessianOperator(model, loader, loss_fn, params=params, batch_fn=batch_fn, mode=mode, backend=backend)
+    result = with_progress(iterations, "flatfast SLQ", progress, lambda update: slq(
         op.matmat, op.dimension, probes=probes, iterations=iterations, seed=seed, sigma=sigma, grid_size=grid_size,
         dtype=op.dtype, device=op.device, progress=update))
     return dataclasses.replace(result, mode=op.mode)
@@ -468,7 +263,7 @@ def hessian_operator(model: Model, loader: Loader, *, loss_fn: Optional[LossFn] 
     import torch
     from scipy.sparse.linalg import LinearOperator
 
-    op = _operator(model, loader, loss_fn, params, batch_fn, mode, backend)
+    op = HessianOperator(model, loader, loss_fn, params=params, batch_fn=batch_fn, mode=mode, backend=backend)
     np_dtype = np.float64 if op.dtype == torch.float64 else np.float32
 
     def matmat(M):
@@ -480,5 +275,4 @@ def hessian_operator(model: Model, loader: Loader, *, loss_fn: Optional[LossFn] 
                           matmat=matmat, rmatvec=lambda v: matmat(np.reshape(v, (-1, 1)))[:, 0], dtype=np_dtype)
 
 
-__all__ = ["HessianOperator", "choose_trace_method", "hessian_eigenvalues", "hessian_operator", "hessian_spectrum",
-           "hessian_trace", "hvp"]
+__all__ = ["hessian_eigenvalues", "hessian_operator", "hessian_spectrum", "hvp"]

@@ -1,12 +1,14 @@
-"""The NNGP kernel of a deep fully connected ReLU network (backends in flatfast._nngp_backends)."""
+"""The NNGP kernel of a deep fully connected ReLU network: validation and dispatch (the backends, and their ranks,
+are in :mod:`flatfast.kernel.nngp_backends`)."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
-from flatfast._registry import dispatch
 from flatfast._validate import as_float_matrix, check_float, check_int, device_of, float_dtype, is_torch
+from flatfast.backend.dispatch import dispatch
+from flatfast.kernel import nngp_backends  # noqa: F401  (registers the kernel's backends with the dispatcher)
 
 if TYPE_CHECKING:  # pragma: no cover
     from flatfast._typing import ArrayLike

@@ -17,7 +17,7 @@ refused with the name of the module that did it.
 """
 from __future__ import annotations
 
-from flatfast._model_util import check_finite, mean_over_ranks
+from flatfast.models.passes import check_finite, mean_over_ranks
 from flatfast.errors import NotPiecewiseLinearError
 
 # Operations after which the output is piecewise linear in the inputs (and in every parameter they depend on).
@@ -53,7 +53,7 @@ def _argument(args, kwargs, index, name, default=None):
 
 
 def check_piecewise_linear(model, inputs, trainable):
-    """Run the model once on ``inputs`` (a :class:`flatfast._batches.ModelInputs`), watching every torch function
+    """Run the model once on ``inputs`` (a :class:`flatfast.models.batches.ModelInputs`), watching every torch function
     it calls; raise NotPiecewiseLinearError naming the first module whose computation breaks piecewise linearity
     in a single parameter of ``trainable`` (see the module docstring). Parameters outside ``trainable`` are
     constants here, so a network can qualify in a subset of its parameters (its last layer, say)."""
@@ -163,7 +163,7 @@ def _example(values, dims, i):
 # --- the loss's output curvature ------------------------------------------------------------------------------
 
 def _loss_kind(op):
-    """The operator's loss kind (flatfast._operator.loss_kind); None is the default, cross-entropy."""
+    """The operator's loss kind (flatfast.curvature.operator.loss_kind); None is the default, cross-entropy."""
     return op.loss_kind
 
 

@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Callable, Optional, Tuple, Union
 
+from flatfast._progress import progress_counter
 from flatfast._validate import check_float, check_int, memory_guard
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -114,8 +115,6 @@ def empirical_nngp_kernel(model: Model, X: InputsLike, kernel_samples: int = 64,
     """
     import torch
 
-    from flatfast.hessian import _progress_counter
-
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if samples is not None:
@@ -127,7 +126,7 @@ def empirical_nngp_kernel(model: Model, X: InputsLike, kernel_samples: int = 64,
     given_tensor = isinstance(X, torch.Tensor) or (  # a mapping or tuple of tensors counts as tensors
         isinstance(X, (Mapping, list, tuple)) and any(isinstance(v, torch.Tensor) for v in
                                                        (X.values() if isinstance(X, Mapping) else X)))
-    samples = check_int(kernel_samples, "kernel_samples", minimum=2)
+    draws = check_int(kernel_samples, "kernel_samples", minimum=2)
     if readout not in _READOUTS:
         raise ValueError(f"readout: expected one of {_READOUTS}, got {readout!r}")
     sigma_w2 = check_float(sigma_w2, "sigma_w2", positive=True)
@@ -137,58 +136,92 @@ def empirical_nngp_kernel(model: Model, X: InputsLike, kernel_samples: int = 64,
     if init is not None and not callable(init):
         raise TypeError(f"init: expected a callable(model, generator), got {type(init).__name__}")
 
-    net = copy.deepcopy(model).eval()
-    params = list(net.parameters())
-    device = params[0].device if params else torch.device("cpu")
-    dtype = params[0].dtype if params else torch.float32
-    X = model_inputs(X)
-    n = X.size
-    X = X.to(device, dtype)
-    memory_guard((3 if return_stderr else 1) * 8.0 * n * n,
-                 f"empirical_nngp_kernel on n = {n} inputs (n x n float64 accumulators)")
-    rules = None if init is not None else _prior_rules(net)
+    net, X = _copy_with_inputs(model, X)
+    memory_guard((3 if return_stderr else 1) * 8.0 * X.size * X.size,
+                 f"empirical_nngp_kernel on n = {X.size} inputs (n x n float64 accumulators)")
+    redraw = _redraw(net, init, sigma_w2, sigma_b2, seed)
     last_linear = _last_linear(net, X[:1]) if readout == "penultimate" else None
 
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
-    global_draws = torch.Generator().manual_seed(seed + 1)  # seeds torch's global RNG for the own initialisers
-    total = torch.zeros(n, n, dtype=torch.float64, device=device)
-    squares = torch.zeros_like(total) if return_stderr else None
-    update, bar = _progress_counter(samples, "flatfast empirical NNGP", progress)
-    with torch.no_grad():
-        for drawn in range(1, samples + 1):
-            if init is None:
-                _draw_from_prior(net, generator, sigma_w2, sigma_b2, rules=rules, global_draws=global_draws)
-            else:
-                init(net, generator)
-            features = _features(net, X, last_linear, batch_size).to(torch.float64)
-            if readout == "penultimate":
-                draw = features @ features.T
-                draw.mul_(sigma_w2 / features.shape[1]).add_(sigma_b2)
-            else:
-                draw = (features @ features.T).div_(features.shape[1])
-            total += draw
-            if squares is not None:
-                squares.addcmul_(draw, draw)
-            if update is not None:
-                update(drawn)
-    if bar is not None:
-        bar.close()
-    K = total / samples
+    def draw_kernel():
+        features = _features(net, X, last_linear, batch_size).to(torch.float64)
+        k = features @ features.T
+        if readout == "penultimate":
+            return k.mul_(sigma_w2 / features.shape[1]).add_(sigma_b2)
+        return k.div_(features.shape[1])
+
+    K, stderr = _monte_carlo_mean(redraw, draw_kernel, draws, X.size, net_device(net), return_stderr, progress)
     # the kind it was given: a tensor (on the model's device) for tensor inputs, numpy otherwise
     as_given = (lambda t: t) if given_tensor else (lambda t: t.cpu().numpy())
+    return as_given(K) if stderr is None else (as_given(K), as_given(stderr))
+
+
+def net_device(net):
+    """The device of a network's first parameter (the CPU for a network without any)."""
+    import torch
+
+    first = next(net.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def _copy_with_inputs(model, X):
+    """A copy of the model in eval mode (the draws never touch the user's parameters), and X as
+    :class:`ModelInputs` on its device, floating-point inputs in its dtype."""
+    import torch
+
+    net = copy.deepcopy(model).eval()
+    first = next(net.parameters(), None)
+    dtype = first.dtype if first is not None else torch.float32
+    return net, model_inputs(X).to(net_device(net), dtype)
+
+
+def _redraw(net, init, sigma_w2, sigma_b2, seed):
+    """A function that re-draws every parameter of ``net`` in place, from the prior (see empirical_nngp_kernel)
+    or from ``init``, each call the next draw of the seeded sequence."""
+    import torch
+
+    generator = torch.Generator(device=net_device(net))
+    generator.manual_seed(seed)
+    if init is not None:
+        return lambda: init(net, generator)
+    rules = _prior_rules(net)
+    global_draws = torch.Generator().manual_seed(seed + 1)  # seeds torch's global RNG for the own initialisers
+    return lambda: _draw_from_prior(net, generator, sigma_w2, sigma_b2, rules=rules, global_draws=global_draws)
+
+
+def _monte_carlo_mean(redraw, draw_kernel, draws, n, device, return_stderr, progress):
+    """(mean of ``draws`` kernels, each taken after ``redraw()``, and the standard error of every entry or None),
+    accumulated in float64 one draw at a time."""
+    import torch
+
+    total = torch.zeros(n, n, dtype=torch.float64, device=device)
+    squares = torch.zeros_like(total) if return_stderr else None
+    update, bar = progress_counter(draws, "flatfast empirical NNGP", progress)
+    try:
+        with torch.no_grad():
+            for drawn in range(1, draws + 1):
+                redraw()
+                k = draw_kernel()
+                total += k
+                if squares is not None:
+                    squares.addcmul_(k, k)
+                if update is not None:
+                    update(drawn)
+    finally:
+        if bar is not None:
+            bar.close()
+    K = total / draws
     if squares is None:
-        return as_given(K)
-    variance = (squares / samples - K * K).clamp_(min=0.0) * (samples / (samples - 1))
-    return as_given(K), as_given((variance / samples).sqrt_())
+        return K, None
+    variance = (squares / draws - K * K).clamp_(min=0.0) * (draws / (draws - 1))
+    return K, (variance / draws).sqrt_()
 
 
 def model_inputs(X, name="X"):
-    """X as :class:`flatfast._batches.ModelInputs`: a tensor or array (one positional input) or a mapping of
+    """X as :class:`flatfast.models.batches.ModelInputs`: a tensor or array (one positional input) or a mapping of
     tensors (keyword inputs), with n >= 1 examples first and finite floating-point values."""
     import torch
 
-    from flatfast._batches import ModelInputs
+    from flatfast.models.batches import ModelInputs
 
     if not isinstance(X, (torch.Tensor, Mapping, list, tuple)):
         X = torch.as_tensor(X)

@@ -1,13 +1,15 @@
 """HessianOperator: H V and v^T H v of the dataset-mean loss for blocks of vectors, one data pass per block.
-See :mod:`flatfast.hessian` for the loss convention."""
+See :mod:`flatfast.curvature.hessian` for the loss convention."""
 from __future__ import annotations
 
 import sys
 
-from flatfast._batches import split_batch
-from flatfast._mlp_rop import plain_mlp_layers
-from flatfast._model_util import check_mode, distributed, measuring, select_parameters
-from flatfast._registry import dispatch
+from flatfast.models.batches import split_batch
+from flatfast.curvature.mlp_rop import plain_mlp_layers
+from flatfast.models.modes import check_mode, measuring
+from flatfast.models.passes import distributed
+from flatfast.models.parameters import select_parameters
+from flatfast.backend.dispatch import dispatch
 
 
 def loss_kind(loss_fn):
@@ -84,39 +86,61 @@ def _padding_rows(model, params, dimension):
     return mask if bool(mask.any()) else None
 
 
+def _check_arguments(model, loader, loss_fn, batch_fn):
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if iter(loader) is loader:  # a generator or other iterator: the second pass would see nothing (or less)
+        raise TypeError("loader: is a one-shot iterator (e.g. a generator); flatfast makes several passes over "
+                        "the data (method='auto' looks at the first batch before the trace's own pass), so pass "
+                        "a list of batches or a DataLoader")
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError("loss_fn: expected a callable loss_fn(outputs, targets) returning the batch mean")
+    if batch_fn is not None and not callable(batch_fn):
+        raise TypeError("batch_fn: expected a callable batch_fn(batch) -> (inputs, targets)")
+
+
 class HessianOperator:
     """H V for blocks of vectors, one pass over the data per block (shared forward pass and data loading).
 
-    ``params`` picks the parameters (see :func:`flatfast._model_util.select_parameters`; the others are held
-    fixed), ``batch_fn`` maps each raw batch to (inputs, targets) (see :mod:`flatfast._batches`), ``mode`` is
-    the modules' mode during the passes ("eval" by default; see :func:`flatfast._model_util.measuring`)."""
+    ``params`` picks the parameters (see :func:`flatfast.models.parameters.select_parameters`; the others are held
+    fixed), ``batch_fn`` maps each raw batch to (inputs, targets) (see :mod:`flatfast.models.batches`), ``mode`` is
+    the modules' mode during the passes ("eval" by default; see :func:`flatfast.models.modes.measuring`)."""
 
     def __init__(self, model, loader, loss_fn=None, *, params=None, batch_fn=None, mode="eval", backend="auto",
                  progress=None):
-        import torch
-
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-        if iter(loader) is loader:  # a generator or other iterator: the second pass would see nothing (or less)
-            raise TypeError("loader: is a one-shot iterator (e.g. a generator); flatfast makes several passes over "
-                            "the data (method='auto' looks at the first batch before the trace's own pass), so pass "
-                            "a list of batches or a DataLoader")
-        if loss_fn is not None and not callable(loss_fn):
-            raise TypeError("loss_fn: expected a callable loss_fn(outputs, targets) returning the batch mean")
-        if batch_fn is not None and not callable(batch_fn):
-            raise TypeError("batch_fn: expected a callable batch_fn(batch) -> (inputs, targets)")
+        _check_arguments(model, loader, loss_fn, batch_fn)
         self.model, self.loader, self.user_loss, self.batch_fn = model, loader, loss_fn, batch_fn
+        self.progress = progress
         self.params = select_parameters(model, params)
         self.mode = check_mode(model, mode)
+        self._lay_out_parameters()
+        self.loss_kind = loss_kind(loss_fn)
+        self._choose_products(backend)
+        # How torch.func differentiates this model twice; set by the first product (flatfast.curvature.generic_hvp)
+        self.route = None
+        self.constant_entries = _padding_rows(model, self.params, self.dimension)
+        # A loader that is a list or tuple of one batch gives the same batch to every pass: its gradient graph
+        # can serve every product, as PyHessian's data= mode does (see cached_gradient_graph).
+        self._single_batch = isinstance(loader, (list, tuple)) and len(loader) == 1
+        self._graph = None
+
+    def _lay_out_parameters(self):
+        """The flat layout of the measured parameters: P = ``dimension`` entries in ``named_parameters()`` order,
+        in the first parameter's dtype and on its device."""
         first = self.params[0][1]
         self.dtype, self.device = first.dtype, first.device
         self.sizes = [p.numel() for _, p in self.params]
         self.shapes = [p.shape for _, p in self.params]
         self.dimension = int(sum(self.sizes))
-        self.progress = progress
-        self.loss_kind = loss_kind(loss_fn)
-        self.linears = plain_mlp_layers(model, self.params) if self.loss_kind in (None, "cross_entropy", "mse") \
-            else None
+
+    def _choose_products(self, backend):
+        """Which implementation takes the products: the R-operator fast path (its masked GEMMs on the chosen
+        backend) for a plain Linear/ReLU MLP with the default, cross-entropy or MSE loss; the reference (double
+        backward, forward-over-reverse as a fallback) for any other model."""
+        fast_path_losses = (None, "cross_entropy", "mse")
+        self.linears = plain_mlp_layers(self.model, self.params) if self.loss_kind in fast_path_losses else None
         want = backend or "auto"
         if want in ("reference", "generic") or (self.linears is None and want == "auto"):
             want = "reference"
@@ -126,13 +150,6 @@ class HessianOperator:
         self.impl = dispatch("mlp_hvp", want, self.device.type)
         self.quadratic_impl = dispatch("mlp_vhv", want, self.device.type)
         self.backend = self.impl.name
-        # How torch.func differentiates this model twice; set by the first product (flatfast._generic_hvp)
-        self.route = None
-        self.constant_entries = _padding_rows(model, self.params, self.dimension)
-        # A loader that is a list or tuple of one batch gives the same batch to every pass: its gradient graph
-        # can serve every product, as PyHessian's data= mode does (see cached_gradient_graph).
-        self._single_batch = isinstance(loader, (list, tuple)) and len(loader) == 1
-        self._graph = None
 
     # the data ---------------------------------------------------------------------------------------
     def batches(self):
@@ -182,7 +199,7 @@ class HessianOperator:
         return self._graph[1]
 
     def session(self):
-        """The context every pass over the data runs in (:func:`flatfast._model_util.measuring`)."""
+        """The context every pass over the data runs in (:func:`flatfast.models.modes.measuring`)."""
         return measuring(self.model, self.mode)
 
     def loss_and_targets(self, outputs, targets):
@@ -212,7 +229,7 @@ class HessianOperator:
 
     def quadratic(self, V):
         """v^T H v for each row v of V (k, P): by a second-order forward pass for plain Linear/ReLU MLPs, v . (H v)
-        otherwise (see flatfast._generic_hvp.generic_quadratic)."""
+        otherwise (see flatfast.curvature.generic_hvp.generic_quadratic)."""
         return self._accumulate(self.quadratic_impl.fn, V, per_vector_shape=False)
 
     def _accumulate(self, fn, V, per_vector_shape):
