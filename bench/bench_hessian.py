@@ -147,3 +147,27 @@ def test_resnet_trace_exact(benchmark, resnet):
     estimate = resnet_results.get("hutchinson")
     if estimate is not None:  # the estimate must cover the exact value
         assert abs(estimate.value - res.value) < 4 * estimate.stderr
+
+
+def _probe(model, loader):
+    from flatfast.curvature.operator import HessianOperator
+
+    return HessianOperator(model, loader).probe()
+
+
+def test_resnet_behaviour_probe(benchmark, resnet):
+    """What every curvature call now pays first: the first batch twice (the loss must be a function) and in two
+    halves (may the examples be taken one at a time?), as a fraction of one trace and of one forward+backward."""
+    model, loader = resnet
+    benchmark.group = "resnet-trace"
+    benchmark.name = "resnet-behaviour-probe"
+    benchmark.extra_info["baseline"] = ["resnet-forward-backward", "resnet-trace-exact", "resnet-trace-hutchinson-100"]
+    benchmark.pedantic(_probe, args=(model, loader), rounds=5, iterations=1, warmup_rounds=1)
+
+
+def test_mlp_behaviour_probe(benchmark, setup):
+    model, loader, _ = setup
+    benchmark.group = "hessian-trace"
+    benchmark.name = "mlp-behaviour-probe"
+    benchmark.extra_info["baseline"] = ["trace-flatfast-exact", "trace-flatfast-hutchinson-100"]
+    benchmark.pedantic(_probe, args=(model, loader), rounds=5, iterations=1, warmup_rounds=1)

@@ -35,6 +35,8 @@ class TraceResult:
         The stochastic part's per-probe samples, for diagnostics (not printed).
     mode : str or None
         The model's mode during the passes ("eval" or "train"); None for a bare operator.
+    reason : str
+        Why this route ran: "asked for", or what ``method="auto"`` found (not printed).
 
     Examples
     --------
@@ -54,6 +56,7 @@ class TraceResult:
     method: str
     samples: List[float] = dataclasses.field(default_factory=list, repr=False)
     mode: Optional[str] = None
+    reason: str = dataclasses.field(default="", repr=False)
 
     def __float__(self):
         return float(self.value)

@@ -1,7 +1,9 @@
 """The headline calls on the models researchers train now: transformers (torch's and Hugging Face's), recurrent
 nets, attention written by hand, ResNet-style CNNs with BatchNorm; batches as tensors, tuples and mappings;
 parameter subsets; modes. Every value is checked against the dense Hessian of a small instance (P < 3000, float64),
-computed by reverse-over-reverse autograd -- not the forward-over-reverse route flatfast takes."""
+computed by reverse-over-reverse autograd, and that Hessian in turn against central finite differences of the
+float64 gradient -- a reference that shares no code path with the double backward flatfast takes first."""
+import contextlib
 import subprocess
 import sys
 import warnings
@@ -171,24 +173,14 @@ def _as_pair(batch):
     return tuple(inputs), {}, y
 
 
-def dense_hessian(model, batches, names=None, mode="eval", loss=F.cross_entropy):
-    """The Hessian of the dataset-mean loss in the parameters ``names`` (default: all trainable), by reverse-over-
-    reverse autograd on the math attention kernel, in ``mode`` (train: BatchNorm on batch statistics)."""
+def _dataset_loss(model, batches, names=None, loss=F.cross_entropy):
+    """(theta, L): L(flat) the dataset-mean loss in the parameters ``names`` (default: all trainable) at flat."""
     named = [(n, p) for n, p in model.named_parameters() if (p.requires_grad if names is None else n in names)]
     chosen = {n for n, _ in named}
     fixed = {n: p.detach() for n, p in model.named_parameters() if n not in chosen}
-    fixed.update({n: b for n, b in model.named_buffers() if not n.endswith(("running_mean", "running_var",
-                                                                             "num_batches_tracked"))
-                  or mode == "eval"})
+    fixed.update(dict(model.named_buffers()))
     sizes = [p.numel() for _, p in named]
     N = sum(_as_pair(b)[2].shape[0] for b in batches)
-    modes = [(m, m.training) for m in model.modules()]
-    model.train(mode == "train")
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    tracked = [m.track_running_stats for m in norms]
-    if mode == "train":
-        for m in norms:
-            m.track_running_stats = False
 
     def dataset_loss(flat):
         params = {n: t.view(p.shape) for (n, p), t in zip(named, flat.split(sizes))}
@@ -200,22 +192,51 @@ def dense_hessian(model, batches, names=None, mode="eval", loss=F.cross_entropy)
             total = total + loss(out, y) * y.shape[0]
         return total / N
 
-    theta = torch.cat([p.detach().reshape(-1) for _, p in named])
+    return torch.cat([p.detach().reshape(-1) for _, p in named]), dataset_loss
+
+
+@contextlib.contextmanager
+def _measured_as(model, mode):
+    """The model in ``mode`` (train: BatchNorm on batch statistics, untracked), attention on the math kernel."""
+    modes = [(m, m.training) for m in model.modules()]
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    tracked = [m.track_running_stats for m in norms]
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    model.train(mode == "train")
+    for m in norms:
+        m.track_running_stats = mode != "train"
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
         with sdpa_kernel(SDPBackend.MATH):
-            fastpath = torch.backends.mha.get_fastpath_enabled()
-            torch.backends.mha.set_fastpath_enabled(False)
-            try:
-                H = torch.autograd.functional.hessian(dataset_loss, theta, vectorize=True,
-                                                      outer_jacobian_strategy="reverse-mode")
-            finally:
-                torch.backends.mha.set_fastpath_enabled(fastpath)
+            yield
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         for m, t in zip(norms, tracked):
             m.track_running_stats = t
         for m, training in modes:
             m.training = training
-    return H
+
+
+def dense_hessian(model, batches, names=None, mode="eval", loss=F.cross_entropy):
+    """The Hessian of the dataset-mean loss in the parameters ``names`` (default: all trainable), by reverse-over-
+    reverse autograd on the math attention kernel, in ``mode`` (train: BatchNorm on batch statistics)."""
+    theta, dataset_loss = _dataset_loss(model, batches, names, loss)
+    with _measured_as(model, mode):
+        return torch.autograd.functional.hessian(dataset_loss, theta, vectorize=True,
+                                                 outer_jacobian_strategy="reverse-mode")
+
+
+def finite_difference_products(model, batches, V, names=None, mode="eval", h=1e-6):
+    """H v for each row v of V by central differences of the float64 gradient, (g(theta + h v) - g(theta - h v)) /
+    2h: one backward pass each, no second derivative taken anywhere (truncation error ~ h^2, rounding ~ eps / h)."""
+    theta, dataset_loss = _dataset_loss(model, batches, names)
+
+    def gradient(flat):
+        flat = flat.clone().requires_grad_(True)
+        return torch.autograd.grad(dataset_loss(flat), flat)[0]
+
+    with _measured_as(model, mode):
+        return torch.stack([(gradient(theta + h * v) - gradient(theta - h * v)) / (2 * h) for v in V])
 
 
 _DENSE = {}
@@ -257,8 +278,20 @@ def test_trace_eigenvalues_and_products_match_the_dense_hessian(name):
     assert _relative(trace.value, exact_trace) < 1e-6
     np.testing.assert_allclose(eig.values, top, rtol=1e-6)
     torch.testing.assert_close(HV, V @ H, rtol=1e-6, atol=1e-9 * float(H.abs().max()))
+    # the second reference: central differences of the gradient, no second derivative taken anywhere (directions
+    # inside the parameters torch's gradient holds constant -- an embedding's padding row -- left out)
+    constant = HessianOperator(model, batches).constant_entries
+    free = V if constant is None else V.masked_fill(constant, 0.0)
+    torch.testing.assert_close(finite_difference_products(model, batches, free), free @ H, rtol=1e-5,
+                               atol=1e-6 * float((free @ H).abs().max()))
     assert trace.mode == eig.mode == spectrum.mode == "eval"
-    assert np.isfinite(spectrum.density).all()
+    # the spectrum's quadrature is exact for polynomials of degree < 2 x iterations on its own (seeded) probes
+    probes = torch.randn(2, P, generator=torch.Generator().manual_seed(0))
+    probes = probes / torch.linalg.norm(probes, dim=1, keepdim=True)
+    for j in (1, 2, 3):
+        exact = (probes * (probes @ torch.linalg.matrix_power(H, j))).sum(1).numpy()
+        np.testing.assert_allclose((spectrum.weights * spectrum.nodes ** j).sum(1), exact, rtol=1e-6,
+                                   atol=1e-9 * float(H.abs().max()) ** j)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -310,6 +343,78 @@ def test_both_routes_work_and_agree_on_attention_and_recurrent_layers(name):
     torch.testing.assert_close(op.matmat(V), first, rtol=1e-9, atol=1e-12)
 
 
+class _CubeGradient(torch.autograd.Function):
+    """3 x^2 g with a forward-mode derivative but no backward: torch cannot differentiate a _Cube twice."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, g):
+        return 3 * x ** 2 * g
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_forward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("the derivative for 'cube_backward' is not implemented")
+
+    @staticmethod
+    def jvp(ctx, x_tangent, g_tangent):
+        x, g = ctx.saved_tensors
+        return 6 * x * x_tangent * g + 3 * x ** 2 * g_tangent
+
+
+class _Cube(torch.autograd.Function):
+    """x^3, whose backward is a _CubeGradient: a custom operation without a double backward, as fused kernels are."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x ** 3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+        ctx.save_for_forward(*inputs)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return _CubeGradient.apply(x, g)
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        (x,) = ctx.saved_tensors
+        return 3 * x ** 2 * tangent
+
+
+class CubeNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(_Cube.apply(self.a(x)))
+
+
+def test_products_move_to_the_second_route_where_torch_has_no_double_backward():
+    """A model with an operation that torch cannot differentiate twice: the first product finds double backward
+    refused with torch's 'not implemented', moves to forward-over-reverse, remembers it, and the products and the
+    trace equal central finite differences of the gradient."""
+    torch.manual_seed(0)
+    model = CubeNet()
+    batches = [(torch.randn(8, 3), torch.randint(0, 2, (8,)))]
+    op = HessianOperator(model, batches)
+    eye = torch.eye(op.dimension)
+    H = op.matmat(eye)
+    assert op.route == "forward-over-reverse"
+    H_fd = finite_difference_products(model, batches, eye)
+    torch.testing.assert_close(H, H_fd, rtol=1e-6, atol=1e-8)
+    result = flatfast.hessian_trace(model, batches)
+    assert _relative(result.value, torch.trace(H_fd)) < 1e-6
+
+
 def test_a_route_is_left_only_for_what_torch_cannot_do():
     from flatfast.curvature.generic_hvp import _first_route_that_works
 
@@ -318,13 +423,6 @@ def test_a_route_is_left_only_for_what_torch_cannot_do():
         model = nn.Linear(1, 1)
 
     op = Op()
-
-    def missing():
-        raise RuntimeError("derivative for aten::_fused_thing_backward is not implemented")
-
-    assert _first_route_that_works(op, {"double backward": missing, "forward-over-reverse": lambda: 7}) == 7
-    assert op.route == "forward-over-reverse"
-    op.route = None
 
     def users_bug():
         raise RuntimeError("shape mismatch in the user's loss")
@@ -344,28 +442,50 @@ def test_embedding_padding_rows_are_constant_and_the_operator_symmetric():
     batches = [(ids, y)]
     op = HessianOperator(model, batches)
     assert int(op.constant_entries.sum()) == 8 and bool(op.constant_entries[:8].all())
-    full = op.matmat(torch.eye(op.dimension))
-    torch.testing.assert_close(full, full.T, rtol=0, atol=1e-12)
-    torch.testing.assert_close(full, dense_hessian(model, batches), rtol=1e-7, atol=1e-12)
-    assert float(full[:8].abs().max()) == 0.0
+    dense = dense_hessian(model, batches)
+    for route in ("double backward", "forward-over-reverse"):  # the second route sees the row unless it is masked
+        op.route = route
+        full = op.matmat(torch.eye(op.dimension))
+        assert op.route == route
+        torch.testing.assert_close(full, full.T, rtol=0, atol=1e-12)
+        torch.testing.assert_close(full, dense, rtol=1e-7, atol=1e-12)
+        assert float(full[:8].abs().max()) == 0.0
 
 
-def test_the_backends_are_restored():
+def _backend_flags():
+    return (torch.backends.mkldnn.enabled, torch.backends.cudnn.enabled, torch.backends.mha.get_fastpath_enabled())
+
+
+def test_the_backends_and_modes_are_restored_after_a_call_that_succeeds_and_one_that_fails():
     model, batches = case("lstm")
-    flags = (torch.backends.mkldnn.enabled, torch.backends.cudnn.enabled, torch.backends.mha.get_fastpath_enabled())
+    flags = _backend_flags()
+    model.train()
     flatfast.hessian_trace(model, batches, method="hutchinson", probes=4)
-    assert (torch.backends.mkldnn.enabled, torch.backends.cudnn.enabled,
-            torch.backends.mha.get_fastpath_enabled()) == flags
+    assert _backend_flags() == flags and all(m.training for m in model.modules())
+
+    def fails(outputs, targets):  # called first inside the first product's pass, after the behaviour probe
+        raise RuntimeError("the user's loss failed")
+
+    with pytest.raises(RuntimeError, match="the user's loss failed"):
+        flatfast.hessian_trace(model, batches, method="hutchinson", probes=4, loss_fn=fails)
+    assert _backend_flags() == flags and all(m.training for m in model.modules())
 
 
-def test_no_torch_deprecation_warning_on_the_first_call():
+def test_no_torch_deprecation_warning_on_the_first_forward_over_reverse_product():
+    """torch.func's first jvp imports a module that calls the deprecated torch.jit.script; flatfast imports it
+    once with that warning silenced. The products must take the forward-over-reverse route in a fresh process
+    for the test to see the import at all."""
     code = ("import warnings, torch, flatfast\n"
+            "from flatfast.curvature.operator import HessianOperator\n"
             "warnings.simplefilter('error', DeprecationWarning)\n"
             "m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))\n"
-            "print(flatfast.hessian_trace(m, [(torch.randn(5, 3), torch.randint(0, 2, (5,)))], method='hutchinson',"
-            " probes=2).probes)\n")
+            "op = HessianOperator(m, [(torch.randn(5, 3), torch.randint(0, 2, (5,)))])\n"
+            "op.route = 'forward-over-reverse'\n"
+            "op.matmat(torch.randn(2, op.dimension))\n"
+            "import sys\n"
+            "print(op.route, 'torch._decomp.decompositions_for_jvp' in sys.modules)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and done.stdout.strip() == "2", done.stderr[-2000:]
+    assert done.returncode == 0 and done.stdout.strip() == "forward-over-reverse True", done.stderr[-2000:]
 
 
 # --- batches as users have them ----------------------------------------------------------------------------
@@ -519,6 +639,9 @@ def test_eval_mode_by_default_train_mode_on_request_and_both_restored():
     assert _relative(eval_trace, train_trace) > 1e-3  # the two modes measure different functions here
     report = flatfast.flatness_report(model, batches, mode="train", eps=1e-3, slq_iterations=5)
     assert report.mode == "train" and report.trace.mode == "train" and report.as_dict()["mode"] == "train"
+    H_train = case_hessian("resnet-bn", mode="train")  # the values, not only the labels, are train mode's
+    assert _relative(report.trace.value, torch.trace(H_train)) < 4 * report.trace.stderr / abs(train_trace) + 1e-6
+    assert _relative(report.top_eigenvalue, torch.linalg.eigvalsh(H_train)[-1]) < 1e-3
 
 
 def test_train_mode_refuses_active_dropout_and_bad_modes():

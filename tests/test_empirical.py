@@ -168,3 +168,46 @@ def test_custom_init_is_used():
     K = flatfast.empirical_nngp_kernel(net, torch.rand(4, 3), 3, readout="output", init=zeros_but_bias)
     np.testing.assert_allclose(K, np.full((4, 4), 9.0))
     assert math.isfinite(K.sum())
+
+
+@pytest.mark.parametrize("readout", ["penultimate", "output"])
+def test_a_kernel_whose_draws_are_all_equal_is_the_one_draw_formula(readout):
+    """With every draw the same network, the Monte Carlo mean is one draw's kernel, known in closed form:
+    sigma_b^2 + sigma_w^2 / d phi phi^T of the penultimate features phi (d of them), or f f^T / C of the C outputs."""
+    torch.manual_seed(3)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 3)).double()
+    fixed = [p.detach().clone() for p in net.parameters()]
+
+    def same_draw(model, generator):
+        with torch.no_grad():
+            for p, value in zip(model.parameters(), fixed):
+                p.copy_(value)
+
+    X = torch.randn(6, 5, dtype=torch.float64)
+    K, stderr = flatfast.empirical_nngp_kernel(net, X, 4, readout=readout, sigma_w2=1.7, sigma_b2=0.3,
+                                               init=same_draw, return_stderr=True)
+    with torch.no_grad():
+        phi = torch.relu(net[0](X))
+        expected = 0.3 + 1.7 / 7 * phi @ phi.T if readout == "penultimate" else net(X) @ net(X).T / 3
+    torch.testing.assert_close(K, expected, rtol=1e-12, atol=1e-12)
+    assert float(stderr.max()) <= 1e-6 * float(K.abs().max())  # identical draws: no Monte Carlo error (E[k^2] - K^2 cancels to ~1e-8)
+
+
+def test_a_model_that_mixes_inputs_is_not_split_into_chunks():
+    """The features are taken batch_size inputs at a time; that is only the kernel of the whole when the model
+    treats its inputs independently, which is checked, not assumed."""
+    class MixesInputs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.head = torch.nn.Linear(3, 8), torch.nn.Linear(8, 1)
+
+        def forward(self, x):
+            h = torch.relu(self.fc(x))
+            return self.head(h - h.mean(dim=0))  # each output depends on the whole batch
+
+    X = torch.randn(10, 3)
+    with pytest.raises(ValueError, match="X: is taken in chunks of batch_size = 4.*split in two differ.*"
+                                         "batch_size >= 10"):
+        flatfast.empirical_nngp_kernel(MixesInputs(), X, 2, batch_size=4)
+    whole = flatfast.empirical_nngp_kernel(MixesInputs(), X, 2, batch_size=10)  # one pass: allowed
+    assert whole.shape == (10, 10)

@@ -309,6 +309,7 @@ def _distributed_worker(rank, world, port, out_path):
         sharp = flatfast.sharpness(model, shard, eps=1e-3, method="sign-ascent")
         if rank == 0:
             torch.save((HV, sharp), out_path)
+        dist.barrier()  # no rank tears gloo down while another is still inside a collective (an abort, at random)
     finally:
         dist.destroy_process_group()
 

@@ -12,6 +12,7 @@ import flatfast
 from flatfast.prior import ep as _ep
 from flatfast.kernel import checks as _kernel_checks
 from flatfast.backend import xp as _xp
+from flatfast.prior import checks as prior_checks
 from flatfast.prior import evidence as prior
 from flatfast.errors import BackendFallbackWarning, NotPSDError
 
@@ -167,7 +168,7 @@ def test_log_prior_peaks_at_two_arrays():
 def test_memory_guard_counts_what_is_measured(monkeypatch, kwargs):
     """The guard asks for at least the measured peak, and not much more (an honest count, not a constant)."""
     asked = []
-    monkeypatch.setattr(prior, "memory_guard", lambda n_bytes, what, available=None: asked.append((n_bytes, what)))
+    monkeypatch.setattr(prior_checks, "memory_guard", lambda n_bytes, what, available=None: asked.append((n_bytes, what)))
     X, K, y = _problem(300, 30, 6)
     peak = _peak_bytes(lambda: flatfast.log_prior(X, y, **kwargs))
     assert len(asked) == 1
@@ -178,7 +179,7 @@ def test_memory_guard_counts_what_is_measured(monkeypatch, kwargs):
 
 def test_memory_guard_refuses_before_allocating(monkeypatch):
     monkeypatch.setattr(_xp, "free_bytes", lambda xp: 10**6)
-    monkeypatch.setattr(prior, "free_bytes", lambda xp: 10**6)
+    monkeypatch.setattr(prior_checks, "free_bytes", lambda xp: 10**6)
     X = np.random.default_rng(0).random((1000, 3))
     with pytest.raises(MemoryError, match=r"log_prior on n = 1000 points .*2\.25 new float64 .* needs 17\.2 MiB"):
         flatfast.log_prior(X, np.ones(1000))

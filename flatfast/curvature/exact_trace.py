@@ -245,6 +245,12 @@ def _autograd_factors(op, out, y):
 
 # --- the trace ---------------------------------------------------------------------------------------------------
 
+class PerExampleFailure(RuntimeError):
+    """The exact trace's per-example pass failed inside torch, vmapped and one example at a time (a layer torch
+    cannot differentiate example by example); ``hessian_trace(method="auto")`` then takes a route that needs no
+    per-example pass."""
+
+
 # Bytes of per-example gradients held at once (examples x factor vectors x parameters); sets the chunk sizes.
 GRADIENT_MEMORY_BYTES = 256 * 2 ** 20
 
@@ -262,10 +268,12 @@ def exact_trace(op) -> float:
     itemsize = torch.empty((), dtype=op.dtype).element_size()
     total, count, checked = 0.0, 0, False
     one_at_a_time = False  # set when the model's forward pass cannot be vmapped over examples
+    op.probe()  # a random model is refused before anything else
     with op.session(), torch.no_grad():
         for inputs, y in op.batches():
-            if not checked:
-                check_piecewise_linear(op.model, inputs[:2], op.params)
+            if not checked:  # on the whole first batch: no example is sliced off before independence is known
+                check_piecewise_linear(op.model, inputs, op.params)
+                op.require_independent_examples("'exact'")
                 checked = True
             out = inputs.call(op.model)
             check_finite(op.loss_and_targets(out, y))
@@ -294,16 +302,18 @@ def exact_trace(op) -> float:
                     try:
                         per_example = vmap(weighted_sq_norms, in_dims=(args_dims, kwargs_dims, 0),
                                            chunk_size=example_chunk)(args, kwargs, curvature.state)
-                    except RuntimeError as exc:
-                        # data-dependent control flow in the model (e.g. Hugging Face's `if mask.all()`): the
-                        # same products, taken one example at a time
-                        if "vmap" not in str(exc):
-                            raise
+                    except Exception:  # noqa: BLE001 - torch has no vmap rule for some layer, or the model
+                        # branches on data (Hugging Face's `if mask.all()`): the same products, one example at a
+                        # time
                         one_at_a_time = True
                 if one_at_a_time:
-                    per_example = torch.stack([
-                        weighted_sq_norms(*_example(args, args_dims, i), *_example(kwargs, kwargs_dims, i),
-                                          tuple(t[i] for t in curvature.state)) for i in range(inputs.size)])
+                    try:
+                        per_example = torch.stack([
+                            weighted_sq_norms(*_example(args, args_dims, i), *_example(kwargs, kwargs_dims, i),
+                                              tuple(t[i] for t in curvature.state)) for i in range(inputs.size)])
+                    except Exception as exc:  # noqa: BLE001 - reported, with torch's error, by the caller
+                        raise PerExampleFailure(f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}") \
+                            from exc
             total += float(per_example.sum())
             count += inputs.size
     return mean_over_ranks(total, count, op.device)

@@ -181,6 +181,7 @@ def mlp_exact_trace(op) -> float:
     propagate the C vectors s_c: with delta_l the back-propagated vectors at layer l's pre-activations,
     tr H_{W_l} = sum_{i,c} |delta_{l,i,c}|^2 |a_{l-1,i}|^2 and tr H_{b_l} = sum_{i,c} |delta_{l,i,c}|^2.
     """
+    op.probe()  # a random model is refused before any curvature is taken
     import torch
 
     layers = op.linears

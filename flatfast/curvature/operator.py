@@ -7,6 +7,7 @@ import sys
 from flatfast.models.batches import split_batch
 from flatfast.curvature.mlp_rop import plain_mlp_layers
 from flatfast.models.modes import check_mode, measuring
+from flatfast.models.probe import check_deterministic, examples_are_independent
 from flatfast.models.passes import distributed
 from flatfast.models.parameters import select_parameters
 from flatfast.backend.dispatch import dispatch
@@ -125,6 +126,8 @@ class HessianOperator:
         # can serve every product, as PyHessian's data= mode does (see cached_gradient_graph).
         self._single_batch = isinstance(loader, (list, tuple)) and len(loader) == 1
         self._graph = None
+        self._not_independent = None  # set by probe(): None until then, then "" or why the examples are not
+        self.outputs_per_example = None  # set by probe(): the outputs the loss sees per example
 
     def _lay_out_parameters(self):
         """The flat layout of the measured parameters: P = ``dimension`` entries in ``named_parameters()`` order,
@@ -173,6 +176,29 @@ class HessianOperator:
             raise ValueError("loader: yielded no batches")
         if examples == 0:
             raise ValueError(f"loader: its {count} batch(es) hold no examples")
+
+    def probe(self):
+        """What the model does with the first batch, asked once per operator before any curvature is taken
+        (:mod:`flatfast.models.probe`; three forward passes of that batch): raises ValueError if two passes give
+        different outputs (a random layer), and returns None when the examples are independent -- so that a route
+        may take them one at a time -- or why they are not."""
+        if self._not_independent is None:
+            import torch
+
+            inputs, _ = next(iter(self.batches()))
+            with self.session(), torch.no_grad():
+                outputs = check_deterministic(self.model, inputs, mode=self.mode)
+                self._not_independent = examples_are_independent(self.model, inputs, outputs) or ""
+            self.outputs_per_example = max(1, outputs.numel() // inputs.size)
+        return self._not_independent or None
+
+    def require_independent_examples(self, route):
+        """Raise ValueError, saying why, unless the examples are independent (:meth:`probe`); ``route`` names
+        what needs them one at a time."""
+        why = self.probe()
+        if why is not None:
+            raise ValueError(f"method: {route} takes the examples one at a time, but {why}; use method='auto' or "
+                             "'hutch++', which need no per-example pass")
 
     def fixed_tensors(self):
         """Everything ``functional_call`` needs besides the measured parameters: the other parameters and the
@@ -241,6 +267,7 @@ class HessianOperator:
                              f"got shape {tuple(V.shape)}")
         if V.shape[0] == 0:  # no vectors: nothing to pass over the data for
             return V.new_zeros(V.shape if per_vector_shape else (0,))
+        self.probe()  # a model whose loss is a random function has no curvature: refused before any product
         if self.constant_entries is not None:  # H -> M H M, M zeroing the entries torch holds constant
             V = V.masked_fill(self.constant_entries.to(self.device), 0.0)
         total, count = None, 0  # the first batch's result becomes the total: no k x P buffer of zeros besides

@@ -14,7 +14,7 @@ from flatfast._progress import with_progress
 from flatfast._typing import BatchFn, Loader, LossFn
 from flatfast._validate import check_float, check_int
 from flatfast.curvature.estimators import hutchinson, hutchpp, probe_block, unit_vector_trace
-from flatfast.curvature.exact_trace import exact_trace
+from flatfast.curvature.exact_trace import PerExampleFailure, exact_trace
 from flatfast.curvature.mlp_rop import mlp_exact_trace
 from flatfast.curvature.operator import HessianOperator
 from flatfast.errors import NotPiecewiseLinearError
@@ -42,35 +42,51 @@ def expected_estimator_probes(probes, rtol, max_probes):
 def choose_trace_method(op, *, probes=None, rtol=0.01, max_probes=2000):
     """The cheapest honest route to tr H for ``hessian_trace(method="auto")``; returns (method, why).
 
-    1. ``"exact"`` when the network is piecewise linear in each parameter (one watched forward pass of two
-       examples decides, as for method="exact") and its cost, about K passes for K output-curvature factors (the
-       outputs C), is at most the estimator's expected cost, HVP_PASSES x expected_estimator_probes.
+    1. ``"exact"`` when the model treats the examples independently (the first batch split in two gives the
+       whole batch's outputs: :meth:`HessianOperator.probe`), the network is piecewise linear in each measured
+       parameter (one watched forward pass of the first batch decides, as for method="exact"), and its cost, about
+       K passes for K output-curvature factors (the outputs C), is at most the estimator's expected cost,
+       HVP_PASSES x expected_estimator_probes.
     2. ``"unit-vectors"`` when the estimator would need at least as many products as there are parameters P:
        the P products with unit vectors give the trace exactly.
     3. ``"hutch++"`` otherwise, never with more than P probes.
     """
+    budget = expected_estimator_probes(probes, rtol, max_probes)
+    why_not = op.probe()
+    outputs = op.outputs_per_example
+    if why_not is None:
+        why_not = _why_not_exact(op, outputs)
+    if why_not is None and outputs <= HVP_PASSES * budget:
+        return "exact", f"piecewise linear; ~{outputs} passes against ~{HVP_PASSES * budget} for the estimator"
+    return _estimator_route(op, budget, why_not or f"~{outputs} passes for the exact trace > "
+                                                   f"~{HVP_PASSES * budget} for the estimator")
+
+
+def _why_not_exact(op, outputs):
+    """None when the exact trace applies to a model whose examples are independent, else why not."""
     import torch
 
     from flatfast.curvature.exact_trace import AUTOGRAD_LOSS_MAX_OUTPUTS, _loss_kind, check_piecewise_linear
 
-    budget = expected_estimator_probes(probes, rtol, max_probes)
-    inputs, _ = next(iter(op.batches()))
-    with op.session(), torch.no_grad():
-        outputs = int(inputs[:1].call(op.model).numel())
-        why_not = None
-        if op.linears is None:
-            try:
-                check_piecewise_linear(op.model, inputs[:2], op.params)
-            except NotPiecewiseLinearError as exc:
-                why_not = str(exc)
-        if why_not is None and _loss_kind(op) == "autograd" and outputs > AUTOGRAD_LOSS_MAX_OUTPUTS:
-            why_not = f"the loss's {outputs} x {outputs} output Hessian is not factored beyond " \
-                      f"{AUTOGRAD_LOSS_MAX_OUTPUTS} outputs"
-    if why_not is None and outputs <= HVP_PASSES * budget:
-        return "exact", f"piecewise linear; ~{outputs} passes against ~{HVP_PASSES * budget} for the estimator"
+    if op.linears is None:
+        inputs, _ = next(iter(op.batches()))
+        try:
+            with op.session(), torch.no_grad():
+                check_piecewise_linear(op.model, inputs, op.params)
+        except NotPiecewiseLinearError as exc:
+            return str(exc)
+    if _loss_kind(op) == "autograd" and outputs > AUTOGRAD_LOSS_MAX_OUTPUTS:
+        return f"the loss's {outputs} x {outputs} output Hessian is not factored beyond {AUTOGRAD_LOSS_MAX_OUTPUTS} " \
+               "outputs"
+    return None
+
+
+def _estimator_route(op, budget, why):
+    """(route, why) among the routes that need no per-example pass: the P products with unit vectors when the
+    estimator would need at least P, else Hutch++."""
     if op.dimension <= budget:
-        return "unit-vectors", f"{op.dimension} parameters <= the estimator's ~{budget} probes"
-    return "hutch++", why_not or f"~{outputs} passes for the exact trace > ~{HVP_PASSES * budget} for the estimator"
+        return "unit-vectors", f"{op.dimension} parameters <= the estimator's ~{budget} probes ({why})"
+    return "hutch++", why
 
 
 def hessian_trace(model: Model, loader: Loader, *, loss_fn: Optional[LossFn] = None,
@@ -172,25 +188,33 @@ def hessian_trace(model: Model, loader: Loader, *, loss_fn: Optional[LossFn] = N
     import torch
 
     block = probe_block(op.dimension, torch.empty((), dtype=op.dtype).element_size(), op.device, block)
-    chosen = method
+    chosen, reason = method, "asked for"
     if method == "auto":
-        chosen, _ = choose_trace_method(op, probes=probes, rtol=rtol, max_probes=max_probes)
+        chosen, reason = choose_trace_method(op, probes=probes, rtol=rtol, max_probes=max_probes)
         max_probes = min(max_probes, op.dimension)  # never more probes than the unit vectors would take
     if chosen == "exact":
-        value = mlp_exact_trace(op) if op.linears is not None else exact_trace(op)
-        return TraceResult(value, 0.0, 0, "exact", mode=op.mode)
+        try:
+            value = mlp_exact_trace(op) if op.linears is not None else exact_trace(op)
+            return TraceResult(value, 0.0, 0, "exact", mode=op.mode, reason=reason)
+        except PerExampleFailure as exc:
+            if method == "exact":
+                raise ValueError(f"method: 'exact' takes the examples one at a time, and torch could not: {exc}; "
+                                 "use method='auto' or 'hutch++', which need no per-example pass") from exc
+            budget = expected_estimator_probes(probes, rtol, max_probes)
+            chosen, reason = _estimator_route(op, budget, f"the exact trace's per-example pass failed inside "
+                                                          f"torch ({exc})")
     if chosen == "unit-vectors":
         result = with_progress(op.dimension, "flatfast trace (unit-vectors)", progress, lambda update: (
             unit_vector_trace(op.matmat, op.dimension, quadratic=op.quadratic, block=block, dtype=op.dtype,
                               device=op.device, progress=update)))
-        return dataclasses.replace(result, mode=op.mode)
+        return dataclasses.replace(result, mode=op.mode, reason=reason)
     estimator = hutchpp if chosen == "hutch++" else hutchinson
     if probes is not None and method == "auto":
         probes = min(probes, op.dimension)
     result = with_progress(probes or max_probes, f"flatfast trace ({chosen})", progress, lambda update: estimator(
         op.matmat, op.dimension, quadratic=op.quadratic, probes=probes, rtol=rtol, seed=seed, block=block,
         max_probes=max_probes, dtype=op.dtype, device=op.device, progress=update))
-    return dataclasses.replace(result, mode=op.mode)
+    return dataclasses.replace(result, mode=op.mode, reason=reason)
 
 
 __all__ = ["choose_trace_method", "expected_estimator_probes", "hessian_trace"]

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Tuple, Union
 
 from flatfast._progress import progress_counter
 from flatfast._validate import check_float, check_int, memory_guard
+from flatfast.models.probe import check_chunks
 
 if TYPE_CHECKING:  # pragma: no cover
     from flatfast._typing import ArrayLike, InputsLike, Model
@@ -140,7 +141,8 @@ def empirical_nngp_kernel(model: Model, X: InputsLike, kernel_samples: int = 64,
     memory_guard((3 if return_stderr else 1) * 8.0 * X.size * X.size,
                  f"empirical_nngp_kernel on n = {X.size} inputs (n x n float64 accumulators)")
     redraw = _redraw(net, init, sigma_w2, sigma_b2, seed)
-    last_linear = _last_linear(net, X[:1]) if readout == "penultimate" else None
+    first_chunk = check_chunks(net, X, batch_size)
+    last_linear = _last_linear(net, first_chunk) if readout == "penultimate" else None
 
     def draw_kernel():
         features = _features(net, X, last_linear, batch_size).to(torch.float64)

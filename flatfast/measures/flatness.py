@@ -15,6 +15,7 @@ from flatfast._validate import check_float, check_int
 from flatfast.curvature.estimators import hutchinson
 from flatfast.results import FlatnessReport, TraceResult
 from flatfast.models.passes import distributed
+from flatfast.models.probe import check_chunks
 from flatfast.models.modes import eval_mode
 from flatfast.curvature.operator import HessianOperator
 from flatfast.curvature.hessian import hessian_eigenvalues, hessian_spectrum
@@ -120,6 +121,7 @@ def sharpness(model: Model, loader: Loader, eps: float = 1e-4, *, loss_fn: Optio
     epochs = check_int(epochs, "epochs", minimum=1)
     lr = check_float(lr, "lr", positive=True)
     op = HessianOperator(model, loader, loss_fn, params=params, batch_fn=batch_fn, mode=mode)
+    op.probe()  # a model whose loss is a random function has no sharpness either: refused before the ascent
     params = [p for _, p in op.params]
     original = [p.detach().clone() for p in params]
     box = [eps * (w.abs() + 1.0) for w in original]
@@ -408,6 +410,7 @@ def function_of(model: Model, X: InputsLike, *, batch_size: int = 4096) -> np.nd
     inputs = model_inputs(X).to(first.device, first.dtype)
     outs = []
     with eval_mode(model), torch.no_grad():
+        check_chunks(model, inputs, batch_size)
         for start in range(0, inputs.size, batch_size):
             outs.append(inputs[start: start + batch_size].call(model))
     out = torch.cat(outs)

@@ -177,8 +177,14 @@ def split_batch(batch, batch_fn=None):
             raise TypeError(f"loader: a batch is {_describe(batch)} with no targets under 'labels' or 'label'; "
                             f"accepted: {ACCEPTED_BATCHES}")
         inputs, targets = {k: v for k, v in batch.items() if k != key}, batch[key]
-    elif isinstance(batch, (list, tuple)) and len(batch) >= 2:
-        inputs, targets = batch[0], batch[1]
+    elif isinstance(batch, (list, tuple)) and len(batch) == 2:
+        inputs, targets = batch
+    elif isinstance(batch, (list, tuple)) and len(batch) > 2:
+        raise TypeError(f"loader: a batch is {_describe(batch)}, not an (inputs, targets) pair; flatfast would "
+                        f"ignore its last {len(batch) - 2} element(s) (sample weights, indices?). Say what they are: "
+                        "batch_fn=lambda b: (b[0], b[1]) drops them; for sample weights, put them beside the "
+                        "targets, batch_fn=lambda b: (b[0], torch.stack([b[1].to(b[2].dtype), b[2]], 1)), with a "
+                        "loss_fn that weights each example's loss (the user guide's 'Sample weights' shows one)")
     else:
         raise TypeError(f"loader: a batch is {_describe(batch)}; accepted: {ACCEPTED_BATCHES}")
     if not isinstance(targets, torch.Tensor):
