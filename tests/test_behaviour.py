@@ -326,3 +326,45 @@ def test_the_probe_costs_three_forward_passes_of_the_first_batch_only():
     op.probe()
     assert len(calls) == 4  # asked once per operator
     assert math.isclose(op.outputs_per_example, 3)
+
+
+# --- a second derivative that torch drops without a word ---------------------------------------------------------
+
+class _OnceCube(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x ** 3
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 3 * x ** 2 * g
+
+
+class OnceDifferentiable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(_OnceCube.apply(self.a(x)))
+
+
+def test_a_custom_function_whose_second_derivative_torch_drops_is_refused():
+    """Through a @once_differentiable backward torch's double backward silently treats the backward as constant in
+    its input: torch.autograd.functional.hessian itself is wrong here (finite differences show it), and so would
+    every product be. The probe finds the custom Function, one product of two vectors is not symmetric, and the
+    model is refused; the parameters after it are measured right."""
+    torch.manual_seed(0)
+    model = OnceDifferentiable()
+    batches = [(torch.randn(8, 3), torch.randint(0, 2, (8,)))]
+    wrong, right = dense_hessian(model, batches), finite_difference_hessian(model, batches)
+    assert float((wrong - right).abs().max()) > 0.1 * float(right.abs().max())  # the dense reference is fooled
+    for call in (lambda: flatfast.hessian_trace(model, batches), lambda: flatfast.hessian_eigenvalues(model, batches),
+                 lambda: flatfast.hvp(model, batches, torch.randn(26))):
+        with pytest.raises(ValueError, match="not symmetric.*_OnceCube.*once_differentiable.*params="):
+            call()
+    after = ["b.weight", "b.bias"]
+    assert_trace_is_dense(flatfast.hessian_trace(model, batches, params=after), model, batches, after)

@@ -45,7 +45,7 @@ def _batch_loss_of_flat_params(op, inputs, y):
 # @once_differentiable), a forward-mode derivative or a vmap batching rule (e.g. mse_loss under
 # forward-over-reverse: "ZeroTensors are immutable").
 _TORCH_LIMITS = ("ZeroTensors are immutable", "forward AD", "forward-mode", "vmap", "functorch", "Batching rule",
-                 "batching rule", "not implemented", "does not support", "once_differentiable", "differentiate twice")
+                 "batching rule", "not implemented", "does not support", "differentiate twice")
 
 
 def _is_torch_limit(exc) -> bool:
@@ -59,6 +59,13 @@ def _first_route_that_works(op, attempts):
         try:
             result = attempts[route]()
         except (RuntimeError, NotImplementedError) as exc:
+            if "once_differentiable" in str(exc):
+                # its backward ran without a graph: forward-over-reverse would differentiate it as if constant in
+                # the function's inputs, a silently wrong product, so there is no route to take
+                raise ValueError("model: an operation's backward is marked @once_differentiable, so torch has no "
+                                 "second derivative of it and no Hessian product through it is right; give it a "
+                                 "differentiable backward (or a jvp), or measure with params= the parameters "
+                                 "after it only") from exc
             if route == ROUTES[-1] or not _is_torch_limit(exc):
                 raise
             _LOG.info("flatfast: %s is not available for %s (%s); trying %s", route, type(op.model).__name__,

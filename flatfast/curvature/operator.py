@@ -7,7 +7,7 @@ import sys
 from flatfast.models.batches import split_batch
 from flatfast.curvature.mlp_rop import plain_mlp_layers
 from flatfast.models.modes import check_mode, measuring
-from flatfast.models.probe import check_deterministic, examples_are_independent
+from flatfast.models.probe import check_deterministic, custom_functions, examples_are_independent
 from flatfast.models.passes import distributed
 from flatfast.models.parameters import select_parameters
 from flatfast.backend.dispatch import dispatch
@@ -128,6 +128,8 @@ class HessianOperator:
         self._graph = None
         self._not_independent = None  # set by probe(): None until then, then "" or why the examples are not
         self.outputs_per_example = None  # set by probe(): the outputs the loss sees per example
+        self._symmetry_checked = False
+        self._custom_functions = []  # custom autograd.Functions found by probe()
 
     def _lay_out_parameters(self):
         """The flat layout of the measured parameters: P = ``dimension`` entries in ``named_parameters()`` order,
@@ -181,15 +183,25 @@ class HessianOperator:
         """What the model does with the first batch, asked once per operator before any curvature is taken
         (:mod:`flatfast.models.probe`; three forward passes of that batch): raises ValueError if two passes give
         different outputs (a random layer), and returns None when the examples are independent -- so that a route
-        may take them one at a time -- or why they are not."""
+        may take them one at a time -- or why they are not. A model with a custom autograd.Function (whose second
+        derivative is user code torch cannot check) also pays one product of two vectors, which must be symmetric
+        (:meth:`_check_symmetry`)."""
         if self._not_independent is None:
             import torch
 
             inputs, _ = next(iter(self.batches()))
-            with self.session(), torch.no_grad():
-                outputs = check_deterministic(self.model, inputs, mode=self.mode)
-                self._not_independent = examples_are_independent(self.model, inputs, outputs) or ""
+            with self.session():
+                outputs = check_deterministic(self.model, inputs, mode=self.mode, keep_graph=True)
+                custom = custom_functions(outputs) if outputs.requires_grad else []
+                outputs = outputs.detach()
+                with torch.no_grad():
+                    self._not_independent = examples_are_independent(self.model, inputs, outputs) or ""
             self.outputs_per_example = max(1, outputs.numel() // inputs.size)
+            if custom:  # their second derivative is user code: check that the products are a Hessian's
+                self._custom_functions = custom
+                generator = torch.Generator(device=self.device).manual_seed(0)
+                self.matmat(torch.randn(2, self.dimension, generator=generator, device=self.device,
+                                        dtype=self.dtype))
         return self._not_independent or None
 
     def require_independent_examples(self, route):
@@ -288,4 +300,31 @@ class HessianOperator:
             count = int(n.item())
         if per_vector_shape and self.constant_entries is not None:
             total.masked_fill_(self.constant_entries.to(self.device), 0.0)
-        return total.div_(count)
+        total.div_(count)
+        if per_vector_shape and V.shape[0] >= 2 and not self._symmetry_checked:
+            self._check_symmetry(V, total)
+        return total
+
+    # Relative asymmetry of V^T H V beyond which the products are not a Hessian's, by dtype: rounding leaves far
+    # less (about 1e-12 in float64 and 1e-5 in float32, where a GPU's TF32 convolutions may add 1e-3).
+    _SYMMETRY_TOLERANCE = {8: 1e-6, 4: 1e-2}
+
+    def _check_symmetry(self, V, HV):
+        """V^T H V must be symmetric: the first block of two or more products checks it, at the cost of a k x k
+        product. A custom autograd.Function whose backward torch cannot differentiate but does not say so (one
+        marked @once_differentiable whose inputs' gradient needs no graph, say) drops a term of the second
+        derivative, silently in double backward and forward-over-reverse alike, and leaves H asymmetric."""
+        self._symmetry_checked = True
+        S = V @ HV.T
+        scale = float(S.abs().max())
+        tolerance = self._SYMMETRY_TOLERANCE.get(S.element_size())
+        if tolerance is None or scale == 0.0:
+            return
+        asymmetry = float((S - S.T).abs().max()) / scale
+        if asymmetry > tolerance:
+            named = f" ({', '.join(self._custom_functions)} here)" if self._custom_functions else ""
+            raise ValueError(f"model: its Hessian-vector products are not symmetric (v^T H w and w^T H v differ by "
+                             f"{asymmetry:.2g} of their scale), so torch's second derivative of some operation is "
+                             f"wrong -- a custom autograd.Function{named} whose backward cannot be differentiated "
+                             "(one marked @once_differentiable, say): give it a differentiable backward, or measure "
+                             "with params= only parameters that come after it")

@@ -44,18 +44,22 @@ def _close(a, b) -> bool:
     return bool((a - b).abs().max() <= _ROUNDING_UNITS * torch.finfo(a.dtype).eps * max(scale, 1.0))
 
 
-def check_deterministic(model, inputs, *, mode: str):
+def check_deterministic(model, inputs, *, mode: str, keep_graph: bool = False):
     """Run the model twice on ``inputs`` (a :class:`flatfast.models.batches.ModelInputs`) and return its outputs;
     raise ValueError naming where the randomness enters if the first pass draws random numbers through torch (any
     aten operation tagged ``nondeterministic_seeded``: dropout, bernoulli, rand, randn, ...) or the two passes
-    disagree (randomness from elsewhere)."""
+    disagree (randomness from elsewhere). ``keep_graph``: the second pass keeps its autograd graph, and its
+    outputs are returned (for :func:`custom_functions`)."""
     import torch
 
     with torch.no_grad():
         first, where = _watched_pass(model, inputs)
-        if where is None:
-            if _close(first, inputs.call(model)):
-                return first
+    if where is None:
+        with torch.set_grad_enabled(keep_graph):
+            second = inputs.call(model)
+        if _close(first, second.detach()):
+            return second if keep_graph else first
+        with torch.no_grad():
             where = _random_module(model, inputs)
     advice = ("use mode='eval' (the default), which turns dropout and stochastic depth off, or set the layer's "
               "drop probability to 0" if mode == "train" else
@@ -64,6 +68,24 @@ def check_deterministic(model, inputs, *, mode: str):
     raise ValueError(f"model: its forward pass draws random numbers in mode={mode!r}, so two passes over the same "
                      f"batch give different outputs and its loss is a random function with no curvature; the "
                      f"randomness enters {where}; {advice}")
+
+
+def custom_functions(outputs):
+    """The names of the custom autograd.Functions in the graph behind ``outputs``: operations whose second
+    derivative torch takes from user code, which may drop a term without saying so (see
+    :meth:`flatfast.curvature.operator.HessianOperator.probe`)."""
+    import torch
+
+    seen, found, stack = set(), [], [outputs.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if isinstance(node, torch.autograd.function.BackwardCFunction):
+            found.append(type(node).__name__.removesuffix("Backward"))
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return sorted(set(found))
 
 
 def _describe_module(module, names):
