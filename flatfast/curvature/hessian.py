@@ -71,30 +71,46 @@ def hvp(model: Model, loader: Loader, vectors: Union[Tensor, List[Tensor]], *, l
         backend: str = "auto", progress: bool = False) -> Union[Tensor, List[Tensor]]:
     r"""Hessian-vector products of the dataset-mean loss :math:`L(\theta) = \frac1N\sum_i \ell(f_\theta(x_i), y_i)`.
 
-    All k products come from ONE pass over the data: the forward pass and the data loading are shared and the k
-    products are batched (vmap of forward-over-reverse AD; for nn.Sequential Linear/ReLU models with the default
-    loss, a batched R-operator).
+    The convention every curvature function of flatfast shares (PyHessian's; curvlinops' HessianLinearOperator
+    with ``num_data=N`` is the same operator): the mean over all N examples the loader yields, each batch weighted
+    by its size. A ``loss_fn(outputs, targets)`` returns the batch mean of the per-example losses (as
+    ``nn.CrossEntropyLoss()`` does). The Hessian is in the measured parameters, laid out in
+    ``model.named_parameters()`` order; the others are held fixed.
+
+    All k products come from ONE pass over the data: per batch, one forward and backward pass builds the gradient
+    with its graph, then one backward pass through it per vector (double backward, as PyHessian does); a model
+    with an operation torch cannot differentiate twice takes torch.func's forward-over-reverse products instead,
+    vmapped over the k vectors, and nn.Sequential Linear/ReLU models with the default loss a batched R-operator.
+    Before the first product the first batch runs three times (about one forward+backward pass): a model that
+    draws random numbers is refused, and whether examples are independent is recorded (see the user guide,
+    "What is checked before any curvature").
 
     Parameters
     ----------
     model : torch.nn.Module
         Evaluated in ``mode``; its modes are restored afterwards and its parameters never change.
     loader : iterable of batches
-        A DataLoader or a list of batches: ``(inputs, targets)`` with inputs a tensor, tuple or mapping, or a
-        mapping with ``"labels"`` (see the module docstring).
+        A DataLoader or a list of batches: ``(inputs, targets)`` with inputs a tensor (``model(x)``), a tuple
+        (``model(*x)``) or a mapping (``model(**x)``); or a mapping with the targets under ``"labels"`` (a
+        Hugging Face batch). Floating-point inputs are cast to the parameters' dtype and device. A batch of more
+        than two elements is refused (see ``batch_fn``). The model may return a tensor, a tuple (its first
+        element) or an object with ``logits``.
     vectors : torch.Tensor (k, P) or (P,), or a list of parameter-shaped tensors (one vector)
         Directions in the space of the measured parameters, in ``model.named_parameters()`` order.
     loss_fn : callable, optional
         ``loss_fn(outputs, targets)`` returning the batch mean; default cross-entropy, for integer class targets
-        and two or more outputs only (other data must name its loss; see the module docstring).
+        (B,) and two or more outputs only: other data must name its loss (a one-logit classifier with 0/1 float
+        targets ``torch.nn.BCEWithLogitsLoss()``, a regression ``torch.nn.MSELoss()``); no loss is guessed.
     params : parameters, names, (name, parameter) pairs or modules, optional
         The parameters the Hessian is taken in (P of them); the others are held fixed. Default: every parameter
         with ``requires_grad``.
     batch_fn : callable, optional
-        ``batch_fn(batch) -> (inputs, targets)`` for batches of any other form.
+        ``batch_fn(batch) -> (inputs, targets)`` for batches of any other form (sample weights go beside the
+        targets, with a ``loss_fn`` that weights each example: the user guide shows one).
     mode : {"eval", "train"}
         The modules' mode during the passes: "eval" (default: BatchNorm's running statistics, no dropout) or
-        "train" (BatchNorm's batch statistics, not updated; refused with active dropout).
+        "train" (BatchNorm's batch statistics, not updated); a model that draws random numbers in that mode is
+        refused. Modes are restored afterwards, and results record the mode.
     backend : {"auto", "reference", "torch", "cpp", "triton", "cuda"}
         "auto" takes the R-operator fast path when the model is a plain Linear/ReLU MLP and the loss is the
         default, ``nn.CrossEntropyLoss()`` or ``nn.MSELoss()`` (its masked GEMMs on the fastest backend here);

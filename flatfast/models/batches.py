@@ -164,7 +164,7 @@ def logits_of(output):
 
 
 def split_batch(batch, batch_fn=None):
-    """(ModelInputs, targets) of one raw batch from the loader (see the module docstring)."""
+    """(ModelInputs, targets) of one raw batch from the loader (the forms the module docstring lists)."""
     import torch
 
     if batch_fn is not None:
