@@ -134,6 +134,7 @@ def test_trace_pyhessian(benchmark, arch):
             return h.trace(maxIter=PROBES, tol=float("-inf"))
 
     samples = benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
+    RESULTS["time", "pyhessian", name] = benchmark.stats.stats.median
     RESULTS["trace", "pyhessian", name] = (float(np.mean(samples)),
                                            float(np.std(samples, ddof=1) / math.sqrt(len(samples))))
     benchmark.extra_info["value"] = "{:.4f} +- {:.4f}".format(*RESULTS["trace", "pyhessian", name])
@@ -151,6 +152,7 @@ def test_trace_curvlinops(benchmark, arch):
             return float(curvlinops.hutchinson_trace(H, PROBES))
 
     RESULTS["trace", "curvlinops", name] = benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
+    RESULTS["time", "curvlinops", name] = benchmark.stats.stats.median
     benchmark.extra_info["value"] = round(RESULTS["trace", "curvlinops", name], 4)
 
 
@@ -163,6 +165,8 @@ def test_trace_flatfast(benchmark, arch):
                              kwargs=dict(method="hutchinson", probes=PROBES, progress=False), rounds=3, iterations=1,
                              warmup_rounds=1)
     benchmark.extra_info["value"] = f"{res.value:.4f} +- {res.stderr:.4f}"
+    RESULTS["time", "flatfast-hutchinson", name] = benchmark.stats.stats.median
+    RESULTS["trace", "flatfast-hutchinson", name] = (res.value, res.stderr)
     if ("trace", "pyhessian", name) in RESULTS:  # independent estimates of one trace agree within their errors
         value, stderr = RESULTS["trace", "pyhessian", name]
         assert abs(res.value - value) < 4 * math.hypot(res.stderr, stderr)
@@ -292,3 +296,62 @@ def test_top_eigenvalue_flatfast(benchmark, arch):
         theirs = RESULTS["eig", "pyhessian", name]
         benchmark.extra_info["PyHessian's value below this one"] = f"{(value - theirs) / value:.1e} relative"
         assert value * (1 - EIGEN_TOL) <= theirs <= value * (1 + EIGEN_TOL)
+
+
+# --- the trace at equal accuracy: the time to a stated standard error ---------------------------------------------
+
+TARGET_RTOL = 0.1  # the standard error every library is held to: 10 % of |tr H|
+DEFAULT_ROUTE_BUDGET = 400  # the most products flatfast's estimator takes here before its time is projected
+
+
+def _projected(seconds, probes, stderr, target):
+    """Seconds a Monte Carlo trace estimate would need to bring ``stderr`` (after ``probes`` products in
+    ``seconds``) down to ``target``: products grow as (stderr / target)^2, the rate of any estimator whose error
+    falls like 1 / sqrt(products) (Hutch++ falls faster once its sketch holds the top of the spectrum, so its
+    projection is an upper bound)."""
+    return seconds * max(1.0, (stderr / target) ** 2) if stderr > 0 else seconds
+
+
+def test_trace_to_a_stated_error(benchmark, arch):
+    """The honest trace row: the time each library needs to reach a standard error of TARGET_RTOL |tr H|. flatfast
+    runs its default route (method="auto": the exact trace where the network is piecewise linear, else Hutch++
+    to rtol, at most DEFAULT_ROUTE_BUDGET products); the peers' Hutchinson times are projected from their own
+    100-probe rows (their per-probe spread is the same operator's: flatfast's 100-probe Hutchinson row gives it for
+    curvlinops, which reports no error). A projected time says so."""
+    name, model, batches, _, _, P = arch
+    benchmark.group = f"arch trace-to-10% {name}"
+    benchmark.name = f"arch-trace-to-10%-flatfast-{name}"
+    res = benchmark.pedantic(flatfast.hessian_trace, args=(model, batches),
+                             kwargs=dict(rtol=TARGET_RTOL, max_probes=DEFAULT_ROUTE_BUDGET, progress=False),
+                             rounds=1 if name != "resnet18" else 3, iterations=1)
+    seconds = benchmark.stats.stats.median
+    reference = res.value if res.stderr == 0 else RESULTS.get(("trace", "flatfast-hutchinson", name), (res.value,))[0]
+    target = TARGET_RTOL * abs(reference)
+    ours = _projected(seconds, res.probes, res.stderr, target)
+    how = "measured" if res.stderr <= target else f"projected from {res.probes} products, stderr {res.stderr:.3g}"
+    benchmark.extra_info["flatfast"] = f"{res.method}: {ours:.4g} s ({how}); {res.value:.5g} +- {res.stderr:.3g}"
+    benchmark.extra_info["target stderr"] = f"{target:.4g} (10 % of |{reference:.5g}|)"
+    hutchinson = RESULTS.get(("trace", "flatfast-hutchinson", name))
+    peers = {}
+    for peer in ("pyhessian", "curvlinops"):
+        if ("time", peer, name) not in RESULTS or hutchinson is None:
+            continue
+        stderr_100 = RESULTS["trace", "pyhessian", name][1] if peer == "pyhessian" else hutchinson[1]
+        peers[peer] = _projected(RESULTS["time", peer, name], PROBES, stderr_100, target)
+        benchmark.extra_info[peer] = f"Hutchinson: {peers[peer]:.4g} s (projected from {PROBES} probes, " \
+                                     f"stderr {stderr_100:.3g})"
+    if peers:
+        faster = min(peers, key=peers.get)
+        benchmark.extra_info["flatfast / the faster peer"] = f"{ours / peers[faster]:.3g} x ({faster})"
+
+
+def test_behaviour_probe(benchmark, arch):
+    """What every curvature call pays before its first product (flatfast.models.probe: the first batch twice and
+    in two halves), beside one 100-probe trace."""
+    from flatfast.curvature.operator import HessianOperator
+
+    name, model, batches, _, _, _ = arch
+    benchmark.group = f"arch trace-100 {name}"
+    benchmark.name = f"arch-behaviour-probe-{name}"
+    benchmark.extra_info["baseline"] = [f"arch-trace-flatfast-{name}"]
+    benchmark.pedantic(lambda: HessianOperator(model, batches).probe(), rounds=3, iterations=1, warmup_rounds=1)

@@ -1,9 +1,13 @@
 """The documentation's results tables and plots, generated from the measurements stored in docs/results/.
 
-docs/conf.py calls :func:`write_all` before every build, so no figure on a results page is typed by hand: a
-table is what this script computes from the stored estimates, benchmark runs and experiment outputs.
+No figure on a results page is typed by hand: a table is what this script computes from the stored estimates,
+benchmark runs and experiment outputs. The tables are written into the pages themselves, between markers, and the
+plots into docs/results/figures/, so that the pages read the same on GitHub as on the built site:
 
-    python bench/results_pages.py docs/results OUT_DIR      # write the Markdown tables and PNG plots by hand
+    python bench/results_pages.py            # regenerate every table and plot of docs/results/*.md
+    python bench/results_pages.py --check    # exit 1, naming them, if a page's tables differ from the data
+
+The test suite and the documentation build both run the check, so a page cannot fall behind its data.
 
 Sources (each folder's README says how its data were measured):
 
@@ -19,6 +23,7 @@ import glob
 import json
 import math
 import os
+import re
 import sys
 from collections import OrderedDict
 
@@ -243,22 +248,55 @@ def benchmarks(results_dir, out_dir):
         sections.append("")
     _write(os.path.join(out_dir, "benchmarks.md"), "\n".join(sections))
     if series:
-        plt = _plt()
-        labels = list(series)
-        fig, ax = plt.subplots(figsize=(8, 0.4 * len(labels) + 1.2))
-        for i, key in enumerate(labels[::-1]):
-            for run, ratio in series[key]:
-                ax.plot([ratio], [i], "o", color=f"C{run % 10}", label=titles[run])
-        handles = {label: handle for handle, label in zip(*ax.get_legend_handles_labels())}
-        ax.legend(handles.values(), handles.keys(), fontsize=7, loc="best")
+        _plot_benchmarks(series, titles, os.path.join(out_dir, "benchmarks.png"))
+
+
+PEERS = ("pyhessian", "curvlinops", "backpack")
+FLOORS = ("floor", "cholesky", "forward-backward", "forward-fcn", "forward-cnn")
+
+
+def comparison_kind(baseline):
+    """"peer" (another library, same inputs), "floor" (a GEMM, a Cholesky, a forward+backward pass: what the
+    operation cannot beat) or "within" (flatfast against its own reference or another of its routes)."""
+    if any(peer in baseline for peer in PEERS):
+        return "peer"
+    if any(floor in baseline for floor in FLOORS):
+        return "floor"
+    return "within"
+
+
+def _plot_benchmarks(series, titles, path):
+    """Two panels: flatfast's time over each peer's (left of 1 flatfast is faster), and each kernel's time over its
+    floor (1 would be the floor itself); one dot per stored run, the newest filled."""
+    plt = _plt()
+    panels = [("peer", "flatfast's time ÷ the peer's, same run and inputs\n(< 1: flatfast is faster)"),
+              ("floor", "time ÷ its floor, same run\n(a GEMM, a Cholesky, one forward+backward pass)")]
+    keys = {kind: [key for key in series if comparison_kind(key[1]) == kind] for kind, _ in panels}
+    height = max(len(keys["peer"]), len(keys["floor"]), 1)
+    fig, axes = plt.subplots(1, 2, figsize=(14, 0.32 * height + 1.8))
+    for ax, (kind, xlabel) in zip(axes, panels):
+        rows = keys[kind][::-1]
+        for i, key in enumerate(rows):
+            points = series[key]
+            newest = max(run for run, _ in points)
+            for run, ratio in points:
+                colour = ("tab:green" if ratio < 1.0 else "tab:red") if kind == "peer" else "tab:blue"
+                ax.plot([ratio], [i], "o", color=colour, markersize=6 if run == newest else 4,
+                        fillstyle="full" if run == newest else "none")
+            latest = [ratio for run, ratio in points if run == newest][0]
+            ax.annotate(f"{latest:.2f}", (latest, i), xytext=(6, -3), textcoords="offset points", fontsize=6)
         ax.axvline(1.0, color="black", linestyle="--", linewidth=0.8)
         ax.set_xscale("log")
-        ax.set_yticks(range(len(labels)))
-        ax.set_yticklabels([f"{name} ÷ {base}" for name, base in labels[::-1]], fontsize=7)
-        ax.set_xlabel("median time ÷ the named baseline's median, same run (log scale)\none dot per stored run")
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "benchmarks.png"), dpi=110, bbox_inches="tight")
-        plt.close(fig)
+        ax.set_yticks(range(len(rows)))
+        ax.set_yticklabels([f"{name} ÷ {base}" for name, base in rows], fontsize=6)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_title("against the peers: green where flatfast is faster", fontsize=9)
+    axes[1].set_title("against the floors: 1 is the floor itself", fontsize=9)
+    fig.suptitle(f"one dot per stored run ({len(titles)} runs; the newest filled, its ratio printed)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
 
 
 # --- the experiment ----------------------------------------------------------------------------------------------
@@ -303,12 +341,75 @@ def experiment(results_dir, out_dir):
 
 
 def write_all(results_dir, out_dir):
-    """Every generated table and plot of the results pages, into ``out_dir``."""
+    """Every generated table (Markdown) and plot (PNG) of the results pages, into ``out_dir``."""
     os.makedirs(out_dir, exist_ok=True)
     for section in (smc_coverage, ep_accuracy, empirical_kernels, benchmarks, experiment):
         section(results_dir, out_dir)
 
 
+# --- the tables inside the pages -------------------------------------------------------------------------------
+
+_BLOCK = re.compile(r"<!-- generated: (?P<name>[\w.-]+\.md)[^>]*-->\n\n?(?P<body>.*?)\n?<!-- end of (?P=name) -->",
+                    re.S)
+
+
+def _begin(name):
+    return f"<!-- generated: {name} by bench/results_pages.py from the stored data; do not edit -->\n\n"
+
+
+def _generated(results_dir):
+    """{table name: its Markdown} and the folder holding the plots, computed afresh from the stored data."""
+    import tempfile
+
+    out_dir = tempfile.mkdtemp(prefix="flatfast-results-")
+    write_all(results_dir, out_dir)
+    tables = {}
+    for path in glob.glob(os.path.join(out_dir, "*.md")):
+        with open(path) as f:
+            tables[os.path.basename(path)] = f.read().rstrip() + "\n"
+    return tables, out_dir
+
+
+def stale_tables(results_dir="docs/results"):
+    """[(page, table)] of every generated table in docs/results/*.md that differs from what the stored data give
+    now (or that the data no longer give); empty when every page is up to date."""
+    import shutil
+
+    tables, out_dir = _generated(results_dir)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    stale = []
+    for page in sorted(glob.glob(os.path.join(results_dir, "*.md"))):
+        with open(page) as f:
+            for block in _BLOCK.finditer(f.read()):
+                if tables.get(block["name"]) != block["body"]:
+                    stale.append((os.path.basename(page), block["name"]))
+    return stale
+
+
+def update_pages(results_dir="docs/results"):
+    """Write every generated table into its page, between its markers, and every plot into results/figures/."""
+    import shutil
+
+    tables, out_dir = _generated(results_dir)
+    figures = os.path.join(results_dir, "figures")
+    os.makedirs(figures, exist_ok=True)
+    for png in glob.glob(os.path.join(out_dir, "*.png")):
+        shutil.copy(png, os.path.join(figures, os.path.basename(png)))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    for page in sorted(glob.glob(os.path.join(results_dir, "*.md"))):
+        with open(page) as f:
+            text = f.read()
+        updated = _BLOCK.sub(lambda m: _begin(m["name"]) + tables.get(m["name"], "(no stored data)\n")
+                             + f"\n<!-- end of {m['name']} -->", text)
+        if updated != text:
+            _write(page, updated)
+
+
 if __name__ == "__main__":
-    write_all(sys.argv[1] if len(sys.argv) > 1 else "docs/results", sys.argv[2] if len(sys.argv) > 2 else
-              "docs/_generated")
+    folder = next((a for a in sys.argv[1:] if not a.startswith("--")), "docs/results")
+    if "--check" in sys.argv:
+        stale = stale_tables(folder)
+        for page, table in stale:
+            print(f"{page}: the table {table} differs from the stored data; run python bench/results_pages.py")
+        sys.exit(1 if stale else 0)
+    update_pages(folder)

@@ -1,8 +1,9 @@
 """Sphinx configuration of flatfast's documentation site.
 
 Build it with ``.ci/docs`` (or ``sphinx-build -W -b html docs docs/_build/html``): warnings are errors, the
-examples gallery runs every example, and the results pages are generated from the stored measurements in
-docs/results/ by bench/results_pages.py before the pages are read.
+examples gallery runs every example, and the results pages' tables -- generated into the pages from the stored
+measurements in docs/results/ by bench/results_pages.py -- are checked against the data before the pages are
+read.
 """
 import os
 import sys
@@ -32,7 +33,7 @@ extensions = [
 ]
 
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
-exclude_patterns = ["_build", "_generated", "results/README.md", "results/*/README.md", "auto_examples/*.ipynb",
+exclude_patterns = ["_build", "results/README.md", "results/*/README.md", "auto_examples/*.ipynb",
                     "auto_examples/*.py", "auto_examples/*.zip", "auto_examples/*.md5", "auto_examples/*.json",
                     "examples/README.txt"]
 myst_enable_extensions = ["dollarmath", "colon_fence"]
@@ -69,9 +70,15 @@ html_theme_options = {
 html_sidebars = {"**": ["sidebar-nav-bs"]}
 
 
-def _generate_results(app):
-    results_pages.write_all(os.path.join(HERE, "results"), os.path.join(HERE, "_generated"))
+def _check_results(app):
+    """The results pages carry their generated tables (so that they read on GitHub too); a page whose tables no
+    longer match its stored data fails the build (-W) with the command that regenerates them."""
+    from sphinx.util import logging
+
+    for page, table in results_pages.stale_tables(os.path.join(HERE, "results")):
+        logging.getLogger(__name__).warning(f"results/{page}: the table {table} differs from the stored data; run "
+                                            "python bench/results_pages.py")
 
 
 def setup(app):
-    app.connect("builder-inited", _generate_results)
+    app.connect("builder-inited", _check_results)

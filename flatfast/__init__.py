@@ -8,7 +8,8 @@ The package is grouped by part, and every public name is ``flatfast.NAME``:
 * ``flatfast.curvature`` -- Hessian products of any model and what is estimated from them;
 * ``flatfast.kernel`` -- the NNGP kernel, analytic and empirical;
 * ``flatfast.prior`` -- log P(f) by EP, tilting and SMC;
-* ``flatfast.measures`` -- flatness measures, the alpha-rescaling, the PAC-Bayes bound;
+* ``flatfast.measures`` -- every generalization predictor on one footing (flatness, reparametrization-invariant
+  measures, the Laplace evidence), the alpha-rescaling, the PAC-Bayes bound, and the ranking metrics;
 * beneath them ``flatfast.models`` (how a user's model and batches are read) and ``flatfast.backend`` (array
   modules, native loading, dispatch); beside them the shared ``errors``, ``results`` and ``experiments``.
 
@@ -25,8 +26,13 @@ from flatfast.kernel.empirical import empirical_nngp_kernel
 from flatfast.kernel.nngp import nngp_kernel
 from flatfast.measures.bounds import pac_bayes_bound
 from flatfast.measures.flatness import flatness_report, frobenius_norm, function_of, rescale, sharpness
+from flatfast.measures.invariant import (adaptive_sharpness, fisher_rao_norm, pac_bayes_flatness, path_norm,
+                                         relative_flatness)
+from flatfast.measures.laplace import laplace_evidence
+from flatfast.measures.ranking import (RankingResult, conditional_mutual_information, granulated_kendall,
+                                       kendall_tau, robust_sign_error)
 from flatfast.prior.evidence import ep_log_evidence, log_prior
-from flatfast.results import EigenResult, EPResult, FlatnessReport, SpectrumResult, TraceResult
+from flatfast.results import EigenResult, EPResult, FlatnessReport, MeasureResult, SpectrumResult, TraceResult
 
 __version__ = "0.1.0"
 
@@ -48,26 +54,38 @@ __all__ = [
     "EigenResult",
     "EntropySGD",
     "FlatnessReport",
+    "MeasureResult",
     "NotPiecewiseLinearError",
     "NotPSDError",
+    "RankingResult",
     "SpectrumResult",
     "TraceResult",
     "UnreliableEstimateWarning",
+    "adaptive_sharpness",
     "backends",
+    "conditional_mutual_information",
     "empirical_nngp_kernel",
     "ep_log_evidence",
+    "fisher_rao_norm",
     "flatness_report",
     "frobenius_norm",
     "function_of",
+    "granulated_kendall",
     "hessian_eigenvalues",
     "hessian_operator",
     "hessian_spectrum",
     "hessian_trace",
     "hvp",
+    "kendall_tau",
+    "laplace_evidence",
     "log_prior",
     "nngp_kernel",
     "pac_bayes_bound",
+    "pac_bayes_flatness",
+    "path_norm",
+    "relative_flatness",
     "rescale",
+    "robust_sign_error",
     "set_num_threads",
     "sharpness",
 ]

@@ -227,6 +227,48 @@ class FlatnessReport:
 
 
 @dataclasses.dataclass
+class MeasureResult:
+    """One generalization predictor's value with its uncertainty (:func:`flatfast.adaptive_sharpness`,
+    :func:`flatfast.relative_flatness`, :func:`flatfast.fisher_rao_norm`, :func:`flatfast.pac_bayes_flatness`,
+    :func:`flatfast.path_norm`, :func:`flatfast.laplace_evidence`).
+
+    Attributes
+    ----------
+    value : float
+        The measure, in the unit its function's docstring gives (``float(result)`` gives it too).
+    stderr : float
+        Its Monte Carlo standard error; 0 for a deterministic value (a maximum found by ascent is a lower bound,
+        and says so in ``method``).
+    measure, method : str
+        The measure's name and how it was computed.
+    info : dict
+        What else the computation found (the base loss, the bracket of a search, the log-determinant, ...).
+
+    Examples
+    --------
+    >>> import torch, flatfast
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    >>> data = [(torch.randn(64, 4), torch.randint(0, 3, (64,)))]
+    >>> result = flatfast.fisher_rao_norm(model, data)
+    >>> result.measure, result.stderr, float(result) > 0
+    ('Fisher-Rao norm', 0.0, True)
+    """
+
+    value: float
+    stderr: float
+    measure: str
+    method: str
+    info: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def __float__(self):
+        return float(self.value)
+
+    def __repr__(self):
+        spread = f" ± {self.stderr:.2g}" if self.stderr else ""
+        return f"MeasureResult({self.measure}: {self.value:.6g}{spread}, method={self.method!r})"
+
+
+@dataclasses.dataclass
 class EPResult:
     """log P(f) with how it was obtained (:func:`flatfast.log_prior` and :func:`flatfast.ep_log_evidence` with
     ``return_info=True``).

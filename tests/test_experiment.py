@@ -565,3 +565,18 @@ def test_the_network_trained_is_the_priors_own_draw():
     for ours, theirs in zip(model.parameters(), twin.parameters()):
         assert torch.equal(ours, theirs)
     assert not torch.equal(make_network(8, 5, seed=8)[0].weight, model[0].weight)
+
+
+def test_entropy_sgd_defaults_are_the_settings_the_experiment_trains_with():
+    """EntropySGD's docstring says its defaults are flatfast reproduce's settings, outer step 1 / gamma included
+    (an outer step of 1, its former default, did not fit S)."""
+    import torch
+
+    from flatfast.experiments.training import make_optimizer
+    from flatfast.optim import EntropySGD
+
+    model = torch.nn.Linear(3, 1)
+    used = make_optimizer(model, "entropy-sgd", Config(), seed=0).param_groups[0]
+    default = EntropySGD(model.parameters()).param_groups[0]
+    assert {k: v for k, v in used.items() if k != "params"} == {k: v for k, v in default.items() if k != "params"}
+    assert default["lr"] == pytest.approx(1 / default["gamma"])

@@ -38,10 +38,11 @@ class Config:
         "fcn" (d-``width``-``width``-1, the authors') or "cnn" (two 3x3 convolutions of ``channels``); the CNN's
         empirical NNGP kernel takes ``kernel_samples`` draws (default n / 10, the authors' rule).
     n_train, n_test, attack_sizes : int, int or None, list of int
-        |S|, |E| (default: all held-out images) and the attack-set sizes |A| of the grid.
+        The sizes of the training set S and the test set E (default: all held-out images), and the attack-set
+        sizes of the grid.
     seeds, successful_runs, max_seeds : int
-        Seeds per (optimizer, |A|); groups with fewer networks that fit S take further seeds up to ``max_seeds``
-        until ``successful_runs`` have (the authors kept 5 successful runs).
+        Seeds per optimizer and attack-set size; groups with fewer networks that fit S take further seeds up to
+        ``max_seeds`` until ``successful_runs`` have (the authors kept 5 successful runs).
     optimizers, width, lr, batch_size, max_epochs, train_precision : list of str, int, float, int, int, str
         Training: "sgd", "adam", "entropy-sgd"; stop at the first epoch with 100 % accuracy on S.
     likelihood : str

@@ -41,6 +41,7 @@ def plot(rows, out, likelihood):
         fig.savefig(out / f"test_error_vs_{name}.png", dpi=110)
         plt.close(fig)
     _plot_bound(axes.flat[len(MEASURES)], shown, colours)
+    axes.flat[len(MEASURES)].legend(fontsize=7, loc="upper left")
     axes.flat[0].legend(fontsize=8)
     fig_all.suptitle(f"Which measure predicts generalization? (each point: one trained network; log P(f) with the "
                      f"{likelihood} likelihood){note}")
@@ -56,13 +57,25 @@ def plot(rows, out, likelihood):
 
 
 def _plot_bound(ax, rows, colours):
-    for opt in sorted({r["optimizer"] for r in rows}):
+    """Test error against the attack set's size, beside the PAC-Bayes bound (Valle-Perez et al.) of a learner
+    trained on S alone: the bound is one number, from log P(U) of S's true labels, and it bounds the expected
+    error of the networks that learned S alone (|A| = 0), not of those also made to fit A's flipped labels."""
+    sizes = sorted({r["attack_size"] for r in rows})
+    width = (sizes[1] - sizes[0]) if len(sizes) > 1 else 1.0
+    optimizers = sorted({r["optimizer"] for r in rows})
+    for k, opt in enumerate(optimizers):
         pts = [r for r in rows if r["optimizer"] == opt and not r["rescaled"]]
-        ax.scatter([r["test_error"] for r in pts], [r["pac_bayes_bound"] for r in pts], c=colours.get(opt, "tab:gray"),
-                   s=25, alpha=0.85, label=opt)
-    ax.plot([0, 1], [0, 1], color="k", lw=0.8, ls="--", label="bound = measured")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("measured test error")
-    ax.set_ylabel("PAC-Bayes bound (log P(U) on S, Heaviside)")
+        offset = (k - (len(optimizers) - 1) / 2) * 0.12 * width  # side by side at each |A|
+        ax.scatter([r["attack_size"] + offset for r in pts], [r["test_error"] for r in pts],
+                   c=colours.get(opt, "tab:gray"), s=25, alpha=0.85, label=opt)
+    bounds = sorted({r["pac_bayes_bound"] for r in rows})
+    if bounds:
+        ax.hlines(bounds[0], sizes[0] - 0.45 * width, sizes[0] + 0.45 * width, color="k", lw=1.5, ls="--",
+                  label=f"PAC-Bayes bound at |A| = 0: {bounds[0]:.3f}")
+        ax.annotate("bounds the expected error of a learner\ntrained on S alone (|A| = 0), from\nlog P(U) of S's "
+                    "labels; the networks at\n|A| > 0 also fit A's flipped labels", xy=(0.98, 0.04),
+                    xycoords="axes fraction", ha="right", va="bottom", fontsize=7)
+    ax.set_xlabel("attack-set size |A|")
+    ax.set_ylabel("test error")
+    ax.set_ylim(0, max([0.6] + [r["test_error"] * 1.1 for r in rows]))
     ax.grid(alpha=0.3)

@@ -328,22 +328,18 @@ def _draw_linear_maps(rules, generator, sigma_w2, sigma_b2):
 
 
 def _last_linear(net, probe):
-    """The last nn.Linear the forward pass runs (not the last one registered: the two can differ)."""
-    import torch
+    """The last nn.Linear the forward pass runs (:func:`flatfast.models.layers.last_linear`), the model's own errors
+    named with the inputs' shapes."""
+    from flatfast.models.layers import last_linear
 
-    order = []
-    handles = [m.register_forward_hook(lambda mod, inp, out: order.append(mod))
-               for m in net.modules() if isinstance(m, torch.nn.Linear)]
     try:
-        with torch.no_grad():
-            _forward(net, probe)
-    finally:
-        for h in handles:
-            h.remove()
-    if not order:
+        found = last_linear(net, probe)
+    except Exception as exc:  # noqa: BLE001 - the model's own error, with the argument it concerns
+        _raise_rejected(probe, exc)
+    if found is None:
         raise ValueError("model: has no nn.Linear layer, so readout='penultimate' has no penultimate features; "
                          "use readout='output'")
-    return order[-1]
+    return found
 
 
 def _forward(net, inputs):
@@ -351,10 +347,14 @@ def _forward(net, inputs):
         return inputs.call(net)
     except _StopForward:
         raise
-    except Exception as exc:  # the model's own error, with the argument it concerns
-        shapes = [tuple(t.shape) for t in (*inputs.args, *inputs.kwargs.values()) if hasattr(t, "shape")]
-        raise ValueError(f"X: the model rejected inputs of shape{'s' if len(shapes) > 1 else ''} "
-                         f"{', '.join(map(str, shapes))}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - the model's own error, with the argument it concerns
+        _raise_rejected(inputs, exc)
+
+
+def _raise_rejected(inputs, exc):
+    shapes = [tuple(t.shape) for t in (*inputs.args, *inputs.kwargs.values()) if hasattr(t, "shape")]
+    raise ValueError(f"X: the model rejected inputs of shape{'s' if len(shapes) > 1 else ''} "
+                     f"{', '.join(map(str, shapes))}: {exc}") from exc
 
 
 def _features(net, X, last_linear, batch_size):

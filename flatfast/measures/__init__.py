@@ -1,7 +1,7 @@
-"""Generalization predictors built on the parts below: the flatness measures (epsilon-sharpness, Frobenius norm,
-the flatness report), the alpha-rescaling that fools them, the function a classifier expresses, and the
-PAC-Bayes bound.
+"""Generalization predictors built on the parts below, on one footing: the flatness measures that a rescaling
+fools (epsilon-sharpness, Frobenius norm, the flatness report), those it cannot (adaptive sharpness, relative
+flatness, the Fisher-Rao norm, magnitude-aware PAC-Bayes flatness, the path norm), the Laplace evidence, the
+alpha-rescaling itself, the function a classifier expresses, the PAC-Bayes bound, and the metrics that say how well
+a measure ranks networks (Kendall tau, granulated Kendall, conditional mutual information, robust sign error).
 
-Public through ``flatfast``: :func:`flatfast.sharpness`, :func:`flatfast.frobenius_norm`,
-:func:`flatfast.flatness_report`, :func:`flatfast.rescale`, :func:`flatfast.function_of`,
-:func:`flatfast.pac_bayes_bound`."""
+Public through ``flatfast``; the measures take (model, loader) with the conventions of :func:`flatfast.hvp`."""

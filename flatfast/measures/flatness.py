@@ -102,6 +102,14 @@ def sharpness(model: Model, loader: Loader, eps: float = 1e-4, *, loss_fn: Optio
         A bar over the epochs (or steps); None shows one when stderr is a terminal. The SGD ascent evaluates the
         full loss after every minibatch step: tens of thousands of forward passes at the authors' 100 epochs.
 
+    Returns
+    -------
+    float
+        The sharpness: the largest rise of the dataset-mean loss found in the box, in percent of 1 + L(theta)
+        (dimensionless, 0 or more; 0 when no step raised the loss). Zhang et al. report log10 of it. A maximum
+        found by ascent, so a lower bound of the true maximum. Not invariant to rescaling: the box scales with
+        ``|theta| + 1``, but the loss's curvature does not (see :func:`rescale`).
+
     Examples
     --------
     >>> import torch, flatfast
@@ -388,10 +396,23 @@ def rescale(model: Model, alpha: float, *, divided_layer: int = 0, layer: None =
 
 
 def function_of(model: Model, X: InputsLike, *, batch_size: int = 4096) -> np.ndarray:
-    """The +-1 labelling a trained binary classifier expresses on X: sign of its single logit (>= 0 -> +1), or
-    +1 where class 1 wins for a two-logit model. X is what the model takes: a tensor or array, or a mapping of
-    tensors (``model(**X)``, e.g. a tokenizer's output), n examples first; the output may be a tensor, a tuple or
-    an object with ``logits``. Evaluated in eval mode. Returns a numpy int array of shape (n,).
+    """The +-1 labelling f that a trained binary classifier expresses on X: the function whose prior probability
+    :func:`flatfast.log_prior` measures (``log_prior(X, function_of(model, X))``).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A binary classifier: one logit (+1 where it is >= 0) or two (+1 where class 1 wins). Evaluated in eval
+        mode (its modes restored afterwards) under no_grad; its output may be a tensor, a tuple (first element) or
+        an object with ``logits``.
+    X : tensor, array or mapping of tensors, n examples first
+        What the model takes: ``model(X)``, or ``model(**X)`` for a mapping such as a tokenizer's output.
+    batch_size : int
+        Inputs per forward pass; a model whose outputs depend on the whole batch (checked) needs batch_size >= n.
+
+    Returns
+    -------
+    numpy.ndarray of int, shape (n,), values in {-1, +1}.
 
     Examples
     --------

@@ -106,6 +106,10 @@ class ModelInputs:
 
         return self._map(move, move)
 
+    def with_floats(self, fn) -> "ModelInputs":
+        """The same inputs with every floating-point per-example tensor replaced by ``fn(tensor)``."""
+        return self._map(lambda t: fn(t) if t.is_floating_point() else t)
+
     def tensors(self):
         """The per-example tensors (for checks and device inspection)."""
         return [v for v in (*self.args, *self.kwargs.values()) if self._is_batched(v)]

@@ -83,8 +83,8 @@ def log_prior(X: InputsLike, y: ArrayLike, *, depth: int = 2, sigma_w2: float = 
         Botev's upper bound ``log_upper_bound``; ``ep_log_z`` keeps EP's value. P(f) is estimated without bias;
         the returned log P(f) is the log of that estimate, so it is biased low by about stderr^2 / 2. When
         ``pareto_k > 0.7`` neither value nor stderr can be trusted and an :class:`UnreliableEstimateWarning` says
-        so. On NNGP kernels of MNIST-like inputs it is reliable up to about n = 500 (the same page);
-        beyond that its weights become heavy-tailed. Runs in float64 on the CPU (a cupy K is copied to the host).
+        so. On NNGP kernels of MNIST-like inputs it is backed (k below 0.5) up to n = 500 and at the edge at n = 700
+        (k 0.62-0.76); beyond, its weights are heavy-tailed (the same page). Runs in float64 on the CPU (a cupy K is copied to the host).
         ``"smc"``: sequential Monte Carlo after EP: particles drawn from EP's Gaussian travel to the prior
         restricted to the orthant through Gaussians restricted to boxes — walls moved in from outside the
         particles to the orthant's faces, then EP's sites removed in stages chosen by the particles' effective
@@ -230,27 +230,39 @@ def ep_log_evidence(K: ArrayLike, y: ArrayLike, *, likelihood: str = "heaviside"
                     seed: int = 0, check_psd: bool = True, warm_start: Optional[EPResult] = None,
                     precision: str = "float64", progress: Optional[bool] = None,
                     correction: bool = False) -> Union[float, np.ndarray, EPResult, List[EPResult]]:
-    r"""log P(sign g = y) for g ~ N(0, K), by EP, for a precomputed covariance matrix K.
+    r"""log P(f) for a precomputed prior covariance: :math:`\log P(\mathrm{sign}\, g = y)`, :math:`g \sim N(0, K)`.
 
-    The same estimator as :func:`log_prior` (see there for ``likelihood``, ``method``, ``tol``, ``max_sweeps``,
-    ``return_info``, ``n_samples``, ``seed``, ``precision``, ``progress``, ``correction``). For 2-D y every
-    labelling after the first starts from the fixed point of the nearest one already solved (same values within
-    ``tol``, fewer sweeps).
-    K must be symmetric positive semi-definite; ``check_psd=True`` verifies that with one Cholesky of
-    K + 1e-10 mean(diag K) I (in EP's workspace), and raises :class:`flatfast.NotPSDError`.
-    K may be a numpy array, a torch tensor (CPU or CUDA) or a cupy array; EP runs where K is: on a CUDA device
-    through cupy and cuSOLVER (a CUDA tensor is shared with cupy by DLPack, not copied), on the CPU through
-    LAPACK. Either way EP holds two n x n arrays, K and one workspace, and returns the same float / EPResult.
-    EP runs in float64: a K of another dtype is converted once (one copy of K).
+    The estimator of :func:`log_prior` on a kernel you supply (an NNGP kernel of another architecture, a kernel
+    computed once for many labellings). In nats; at most 0; n ln(1/2) for labels that ignore the inputs (K = I).
+
+    Parameters
+    ----------
+    K : array_like (n, n)
+        A symmetric positive semi-definite covariance: a numpy array, a torch tensor (CPU or CUDA) or a cupy
+        array. EP runs where K is -- on a CUDA device through cupy and cuSOLVER (a CUDA tensor is shared with cupy
+        by DLPack, not copied), on the CPU through LAPACK -- in two n x n arrays, K and one workspace, in
+        float64 (a K of another dtype is converted once).
+    y : array_like (n,) or (m, n)
+        Labels in {-1, +1} or {0, 1}; a 2-D array holds m labellings, each after the first started from the fixed
+        point of the nearest one already solved (the same values within ``tol``, fewer sweeps).
+    likelihood, method, tol, max_sweeps, return_info, n_samples, seed, precision, progress, correction
+        As for :func:`log_prior`.
+    check_psd : bool
+        Verify that K is positive semi-definite with one Cholesky of K + 1e-10 mean(diag K) I (in EP's
+        workspace); :class:`flatfast.NotPSDError` if not.
+    warm_start : EPResult, optional
+        An earlier result on the same K and likelihood (the previous epoch's labelling of the same inputs, say):
+        EP starts from its sites, with nu negated where the labels differ (the site of -y_i mirrors that of
+        y_i). The fixed point, and so the value within ``tol``, is the same; nearby labellings need fewer sweeps.
+        1-D y only.
+
+    Returns
+    -------
+    float, or numpy array of m floats for 2-D y (EPResult / list of EPResult with ``return_info``).
 
     Under the Heaviside likelihood some labellings have probability exactly 0: a point with K_ii = 0, or two
     points with correlation +1 (duplicate inputs) given different labels. Those return -inf with a warning
     naming the points, instead of running EP into a NaN.
-
-    ``warm_start``: an :class:`flatfast.EPResult` of an earlier call on the same K and likelihood (e.g. the
-    previous epoch's labelling of the same inputs); EP starts from its sites instead of from zero, with nu
-    negated where the labels differ (a site of -y_i is the mirror image of that of y_i). The fixed point, and so
-    the value within ``tol``, is the same; nearby labellings need fewer sweeps. 1-D y only.
 
     Examples
     --------
