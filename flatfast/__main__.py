@@ -118,6 +118,14 @@ def main(argv=None) -> int:
     rep.add_argument("--sharpness", dest="sharpness_method", choices=["sgd-ascent", "sign-ascent"],
                      help="the sharpness the plots use: the authors' minibatch SGD ascent (default) or 20 full-batch "
                           "sign-gradient steps (fast); both are recorded")
+    rep.add_argument("--measures",
+                     help="the generalization predictors recorded: paper (the paper's: log P(f), trace, top "
+                          "eigenvalue, Frobenius norm, epsilon-sharpness; the default of the main experiment), "
+                          "invariant (also adaptive sharpness, relative flatness, the Fisher-Rao norm, PAC-Bayes "
+                          "flatness and the path norm, which the alpha-rescaling cannot move; the temporal "
+                          "experiment's default), all (also the Laplace evidence), or a comma-separated list of "
+                          "names: adaptive_sharpness, adaptive_sharpness_average, relative_flatness, "
+                          "fisher_rao_norm, pac_bayes_flatness, path_norm, laplace_evidence")
     rep.add_argument("--sharpness-epochs", dest="sharpness_epochs", type=int,
                      help="epochs of the SGD ascent (authors: 100; --quick: 20)")
     rep.add_argument("--post-epochs", dest="post_epochs", type=int,

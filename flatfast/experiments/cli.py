@@ -55,7 +55,8 @@ def main(args) -> int:
         overrides = {}
         for field in ("data", "data_dir", "arch", "channels", "kernel_samples", "trace_method", "n_train", "n_test",
                       "attack_sizes", "seeds", "successful_runs", "max_seeds", "optimizers", "max_epochs",
-                      "train_precision", "lr", "likelihood", "out", "sharpness_method", "sharpness_epochs"):
+                      "train_precision", "lr", "likelihood", "out", "sharpness_method", "sharpness_epochs",
+                      "measures"):
             value = getattr(args, field, None)
             if value is not None:
                 overrides[field] = value

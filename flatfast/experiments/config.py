@@ -6,6 +6,7 @@ import dataclasses
 from typing import List, Optional
 
 from flatfast.experiments.data import DATASETS, load_data
+from flatfast.experiments.predictors import chosen
 
 
 OPTIMIZERS = ("sgd", "adam", "entropy-sgd")
@@ -55,6 +56,10 @@ class Config:
         The Hessian trace's route and the estimators' relative standard errors.
     pac_bayes_delta : float
         The confidence parameter of the PAC-Bayes bound (the authors' 2^-10).
+    measures : str
+        The predictors recorded: "paper" (the paper's five; the default), "invariant" (also the five that the
+        alpha-rescaling cannot move), "all" (also the Laplace evidence) or a comma-separated list of names
+        (``flatfast.experiments.predictors.OTHERS``).
     shard_index, shard_count, out : int, int, str
         This process's share of the grid (``--shard i/N``) and the output folder.
 
@@ -100,6 +105,7 @@ class Config:
     trace_rtol: float = 0.02
     frobenius_rtol: float = 0.05
     pac_bayes_delta: float = 2.0 ** -10
+    measures: str = "paper"
     shard_index: int = 0
     shard_count: int = 1
     out: str = "flatfast-results"
@@ -147,6 +153,7 @@ class Config:
              "must be sgd-ascent or sign-ascent")
         need(self.sharpness_epochs >= 1, "--sharpness-epochs", f"must be >= 1, got {self.sharpness_epochs}")
         need(self.alpha > 0, "--alpha", f"must be > 0, got {self.alpha}")
+        chosen(self.measures)  # ValueError naming --measures
         need(self.shard_count >= 1 and 0 <= self.shard_index < self.shard_count, "--shard",
              f"must be i/N with 0 <= i < N, got {self.shard_index}/{self.shard_count}")
 

@@ -1,7 +1,10 @@
 """What is recorded of one trained network: test error, log P(f) under both likelihoods over the prior kernel of
 S u E, and the flatness of the loss on S; the alpha-scale's per-layer factors."""
+import time
+
 import numpy as np
 
+from flatfast.experiments import predictors
 from flatfast.experiments.config import IMAGE_SHAPES
 from flatfast.experiments.training import make_cnn
 
@@ -28,27 +31,36 @@ def flatness_on(model, S, config, seed, which=FLATNESS_MEASURES):
     if unknown:
         raise ValueError(f"which: unknown measures {sorted(unknown)}; choose from {FLATNESS_MEASURES}")
     out = {}
+    clock = time.perf_counter
     if "trace" in which:
+        start = clock()
         trace = flatfast.hessian_trace(model, whole, loss_fn=bce, method=config.trace_method, rtol=config.trace_rtol,
                                        seed=seed, progress=False)
-        out.update(trace=trace.value, trace_stderr=trace.stderr,
+        out.update(trace=trace.value, trace_stderr=trace.stderr, seconds_trace=round(clock() - start, 4),
                    trace_hit_budget=bool(trace.stderr > config.trace_rtol * abs(trace.value)))
     if "top_eigenvalue" in which:
+        start = clock()
         eig = flatfast.hessian_eigenvalues(model, whole, k=1, loss_fn=bce, tol=1e-4, seed=seed)
-        out.update(top_eigenvalue=float(eig.values[0]), top_eigenvalue_residual=float(eig.residuals[0]))
+        out.update(top_eigenvalue=float(eig.values[0]), top_eigenvalue_residual=float(eig.residuals[0]),
+                   seconds_top_eigenvalue=round(clock() - start, 4))
     if "frobenius" in which:
+        start = clock()
         frob = flatfast.frobenius_norm(model, whole, loss_fn=bce, rtol=config.frobenius_rtol, seed=seed)
-        out.update(frobenius=frob.value, frobenius_stderr=frob.stderr)
+        out.update(frobenius=frob.value, frobenius_stderr=frob.stderr, seconds_frobenius=round(clock() - start, 4))
     if "sharpness_sgd_ascent" in which:
+        start = clock()
         minibatches = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(Xs, ys),
                                                   batch_size=config.batch_size, shuffle=True,
                                                   generator=torch.Generator().manual_seed(seed))
         out["sharpness_sgd_ascent"] = flatfast.sharpness(model, minibatches, eps=config.sharpness_eps, loss_fn=bce,
                                                          method="sgd-ascent", epochs=config.sharpness_epochs,
                                                          lr=config.sharpness_lr)
+        out["seconds_sharpness"] = round(clock() - start, 4)
     if "sharpness_sign_ascent" in which:
+        start = clock()
         out["sharpness_sign_ascent"] = flatfast.sharpness(model, whole, eps=config.sharpness_eps, loss_fn=bce,
                                                           method="sign-ascent", seed=seed)
+        out.setdefault("seconds_sharpness", round(clock() - start, 4))
     return out
 
 
@@ -63,13 +75,16 @@ def measure(model, S, X_test, y_test, K, config, seed):
     test_pred = flatfast.function_of(model, torch.from_numpy(X_test))
     row["test_error"] = float(np.mean(test_pred != (2 * y_test - 1)))
     f = np.concatenate([2 * S[1] - 1, test_pred])
+    start = time.perf_counter()
     heaviside = flatfast.ep_log_evidence(K, f, likelihood="heaviside", check_psd=False, return_info=True)
     probit = flatfast.ep_log_evidence(K, f, likelihood="probit", check_psd=False, return_info=True)
     row.update(log_p_heaviside=heaviside.log_z, log_p_probit=probit.log_z, ep_sweeps=heaviside.sweeps,
-               ep_converged_heaviside=heaviside.converged, ep_converged_probit=probit.converged)
+               ep_converged_heaviside=heaviside.converged, ep_converged_probit=probit.converged,
+               seconds_log_p=round(time.perf_counter() - start, 4))
     row.update(flatness_on(model, S, config, seed))
-    chosen = "sharpness_sgd_ascent" if config.sharpness_method == "sgd-ascent" else "sharpness_sign_ascent"
-    row["sharpness"] = row[chosen]
+    reported = "sharpness_sgd_ascent" if config.sharpness_method == "sgd-ascent" else "sharpness_sign_ascent"
+    row["sharpness"] = row[reported]
+    row.update(predictors.record(model, S, predictors.chosen(config.measures), seed))
     return row
 
 

@@ -79,3 +79,41 @@ def _plot_bound(ax, rows, colours):
     ax.set_ylabel("test error")
     ax.set_ylim(0, max([0.6] + [r["test_error"] * 1.1 for r in rows]))
     ax.grid(alpha=0.3)
+
+
+def plot_leaderboard(board, out):
+    """leaderboard.png: each measure's oriented Kendall tau, granulated Kendall Psi, conditional mutual information
+    and robust sign error, with their intervals; blue if the alpha-rescaling cannot move the measure, orange if it
+    can; beside each name, how much the rescaling moved it and its cost per network."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("kendall_tau", "Kendall tau (oriented)\n1: orders every pair right", (-1, 1)),
+              ("granulated_kendall", "granulated Kendall Psi\n1: right along every axis", (-1, 1)),
+              ("conditional_mutual_information", "conditional mutual information\n1: as informative as the error",
+               (0, 1)),
+              ("robust_sign_error", "robust sign error\n0: right in every environment", (0, 1))]
+    rows = board[::-1]
+    fig, axes = plt.subplots(1, len(panels), figsize=(16, 0.42 * len(rows) + 1.6), sharey=True)
+    for ax, (key, title, limits) in zip(axes, panels):
+        for i, b in enumerate(rows):
+            value, (low, high) = b[key], b[key + "_ci"]
+            colour = "tab:blue" if b["invariant"] else "tab:orange"
+            if value == value:
+                ax.barh(i, value, color=colour, alpha=0.75)
+                if low == low and high == high:
+                    ax.plot([low, high], [i, i], color="black", lw=1)
+        ax.axvline(0, color="0.4", lw=0.8)
+        ax.set_xlim(*limits)
+        ax.set_title(title, fontsize=8)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(range(len(rows)))
+    axes[0].set_yticklabels([f"{b['label']}  (rescaling x{1 + b['rescaling_changed_it_by']:.3g}, "
+                             f"{b['seconds_per_network']:.2g} s)" for b in rows], fontsize=7)
+    fig.suptitle("Which predictor? Blue: the alpha-rescaling cannot move it; orange: it can (x its largest change); "
+                 "bars: the value, lines: 95 % bootstrap intervals", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "leaderboard.png", dpi=110)
+    plt.close(fig)

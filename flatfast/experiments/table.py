@@ -5,6 +5,7 @@ import json
 import os
 from pathlib import Path
 
+from flatfast.experiments import predictors
 from flatfast.experiments.config import config_differences
 
 
@@ -14,7 +15,7 @@ FIELDS = ["data", "optimizer", "attack_size", "seed", "rescaled", "alpha", "weig
           "log_p_S_heaviside", "pac_bayes_bound",
           "trace", "trace_stderr", "trace_hit_budget", "top_eigenvalue", "top_eigenvalue_residual",
           "frobenius", "frobenius_stderr", "sharpness", "sharpness_sgd_ascent", "sharpness_sign_ascent",
-          "warnings", "seconds"]
+          *predictors.COLUMNS, *predictors.SECONDS_COLUMNS, "warnings", "seconds"]
 _TEXT_FIELDS = {"data", "optimizer", "weight_factors", "bias_factors", "warnings"}
 _BOOL_FIELDS = {"rescaled", "reached_100_on_S", "ep_converged_heaviside", "ep_converged_probit", "trace_hit_budget"}
 
@@ -69,13 +70,14 @@ def read_typed_csv(table, fields, text_fields, bool_fields):
     with open(table, newline="") as fh:
         rows = list(csv.DictReader(fh))
     for r in rows:
-        for k in fields:
+        for k in fields:  # a column a table was written without (an earlier version's) reads as not measured
+            value = r.get(k) or ""
             if k in text_fields:
-                continue
-            if k in bool_fields:
-                r[k] = r[k] in ("True", "1")
+                r[k] = value
+            elif k in bool_fields:
+                r[k] = value in ("True", "1")
             else:
-                r[k] = float(r[k]) if r[k] != "" else float("nan")
+                r[k] = float(value) if value != "" else float("nan")
     return rows
 
 

@@ -21,10 +21,12 @@ from typing import Optional
 
 import numpy as np
 
+from flatfast.experiments import predictors
+
 FIELDS = ["epoch", "phase", "rescaled", "train_loss", "train_error", "test_loss", "test_error",
           "log_p_heaviside", "log_p_probit", "ep_sweeps_heaviside", "ep_sweeps_probit", "ep_converged_heaviside",
-          "ep_converged_probit", "ep_seconds", "sharpness", "trace", "trace_stderr", "top_eigenvalue", "warnings",
-          "seconds"]
+          "ep_converged_probit", "ep_seconds", "sharpness", "trace", "trace_stderr", "top_eigenvalue",
+          *predictors.COLUMNS, "warnings", "seconds"]
 
 
 @dataclasses.dataclass
@@ -48,6 +50,7 @@ class TemporalConfig:
     trace_rtol: float = 0.05
     frobenius_rtol: float = 0.05
     warm_start: bool = True
+    measures: str = "invariant"
     seed: int = 0
     out: str = "flatfast-temporal"
 
@@ -71,6 +74,7 @@ class TemporalConfig:
         need(self.post_epochs >= 2, "--post-epochs", f"must be >= 2, got {self.post_epochs}")
         need(self.every >= 1, "--every", f"must be >= 1, got {self.every}")
         need(self.sharpness_epochs >= 1, "--sharpness-epochs", f"must be >= 1, got {self.sharpness_epochs}")
+        predictors.chosen(self.measures)  # ValueError naming --measures
 
 
 class _Measurer:
@@ -112,8 +116,10 @@ class _Measurer:
             row["ep_seconds"] = round(time.perf_counter() - t_ep, 4)
             flat = flatness_on(model, self.S, self.config, self.config.seed,
                                which=("trace", "top_eigenvalue", "sharpness_sgd_ascent"))
+            others = predictors.record(model, self.S, predictors.chosen(self.config.measures), self.config.seed)
         row.update(sharpness=flat["sharpness_sgd_ascent"], trace=flat["trace"], trace_stderr=flat["trace_stderr"],
                    top_eigenvalue=flat["top_eigenvalue"])
+        row.update({k: v for k, v in others.items() if k in FIELDS})  # not their seconds: the row's total counts
         row["warnings"] = " | ".join(recorded_warnings(caught))
         row["seconds"] = round(time.perf_counter() - t0, 2)
         return row
@@ -312,7 +318,7 @@ def main(args) -> int:
         return 2
     overrides = {}
     for field in ("data", "data_dir", "n_train", "n_test", "max_epochs", "lr", "post_epochs", "every",
-                  "sharpness_epochs", "out"):
+                  "sharpness_epochs", "measures", "out"):
         value = getattr(args, field, None)
         if value is not None:
             overrides[field] = value

@@ -76,16 +76,31 @@ def _columns(measure, error, hyperparameters, direction):
     return measure, error, axes
 
 
-def _bootstrap(statistic, n, n_resamples, seed):
+def _bootstrap(statistic, strata, n_resamples, seed):
+    """The 2.5 % and 97.5 % percentiles of ``statistic(rows)`` over resamples that draw, with replacement, as many
+    networks from each stratum (index array) as it holds: the settings stay, the draws within them vary."""
     rng = np.random.default_rng(seed)
     values = []
     for _ in range(n_resamples):
-        value = statistic(rng.integers(0, n, n))
+        rows = np.concatenate([stratum[rng.integers(0, len(stratum), len(stratum))] for stratum in strata])
+        value = statistic(rows)
         if np.isfinite(value):
             values.append(value)
     if not values:
         return (float("nan"), float("nan"))
     return (float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5)))
+
+
+def _strata(axes, repeat_axis):
+    """Groups of networks that share every axis but ``repeat_axis`` (the draw, e.g. the seed); one group of all
+    networks when there is no such axis."""
+    n = len(next(iter(axes.values())))
+    if repeat_axis is None or repeat_axis not in axes:
+        return [np.arange(n)]
+    groups = defaultdict(list)
+    for r in range(n):
+        groups[tuple(str(axes[a][r]) for a in axes if a != repeat_axis)].append(r)
+    return [np.asarray(g) for g in groups.values()]
 
 
 def _kendall(a, b):
@@ -97,7 +112,8 @@ def _kendall(a, b):
 
 
 def granulated_kendall(measure: Sequence[float], error: Sequence[float], hyperparameters: Mapping[str, Sequence],
-                       *, direction: int = 1, n_resamples: int = 1000, seed: int = 0) -> RankingResult:
+                       *, direction: int = 1, repeat_axis: Optional[str] = "seed", n_resamples: int = 1000,
+                       seed: int = 0) -> RankingResult:
     r"""Jiang et al.'s (2020) granulated Kendall coefficient :math:`\Psi`: for each hyperparameter axis i, the mean
     Kendall :math:`\tau` between measure and error among networks that differ along axis i alone (every setting of
     the other axes a group), :math:`\psi_i`; then :math:`\Psi = \frac1n \sum_i \psi_i`. Unlike one Kendall tau over
@@ -109,8 +125,11 @@ def granulated_kendall(measure: Sequence[float], error: Sequence[float], hyperpa
     hyperparameters : mapping of axis name to one value per network (e.g. optimizer, attack-set size, seed)
     direction : +1 or -1
         +1 when a larger measure should mean a larger error; -1 otherwise (the value is then tau of -measure).
+    repeat_axis : str or None
+        The axis whose values are draws rather than settings (the seed): the bootstrap resamples networks within
+        each setting of the other axes, so that every group and environment stays.
     n_resamples, seed : int
-        The bootstrap over networks.
+        The bootstrap's resamples and seed.
 
     Returns
     -------
@@ -148,33 +167,30 @@ def granulated_kendall(measure: Sequence[float], error: Sequence[float], hyperpa
         return float(np.mean(values)) if values else float("nan")
 
     value = psi(everyone)
-    interval = _bootstrap(psi, len(measure), n_resamples, seed) if n_resamples else (value, value)
+    interval = _bootstrap(psi, _strata(axes, repeat_axis), n_resamples, seed) if n_resamples else (value, value)
     return RankingResult(value, interval, "granulated Kendall", dict(per_axis=parts))
 
 
-def _entropy(counts):
-    total = counts.sum()
-    if total == 0:
-        return 0.0
-    p = counts[counts > 0] / total
-    return float(-(p * np.log(p)).sum())
+def _entropies(counts):
+    """The entropy (nats) of each row of ``counts`` (groups x outcomes)."""
+    totals = counts.sum(-1, keepdims=True)
+    p = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+    return -(p * np.log(np.where(p > 0, p, 1.0))).sum(-1)
 
 
-def _mutual_information(table):
-    """I(rows; columns) of a 2 x 2 table of counts, in nats."""
-    total = table.sum()
-    if total == 0:
-        return 0.0
-    joint = table / total
-    rows, cols = joint.sum(1, keepdims=True), joint.sum(0, keepdims=True)
-    mask = joint > 0
-    return float((joint[mask] * np.log(joint[mask] / (rows @ cols)[mask])).sum())
+def _mutual_informations(tables):
+    """I(rows; columns) in nats of each 2 x 2 table of counts (groups x 2 x 2)."""
+    totals = tables.sum((1, 2), keepdims=True)
+    joint = np.divide(tables, totals, out=np.zeros_like(tables), where=totals > 0)
+    independent = joint.sum(2, keepdims=True) * joint.sum(1, keepdims=True)
+    ratio = np.divide(joint, independent, out=np.ones_like(joint), where=joint > 0)
+    return (joint * np.log(ratio)).sum((1, 2))
 
 
 def conditional_mutual_information(measure: Sequence[float], error: Sequence[float],
                                    hyperparameters: Mapping[str, Sequence], *, direction: int = 1,
-                                   max_conditioning: int = 2, n_resamples: int = 200,
-                                   seed: int = 0) -> RankingResult:
+                                   max_conditioning: int = 2, repeat_axis: Optional[str] = "seed",
+                                   n_resamples: int = 200, seed: int = 0) -> RankingResult:
     r"""The conditional mutual information criterion of Jiang et al. (2020, section 5), by which the NeurIPS 2020
     "Predicting Generalization in Deep Learning" competition was scored. Over every ordered pair of networks,
     :math:`V_\mu = \mathrm{sign}(\mu_i - \mu_j)` and :math:`V_g = \mathrm{sign}(g_i - g_j)`; for each set U of at
@@ -195,8 +211,8 @@ def conditional_mutual_information(measure: Sequence[float], error: Sequence[flo
         the information, only the recorded sign of the agreement).
     max_conditioning : int
         The largest conditioning set.
-    n_resamples, seed : int
-        The bootstrap over networks.
+    repeat_axis, n_resamples, seed
+        As for :func:`granulated_kendall`.
 
     Returns
     -------
@@ -215,6 +231,7 @@ def conditional_mutual_information(measure: Sequence[float], error: Sequence[flo
     n_resamples = check_int(n_resamples, "n_resamples", minimum=0)
     names = list(axes)
     sets = [U for k in range(min(max_conditioning, len(names)) + 1) for U in itertools.combinations(names, k)]
+    codes = {a: np.unique(np.asarray(axes[a], dtype=object).astype(str), return_inverse=True)[1] for a in names}
 
     def scores(rows):
         rows = np.asarray(rows)
@@ -222,17 +239,20 @@ def conditional_mutual_information(measure: Sequence[float], error: Sequence[flo
         i, j = i.ravel(), j.ravel()
         keep = error[i] != error[j]
         i, j = i[keep], j[keep]
-        g = (error[i] > error[j]).astype(int)
-        m = (measure[i] > measure[j]).astype(int)
+        cell = 2 * (error[i] > error[j]) + (measure[i] > measure[j])  # (V_g, V_mu) as 0..3
         result = {}
         for U in sets:
-            groups = defaultdict(lambda: np.zeros((2, 2)))
-            for a, b, gi, mi in zip(i, j, g, m):
-                key = tuple((axes[u][a], axes[u][b]) for u in U)
-                groups[key][gi, mi] += 1
-            total = sum(t.sum() for t in groups.values())
-            information = sum(t.sum() / total * _mutual_information(t) for t in groups.values()) if total else 0.0
-            entropy = sum(t.sum() / total * _entropy(t.sum(1)) for t in groups.values()) if total else 0.0
+            key = np.zeros(len(i), dtype=np.int64)
+            for u in U:  # the pair's values of each conditioning axis, as one integer
+                size = int(codes[u].max()) + 1
+                key = (key * size + codes[u][i]) * size + codes[u][j]
+            _, group = np.unique(key, return_inverse=True)
+            tables = np.zeros((group.max() + 1 if len(group) else 0, 4))
+            np.add.at(tables, (group, cell), 1)
+            tables = tables.reshape(-1, 2, 2)
+            weights = tables.sum((1, 2)) / max(tables.sum(), 1.0)  # p(u)
+            information = float(weights @ _mutual_informations(tables))
+            entropy = float(weights @ _entropies(tables.sum(2)))
             result[" & ".join(U) or "(none)"] = information / entropy if entropy > 0 else float("nan")
         return result
 
@@ -244,7 +264,8 @@ def conditional_mutual_information(measure: Sequence[float], error: Sequence[flo
         return float(min(values)) if values else float("nan")
 
     value = criterion(everyone)
-    interval = _bootstrap(criterion, len(measure), n_resamples, seed) if n_resamples else (value, value)
+    interval = _bootstrap(criterion, _strata(axes, repeat_axis), n_resamples, seed) if n_resamples else \
+        (value, value)
     return RankingResult(value, interval, "conditional mutual information", dict(per_set=per_set))
 
 
@@ -261,15 +282,18 @@ def robust_sign_error(measure: Sequence[float], error: Sequence[float], hyperpar
 
     0 when the measure orders the pair as the errors do, 1 when it orders it the other way, 1/2 for a tie. The
     robust sign error is the largest over the environments, the measure's worst case; ``info`` holds the mean and
-    every environment's error.
+    every environment's error. Its interval runs from the largest to the largest of the environments' own
+    bootstrap intervals (the draws resampled within each setting), which always holds the estimate: the percentile
+    interval of a resampled maximum is biased upward.
 
     Parameters
     ----------
     measure, error, hyperparameters, direction : as for :func:`granulated_kendall`.
     repeat_axis : str or None
-        The axis that repeats a setting (default "seed"); None if every axis is a hyperparameter.
+        The axis that repeats a setting (default "seed"); None if every axis is a hyperparameter. The bootstrap
+        resamples networks within each setting, so every environment stays.
     n_resamples, seed : int
-        The bootstrap over networks.
+        The bootstrap's resamples and seed.
 
     Returns
     -------
@@ -314,12 +338,21 @@ def robust_sign_error(measure: Sequence[float], error: Sequence[float], hyperpar
     if not per_environment:
         raise ValueError("hyperparameters: no two settings differ in exactly one axis; there is no environment")
 
-    def worst(rows):
-        values = list(environments(rows).values())
-        return float(max(values)) if values else float("nan")
-
     value = max(per_environment.values())
-    interval = _bootstrap(worst, len(measure), n_resamples, seed) if n_resamples else (value, value)
+    interval = (value, value)
+    if n_resamples:
+        # each environment's error bootstrapped by resampling the draws within its two settings; the interval of
+        # the largest is the largest lower end to the largest upper end (the max of a resampled max is biased up)
+        rng = np.random.default_rng(seed)
+        strata = _strata(axes, repeat_axis)
+        samples = defaultdict(list)
+        for _ in range(n_resamples):
+            rows = np.concatenate([g[rng.integers(0, len(g), len(g))] for g in strata])
+            for name, v in environments(rows).items():
+                samples[name].append(v)
+        low = max(float(np.percentile(samples[name], 2.5)) for name in per_environment)
+        high = max(float(np.percentile(samples[name], 97.5)) for name in per_environment)
+        interval = (low, high)
     return RankingResult(value, interval, "robust sign error",
                          dict(mean=float(np.mean(list(per_environment.values()))), per_environment=per_environment))
 
@@ -337,8 +370,8 @@ def kendall_tau(measure: Sequence[float], error: Sequence[float], *, direction: 
     """
     measure, error, _ = _columns(measure, error, {"all": [0] * len(np.atleast_1d(measure))}, direction)
     value = _kendall(measure, error)
-    interval = _bootstrap(lambda rows: _kendall(measure[rows], error[rows]), len(measure), n_resamples, seed) \
-        if n_resamples else (value, value)
+    interval = _bootstrap(lambda rows: _kendall(measure[rows], error[rows]), [np.arange(len(measure))], n_resamples,
+                          seed) if n_resamples else (value, value)
     return RankingResult(value, interval, "Kendall tau")
 
 
