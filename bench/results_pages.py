@@ -340,11 +340,46 @@ def experiment(results_dir, out_dir):
             ["measure", "Kendall τ with test error [95 % BCa interval]", "networks", "α-scaled ÷ original"], rows))
 
 
+def leaderboards(results_dir, out_dir):
+    """The leaderboard of every run that recorded more than the paper's measures (flatfast reproduce --measures):
+    its table, as the run's leaderboard.csv gives it, and its figure."""
+    import shutil
+
+    for path in sorted(glob.glob(os.path.join(results_dir, "*", "leaderboard.csv"))):
+        folder = os.path.dirname(path)
+        name = os.path.basename(folder)
+        with open(path) as f:
+            board = list(csv.DictReader(f))
+
+        def interval(text):
+            low, high = (float(v) for v in text.split(";"))
+            return f"[{low:+.2f}, {high:+.2f}]" if math.isfinite(low) else ""
+
+        rows = [(b["label"], "yes" if b["invariant"] == "True" else "no", f"{float(b['kendall_tau']):+.3f} "
+                 f"{interval(b['kendall_tau_ci'])}", f"{float(b['granulated_kendall']):+.3f} "
+                 f"{interval(b['granulated_kendall_ci'])}", f"{float(b['conditional_mutual_information']):.3f}",
+                 f"{float(b['robust_sign_error']):.2f} (mean {float(b['mean_sign_error']):.2f})",
+                 f"×{1 + float(b['rescaling_changed_it_by']):.3g}", f"{float(b['seconds_per_network']):.3g}")
+                for b in board]
+        _write(os.path.join(out_dir, f"leaderboard-{name}.md"), _table(
+            ["measure", "invariant", "Kendall τ (oriented)", "granulated Kendall Ψ", "CMI", "robust sign error",
+             "α-rescaling moved it by", "s / network"], rows))
+        figure = os.path.join(folder, "leaderboard.png")
+        if os.path.exists(figure):
+            shutil.copy(figure, os.path.join(out_dir, f"leaderboard-{name}.png"))
+
+
 def write_all(results_dir, out_dir):
     """Every generated table (Markdown) and plot (PNG) of the results pages, into ``out_dir``."""
     os.makedirs(out_dir, exist_ok=True)
-    for section in (smc_coverage, ep_accuracy, empirical_kernels, benchmarks, experiment):
+    for section in (smc_coverage, ep_accuracy, empirical_kernels, benchmarks, experiment, leaderboards):
         section(results_dir, out_dir)
+
+
+def _pages(results_dir):
+    """The pages that hold generated tables: every results page, and the guide's page on which predictor."""
+    guide = os.path.join(os.path.dirname(os.path.abspath(results_dir)), "guide", "which-predictor.md")
+    return sorted(glob.glob(os.path.join(results_dir, "*.md"))) + ([guide] if os.path.exists(guide) else [])
 
 
 # --- the tables inside the pages -------------------------------------------------------------------------------
@@ -378,7 +413,7 @@ def stale_tables(results_dir="docs/results"):
     tables, out_dir = _generated(results_dir)
     shutil.rmtree(out_dir, ignore_errors=True)
     stale = []
-    for page in sorted(glob.glob(os.path.join(results_dir, "*.md"))):
+    for page in _pages(results_dir):
         with open(page) as f:
             for block in _BLOCK.finditer(f.read()):
                 if tables.get(block["name"]) != block["body"]:
@@ -396,7 +431,7 @@ def update_pages(results_dir="docs/results"):
     for png in glob.glob(os.path.join(out_dir, "*.png")):
         shutil.copy(png, os.path.join(figures, os.path.basename(png)))
     shutil.rmtree(out_dir, ignore_errors=True)
-    for page in sorted(glob.glob(os.path.join(results_dir, "*.md"))):
+    for page in _pages(results_dir):
         with open(page) as f:
             text = f.read()
         updated = _BLOCK.sub(lambda m: _begin(m["name"]) + tables.get(m["name"], "(no stored data)\n")

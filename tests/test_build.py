@@ -42,6 +42,7 @@ print(module.threading(), module.num_threads())
 """
 
 
+@pytest.mark.slow  # run by .ci/run after the default suite (pytest -m slow)
 def test_openmp_and_std_thread_builds_agree(tmp_path):
     """The C++ core threads its tiles with OpenMP or, without it (FLATFAST_OPENMP=OFF, Apple clang), with
     std::thread workers on the same schedule. Build the variant that is not installed and check that every

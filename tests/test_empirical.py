@@ -46,6 +46,7 @@ def _relative_error(K, reference):
     return float(np.linalg.norm(K - reference) / np.linalg.norm(reference))
 
 
+@pytest.mark.slow  # run by .ci/run after the default suite (pytest -m slow)
 def test_mlp_kernel_converges_like_one_over_sqrt_m_to_the_arc_cosine_kernel():
     """Width 1024, depth 2: the relative error falls about 2x per 4x draws (measured 0.022, 0.0094, 0.0050,
     0.0026 at M = 4, 16, 64, 256); at equal M the penultimate readout (the last layer integrated exactly) is

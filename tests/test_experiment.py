@@ -2,6 +2,7 @@
 row by row, resume only with the same settings, shards merging to the unsharded table, and the temporal run."""
 import csv
 import json
+import math
 import os
 import re
 import signal
@@ -157,6 +158,7 @@ def test_flatness_is_of_the_loss_on_S_alone(reference_table):
         rel=1e-9)  # of S (not S + A), with the experiment's eps and loss
 
 
+@pytest.mark.slow  # run by .ci/run after the default suite (pytest -m slow)
 def test_shards_merge_to_the_unsharded_table(tmp_path, reference_table):
     shards = [run(_tiny_config(tmp_path / f"shard{i}", shard_index=i, shard_count=2), log=lambda s: None).parent
               for i in range(2)]
@@ -417,6 +419,7 @@ def test_cifar10_files_that_are_missing_or_not_batches_are_named(cifar_dir, tmp_
         read_cifar10(tmp_path, ["runs_code"])
 
 
+@pytest.mark.slow  # run by .ci/run after the default suite (pytest -m slow)
 def test_cnn_on_cifar10_from_the_command_line(cifar_dir, tmp_path):
     out = tmp_path / "run"
     result = subprocess.run([sys.executable, "-m", "flatfast", "reproduce", "--data", "cifar10", "--data-dir",
@@ -487,6 +490,7 @@ def test_ctrl_c_leaves_one_line_saying_what_was_kept(monkeypatch, reference_tabl
     assert f"flatfast reproduce --resume --out {out}" in err
 
 
+@pytest.mark.slow  # run by .ci/run after the default suite (pytest -m slow)
 def test_jobs_give_the_rows_of_a_serial_run(tmp_path, reference_table):
     """--jobs 2: the configurations in two worker processes (one thread each here), the same rows as serially."""
     lines = []
@@ -507,6 +511,7 @@ def test_jobs_give_the_rows_of_a_serial_run(tmp_path, reference_table):
     assert ours["log_p"]["kendall_tau"] == theirs["log_p"]["kendall_tau"]
 
 
+@pytest.mark.slow  # run by .ci/run after the default suite (pytest -m slow)
 def test_shard_auto_reads_the_slurm_array_and_merges_to_the_whole(tmp_path, reference_table, monkeypatch):
     from flatfast.__main__ import main
 
@@ -581,3 +586,43 @@ def test_entropy_sgd_defaults_are_the_settings_the_experiment_trains_with():
     default = EntropySGD(model.parameters()).param_groups[0]
     assert {k: v for k, v in used.items() if k != "params"} == {k: v for k, v in default.items() if k != "params"}
     assert default["lr"] == pytest.approx(1 / default["gamma"])
+
+
+def test_every_predictor_is_recorded_and_ranked_and_the_invariant_ones_survive_the_rescaling(tmp_path):
+    """--measures all: a column per measure in results.csv, every ranking metric in correlations.json, the
+    leaderboard, and on the alpha-scaled SGD copies (measured from scratch, float64) the invariant measures
+    unchanged to 1e-6 while the trace moves."""
+    from flatfast.experiments import predictors
+    from flatfast.experiments.table import read_table
+
+    config = _tiny_config(tmp_path / "all", optimizers=["sgd"], seeds=2, attack_sizes=[0, 20], measures="all", width=12)
+    table = run(config, log=lambda s: None)
+    rows = read_table(table)
+    for name in predictors.OTHERS:
+        assert all(math.isfinite(r[name]) and r[f"seconds_{name}"] >= 0 for r in rows), name
+    pairs = {}
+    for r in rows:
+        pairs.setdefault((r["attack_size"], r["seed"]), {})[r["rescaled"]] = r
+    for original, scaled in ((p[False], p[True]) for p in pairs.values()):
+        for name in predictors.INVARIANT + ["log_p_heaviside"]:
+            assert abs(scaled[name] - original[name]) <= 1e-6 * abs(original[name]), name
+        assert scaled["trace"] > 2 * original["trace"]
+    board = list(csv.DictReader(open(table.parent / "leaderboard.csv")))
+    assert {b["measure"] for b in board} == set(predictors.PAPER) | set(predictors.OTHERS)
+    moved = {b["measure"]: float(b["rescaling_changed_it_by"]) for b in board}
+    assert all(moved[name] <= 1e-6 for name in predictors.INVARIANT) and moved["trace"] > 1
+    correlations_json = json.loads((table.parent / "correlations.json").read_text())["correlations_with_test_error"]
+    assert {"granulated_kendall", "conditional_mutual_information", "robust_sign_error"} <= \
+        set(correlations_json["fisher_rao_norm"])
+    assert (table.parent / "leaderboard.png").stat().st_size > 0
+
+
+def test_measures_option_is_checked():
+    from flatfast.experiments.predictors import INVARIANT, chosen
+
+    assert chosen("paper") == [] and chosen("invariant") == INVARIANT and chosen("path_norm,fisher_rao_norm") == \
+        ["fisher_rao_norm", "path_norm"]
+    with pytest.raises(ValueError, match="--measures: expected paper, invariant, all or names"):
+        chosen("flatness")
+    with pytest.raises(ValueError, match="--measures"):
+        Config(measures="bogus").validate()

@@ -25,7 +25,7 @@ def _problem(n, d, rng, labels="random"):
 # n up to 200: the pure-numpy sequential oracle costs ~n^3 per sweep (35 s for the two cases at n = 300 on 2
 # cores), and nothing in the solver changes with the size (the blocked passes are checked at larger n against the
 # LAPACK solver in tests/test_prior_device.py).
-@pytest.mark.parametrize("n", [50, 200])
+@pytest.mark.parametrize("n", [50, pytest.param(200, marks=pytest.mark.slow)])  # n = 200: 10 s each, -m slow
 @pytest.mark.parametrize("labels", ["random", "structured"])
 def test_fast_solver_matches_sequential_oracle(n, labels):
     rng = np.random.default_rng(n)

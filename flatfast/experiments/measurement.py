@@ -4,7 +4,7 @@ import time
 
 import numpy as np
 
-from flatfast.experiments import predictors
+import flatfast.experiments.predictors as predictors
 from flatfast.experiments.config import IMAGE_SHAPES
 from flatfast.experiments.training import make_cnn
 

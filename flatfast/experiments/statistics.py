@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flatfast.experiments import predictors
+import flatfast.experiments.predictors as predictors
 from flatfast.experiments.measurement import rescale_label
 from flatfast.experiments.plots import plot, plot_leaderboard
 from flatfast.experiments.table import read_table
@@ -38,6 +38,24 @@ def _measure_values(rows, name, likelihood):
     return values
 
 
+def _kendall_tau_b(x, y, axis=-1):
+    """Kendall's tau-b (scipy's kendalltau) of the last axis, for a whole batch of resamples at once."""
+    x, y = np.moveaxis(np.asarray(x), axis, -1), np.moveaxis(np.asarray(y), axis, -1)
+    dx = np.sign(x[..., :, None] - x[..., None, :])
+    dy = np.sign(y[..., :, None] - y[..., None, :])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (dx * dy).sum((-2, -1)) / np.sqrt(np.abs(dx).sum((-2, -1)) * np.abs(dy).sum((-2, -1)))
+
+
+def _pearson_r(x, y, axis=-1):
+    """Pearson's r of the last axis, for a whole batch of resamples at once."""
+    x, y = np.moveaxis(np.asarray(x), axis, -1), np.moveaxis(np.asarray(y), axis, -1)
+    x = x - x.mean(-1, keepdims=True)
+    y = y - y.mean(-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (x * y).sum(-1) / np.sqrt((x * x).sum(-1) * (y * y).sum(-1))
+
+
 def correlations(rows, likelihood="probit", n_resamples=1000, seed=0):
     """For every recorded measure over the networks that reached 100 % on S (rescaled copies excluded): Kendall
     tau and Pearson r between test error and the measure (log10 of the positive ones) with paired BCa bootstrap
@@ -46,7 +64,7 @@ def correlations(rows, likelihood="probit", n_resamples=1000, seed=0):
     seed), each with its bootstrap interval (:mod:`flatfast.measures.ranking`, the measure oriented by the
     direction in which it should predict). The rows are put in configuration order first, so that the intervals
     do not depend on the order the table holds them in (a --jobs run appends rows as they finish)."""
-    from scipy.stats import bootstrap, kendalltau, pearsonr
+    from scipy.stats import bootstrap
 
     import flatfast
 
@@ -60,18 +78,17 @@ def correlations(rows, likelihood="probit", n_resamples=1000, seed=0):
         err, values = err[ok], values[ok]
         entry = dict(kendall_tau=float("nan"), pearson_r=float("nan"), n=int(len(err)), direction=direction)
         if len(err) >= 3 and np.ptp(err) > 0 and np.ptp(values) > 0:
-            for label, stat in (("kendall_tau", lambda a, b: kendalltau(a, b)[0]),
-                                ("pearson_r", lambda a, b: pearsonr(a, b)[0])):
+            for label, stat in (("kendall_tau", _kendall_tau_b), ("pearson_r", _pearson_r)):
                 entry[label] = float(stat(err, values))
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # degenerate resamples give NaN statistics; BCa copes
                     try:
-                        ci = bootstrap((err, values), stat, paired=True, vectorized=False, method="BCa",
+                        ci = bootstrap((err, values), stat, paired=True, vectorized=True, batch=50, method="BCa",
                                        n_resamples=n_resamples, random_state=seed).confidence_interval
                         entry[label + "_ci"] = [float(ci.low), float(ci.high)]
                     except Exception:  # too few distinct networks for BCa's jackknife
                         entry[label + "_ci"] = [float("nan"), float("nan")]
-            hyper = {axis: [r[axis] for r, keep in zip(kept, ok) if keep]
+            hyper = {axis: [r.get(axis, 0) for r, keep in zip(kept, ok) if keep]
                      for axis in ("optimizer", "attack_size", "seed")}
             for metric, fn, resamples in (("granulated_kendall", flatfast.granulated_kendall, n_resamples // 5),
                                           ("conditional_mutual_information",

@@ -5,7 +5,7 @@ import json
 import os
 from pathlib import Path
 
-from flatfast.experiments import predictors
+import flatfast.experiments.predictors as predictors
 from flatfast.experiments.config import config_differences
 
 

@@ -21,7 +21,7 @@ from typing import Optional
 
 import numpy as np
 
-from flatfast.experiments import predictors
+import flatfast.experiments.predictors as predictors
 
 FIELDS = ["epoch", "phase", "rescaled", "train_loss", "train_error", "test_loss", "test_error",
           "log_p_heaviside", "log_p_probit", "ep_sweeps_heaviside", "ep_sweeps_probit", "ep_converged_heaviside",
