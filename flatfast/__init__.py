@@ -26,8 +26,9 @@ from flatfast.kernel.empirical import empirical_nngp_kernel
 from flatfast.kernel.nngp import nngp_kernel
 from flatfast.measures.bounds import pac_bayes_bound
 from flatfast.measures.flatness import flatness_report, frobenius_norm, function_of, rescale, sharpness
-from flatfast.measures.invariant import (adaptive_sharpness, fisher_rao_norm, pac_bayes_flatness, path_norm,
-                                         relative_flatness)
+from flatfast.measures.adaptive import adaptive_sharpness
+from flatfast.measures.invariant import fisher_rao_norm, path_norm, relative_flatness
+from flatfast.measures.pac_bayes import pac_bayes_flatness
 from flatfast.measures.laplace import laplace_evidence
 from flatfast.measures.ranking import (RankingResult, conditional_mutual_information, granulated_kendall,
                                        kendall_tau, robust_sign_error)

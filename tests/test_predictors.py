@@ -1,7 +1,6 @@
 """Every generalization predictor against a brute-force or dense reference on small float64 models, the
 invariance of the invariant ones under flatfast.rescale (to 1e-6 relative, with the same random draws), and the
 ranking metrics on examples worked by hand."""
-import itertools
 import math
 
 import numpy as np

@@ -115,3 +115,10 @@ def test_auto_ranks_the_measured_safe_paths_first_on_cuda():
     assert auto_order("nngp", "cuda").index("triton") < auto_order("nngp", "cuda").index("cuda")
     assert auto_order("nngp", "cpu")[0] == "cpp" and auto_order("mlp_hvp", "cpu")[0] == "torch"
     assert "triton" not in auto_order("nngp", "cpu")  # Triton runs CPU tensors only under its interpreter
+
+
+def test_no_module_is_over_450_lines():
+    """A module a reader can hold: one idea, split when it grows past this."""
+    long = {str(p.relative_to(PACKAGE.parent)): n for p in PACKAGE.rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 450}
+    assert not long, long
