@@ -65,6 +65,41 @@ def test_sgd_ascent_sharpness_reaches_the_corner_the_gradient_points_to():
         flatfast.sharpness(model, batches, method="lbfgs")
 
 
+class CountingLoader:
+    """A loader that counts the passes over it and augments at random: every pass draws fresh noise."""
+
+    def __init__(self, batches):
+        self.batches, self.passes = batches, 0
+        self.generator = torch.Generator().manual_seed(0)
+
+    def __iter__(self):
+        self.passes += 1
+        for X, y in self.batches:
+            yield X + 0.01 * torch.randn(X.shape, generator=self.generator, dtype=X.dtype), y
+
+
+@pytest.mark.parametrize("budget, held", [(None, True), (1, False)])
+def test_ascent_replays_the_batches_it_read_once(monkeypatch, budget, held):
+    """The sgd-ascent evaluates the full loss after every step: from batches held since the first pass (the
+    loader is read once per epoch, for the steps), or, past the byte budget, from the loader every time."""
+    from flatfast.curvature import operator
+
+    if budget is not None:
+        monkeypatch.setattr(operator, "HELD_BATCH_BYTES", budget)
+    model, batches = mlp(), data("mlp")
+    loader = CountingLoader(batches)
+    epochs = 3
+    flatfast.sharpness(model, loader, eps=1e-3, epochs=epochs, lr=1e-2)
+    steps = epochs * len(batches)
+    # probe 1 + the first full loss 1 + one pass per epoch for the steps (+ a full loss per step when streamed)
+    assert loader.passes == 2 + epochs + (0 if held else steps)
+    # the held loss is one function of the parameters: the random augmentation was drawn once
+    op = operator.HessianOperator(model, CountingLoader(batches))
+    first = [X for (inputs, _) in op.held_batches() for X in inputs.tensors()]
+    again = [X for (inputs, _) in op.held_batches() for X in inputs.tensors()]
+    assert all(torch.equal(a, b) for a, b in zip(first, again)) == held
+
+
 def test_frobenius_norm_against_exact():
     model, batches = mlp(), data("mlp")
     H = dense_hessian(model, batches)

@@ -12,6 +12,9 @@ from flatfast.models.passes import distributed
 from flatfast.models.parameters import select_parameters
 from flatfast.backend.dispatch import dispatch
 
+# Measures that evaluate the loss hundreds of times hold the batches they read once, up to this many bytes.
+HELD_BATCH_BYTES = 1 << 30
+
 
 def loss_kind(loss_fn):
     """None for the default loss (cross-entropy on integer class targets); 'cross_entropy', 'mse' or
@@ -126,6 +129,7 @@ class HessianOperator:
         # can serve every product, as PyHessian's data= mode does (see cached_gradient_graph).
         self._single_batch = isinstance(loader, (list, tuple)) and len(loader) == 1
         self._graph = None
+        self._held = None  # set by the first complete pass of held_batches()
         self._not_independent = None  # set by probe(): None until then, then "" or why the examples are not
         self.outputs_per_example = None  # set by probe(): the outputs the loss sees per example
         self._symmetry_checked = False
@@ -178,6 +182,27 @@ class HessianOperator:
             raise ValueError("loader: yielded no batches")
         if examples == 0:
             raise ValueError(f"loader: its {count} batch(es) hold no examples")
+
+    def held_batches(self):
+        """:meth:`batches` for the measures that evaluate the loss hundreds of times (the sharpness ascents, the
+        Monte Carlo draws of the PAC-Bayes measure): the first complete pass reads the loader and keeps its
+        batches on the model's device while they take at most ``HELD_BATCH_BYTES`` (1 GiB); later passes replay
+        them. A larger data set is read from the loader every time. Replaying changes no dataset mean (every
+        example still counts once; only the order could differ from a shuffling loader's), and a loader that
+        augments at random is drawn once, so the loss evaluated is one function of the parameters."""
+        if self._held is not None:
+            yield from self._held
+            return
+        held, size = [], 0
+        for inputs, y in self.batches():
+            if held is not None:
+                size += sum(t.numel() * t.element_size() for t in inputs.tensors() + [y])
+                if size <= HELD_BATCH_BYTES:
+                    held.append((inputs, y))
+                else:
+                    held = None
+            yield inputs, y
+        self._held = held
 
     def probe(self):
         """What the model does with the first batch, asked once per operator before any curvature is taken

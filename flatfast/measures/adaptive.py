@@ -28,7 +28,7 @@ def _dataset_loss(op, params, shifts=None):
     total, count = 0.0, 0
     moved = {n: (p.detach() + s if shifts is not None else p.detach()) for (n, p), s in
              zip(op.params, shifts if shifts is not None else [None] * len(op.params))}
-    for inputs, y in op.batches():
+    for inputs, y in op.held_batches():
         out = inputs.functional_call(op.model, {**moved, **fixed})
         total = total + op.loss_and_targets(out, y) * inputs.size
         count += inputs.size

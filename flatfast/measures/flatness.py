@@ -30,7 +30,7 @@ def _dataset_loss(model, op):
     import torch
 
     total, count = 0.0, 0
-    for inputs, y in op.batches():
+    for inputs, y in op.held_batches():
         total = total + op.loss_and_targets(inputs.call(model), y) * inputs.size
         count += inputs.size
     if not distributed():
@@ -72,7 +72,9 @@ def sharpness(model: Model, loader: Loader, eps: float = 1e-4, *, loss_fn: Optio
       loader's minibatches, step ``lr``, starting at z = 0, projected back into the box after **every** step, with
       the full-data loss evaluated after every step; ``epochs`` passes over the loader. Give it the loader you
       want the ascent to see (Zhang et al.: batches of 32, shuffled; 100 epochs, lr 1e-3). Costs ``epochs`` x
-      (batches + batches^2) forward passes.
+      (batches + batches^2) forward passes. The full-data loss is evaluated on the batches of the first pass,
+      held in memory up to 1 GiB (a larger data set is read from the loader every time): the same mean, without
+      the loader's cost at every step.
     * ``method="sign-ascent"``: ``steps`` full-batch projected sign-gradient steps from a seeded random point of
       the box (step ``2 eps (|theta| + 1) / steps``). Much cheaper; a lower bound on the same maximum like the other.
 

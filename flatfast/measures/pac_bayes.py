@@ -134,7 +134,7 @@ def _accuracy(op, shifts):
     moved = {n: (p.detach() + s if shifts is not None else p.detach()) for (n, p), s in
              zip(op.params, shifts if shifts is not None else [None] * len(op.params))}
     correct, count = 0.0, 0
-    for inputs, y in op.batches():
+    for inputs, y in op.held_batches():
         out = inputs.functional_call(op.model, {**moved, **fixed})
         if out.dim() == 1 or out.shape[-1] == 1:
             predicted = (out.reshape(-1) >= 0).to(y.dtype)
