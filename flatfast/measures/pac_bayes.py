@@ -30,9 +30,11 @@ def pac_bayes_flatness(model: Model, loader: Loader, *, accuracy_drop: float = 0
 
     lowers the training accuracy by at most ``accuracy_drop`` in expectation. The expectation is a mean over
     ``draws`` noise draws, the same draws at every sigma (common random numbers, so the search sees a smooth,
-    nearly monotone curve); sigma' is found by bisection in log sigma over ``search_steps`` steps. The standard
-    error of sigma' is the draws' standard error of the accuracy at sigma' divided by the curve's slope there (the
-    delta method); ``info`` holds the final bracket too.
+    nearly monotone curve); sigma' is found by bisection in log sigma over ``search_steps`` steps. Its standard
+    error is the one the finite draws leave, by the bootstrap: the draws resampled, and the crossing found again
+    on each resample's mean accuracy at the points already evaluated (interpolated in log sigma). The bisection's
+    bracket, in ``info``, is far narrower than that error: more steps do not make sigma' more certain; more draws
+    do.
 
     Invariant to the alpha-rescaling with the same draws when eps = 0; the default eps = 1e-3 (Jiang et al.'s) adds
     an absolute noise that the rescaling does not scale, so there it holds to within that noise. Accuracy: the
@@ -55,7 +57,7 @@ def pac_bayes_flatness(model: Model, loader: Loader, *, accuracy_drop: float = 0
 
     Returns
     -------
-    MeasureResult: ``value`` = 1 / sigma'^2 (larger is sharper), ``stderr`` its delta-method standard error,
+    MeasureResult: ``value`` = 1 / sigma'^2 (larger is sharper), ``stderr`` its bootstrap standard error,
     ``info`` with sigma', its stderr and bracket, and the base accuracy.
 
     Examples
@@ -116,14 +118,15 @@ def pac_bayes_flatness(model: Model, loader: Loader, *, accuracy_drop: float = 0
         if bar is not None:
             bar.close()
     sigma = math.sqrt(lo * hi)
-    sigma_stderr = _delta_method_stderr(curve, sigma)
+    sigma_stderr, value_stderr = _bootstrap_stderr(curve, base - accuracy_drop, seed)
     value = 1.0 / sigma ** 2
-    return MeasureResult(value, 2.0 * value * sigma_stderr / sigma, "PAC-Bayes flatness", "bisection",
+    return MeasureResult(value, value_stderr, "PAC-Bayes flatness", "bisection",
                          dict(sigma=sigma, sigma_stderr=sigma_stderr, bracket=(lo, hi), base_accuracy=base,
                               draws=draws))
 
 
 _SIGMA_CAP = 1e4  # a network whose accuracy survives noise this large has a sigma' reported as at least this
+_RESAMPLES = 400  # bootstrap resamples of the draws for the standard error
 
 
 def _accuracy(op, shifts):
@@ -145,17 +148,32 @@ def _accuracy(op, shifts):
     return mean_over_ranks(correct, count, op.device)
 
 
-def _delta_method_stderr(curve, sigma):
-    """The standard error of the crossing sigma': the draws' standard error of the mean accuracy at the evaluated
-    point nearest sigma', over the mean accuracy's slope in sigma between the two evaluated points around it."""
+def _crossings(log_sigmas, means, threshold):
+    """Where each column of ``means`` (mean accuracy at the sorted ``log_sigmas``, one column per resample) falls
+    below ``threshold`` for good: after the last point at or above it, interpolated linearly in log sigma."""
+    above = means >= threshold
+    # the last evaluated point at or above the threshold (points past it all fall below)
+    last = np.where(above.any(axis=0), above.shape[0] - 1 - np.argmax(above[::-1], axis=0), -1)
+    crossing = np.empty(means.shape[1])
+    crossing[last < 0] = log_sigmas[0]  # every point below: sigma' is at most the smallest point
+    crossing[last == len(log_sigmas) - 1] = log_sigmas[-1]  # every point above: at least the largest
+    inside = (last >= 0) & (last < len(log_sigmas) - 1)
+    i, columns = last[inside], np.flatnonzero(inside)
+    a, b = means[i, columns], means[i + 1, columns]
+    t = (a - threshold) / (a - b)
+    crossing[inside] = log_sigmas[i] + t * (log_sigmas[i + 1] - log_sigmas[i])
+    return crossing
+
+
+def _bootstrap_stderr(curve, threshold, seed, resamples=_RESAMPLES):
+    """The standard errors of sigma' and of 1/sigma'^2 that the finite draws leave: the draws resampled with
+    replacement, and sigma' found again on each resample's mean accuracy at the points already evaluated (no new
+    forward pass). The bisection's own bracket is far narrower; the draws' noise is the error that matters."""
     points = sorted(curve)
-    if len(points) < 2:
-        return float("nan")
-    nearest = min(points, key=lambda s: abs(math.log(s / sigma)))
-    below = max([s for s in points if s <= sigma] or [points[0]])
-    above = min([s for s in points if s > sigma] or [points[-1]])
-    if above == below:
-        return float("nan")
-    slope = (curve[above].mean() - curve[below].mean()) / (above - below)
-    spread = curve[nearest].std(ddof=1) / math.sqrt(len(curve[nearest]))
-    return float(abs(spread / slope)) if slope != 0 else float("inf")
+    per_draw = np.stack([curve[s] for s in points])  # (points, draws)
+    draws = per_draw.shape[1]
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, draws, size=(resamples, draws))
+    means = per_draw[:, picks].mean(axis=2)  # (points, resamples)
+    sigmas = np.exp(_crossings(np.log(points), means, threshold))
+    return float(np.std(sigmas, ddof=1)), float(np.std(1.0 / sigmas ** 2, ddof=1))
