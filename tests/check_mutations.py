@@ -42,6 +42,16 @@ MUTATIONS += [
     ("p3", "flatfast/models/batches.py", "    elif isinstance(batch, (list, tuple)) and len(batch) == 2:\n        inputs, targets = batch", "    elif isinstance(batch, (list, tuple)) and len(batch) >= 2:\n        inputs, targets = batch[:2]",
      "tests/test_behaviour.py::test_sample_weights_are_never_dropped_and_the_documented_way_weights_the_loss"),
 ]
+MUTATIONS += [  # the measures
+    ("q1", "flatfast/curvature/operator.py", "        self._held = held\n", "",
+     "tests/test_measures.py::test_ascent_replays_the_batches_it_read_once"),
+    ("q2", "flatfast/measures/pac_bayes.py", "    value = 1.0 / sigma ** 2\n",
+     "    value = 1.0 / sigma ** 2\n    value_stderr = 2.0 * value * math.log(hi / lo)  # the bracket's width\n",
+     "tests/test_predictors.py::test_pac_bayes_stderr_is_the_spread_over_fresh_draws"),
+    ("q3", "flatfast/measures/ranking.py", "    shifted = np.asarray(values) - (np.mean(values) - value)\n",
+     "    shifted = np.asarray(values)\n",
+     "tests/test_predictors.py::test_bootstrap_interval_is_shifted_by_the_statistic_s_bias"),
+]
 
 
 def main(only):

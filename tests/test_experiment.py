@@ -614,6 +614,9 @@ def test_every_predictor_is_recorded_and_ranked_and_the_invariant_ones_survive_t
     correlations_json = json.loads((table.parent / "correlations.json").read_text())["correlations_with_test_error"]
     assert {"granulated_kendall", "conditional_mutual_information", "robust_sign_error"} <= \
         set(correlations_json["fisher_rao_norm"])
+    psi = correlations_json["fisher_rao_norm"]
+    parts = [v for v in psi["granulated_kendall_per_axis"].values() if math.isfinite(v)]
+    assert psi["granulated_kendall"] == pytest.approx(sum(parts) / len(parts))
     assert (table.parent / "leaderboard.png").stat().st_size > 0
 
 

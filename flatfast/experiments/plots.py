@@ -96,7 +96,7 @@ def plot_leaderboard(board, out):
                (0, 1)),
               ("robust_sign_error", "robust sign error\n0: right in every environment", (0, 1))]
     rows = board[::-1]
-    fig, axes = plt.subplots(1, len(panels), figsize=(16, 0.42 * len(rows) + 1.6), sharey=True)
+    fig, axes = plt.subplots(1, len(panels), figsize=(16, 0.5 * len(rows) + 1.6), sharey=True)
     for ax, (key, title, limits) in zip(axes, panels):
         for i, b in enumerate(rows):
             value, (low, high) = b[key], b[key + "_ci"]
@@ -110,8 +110,8 @@ def plot_leaderboard(board, out):
         ax.set_title(title, fontsize=8)
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(range(len(rows)))
-    axes[0].set_yticklabels([f"{b['label']}  (rescaling x{1 + b['rescaling_changed_it_by']:.3g}, "
-                             f"{b['seconds_per_network']:.2g} s)" for b in rows], fontsize=7)
+    axes[0].set_yticklabels([f"{b['label']}\n(rescaling x{1 + b['rescaling_changed_it_by']:.3g}, "
+                             f"{b['seconds_per_network']:.2g} s a network)" for b in rows], fontsize=7)
     fig.suptitle("Which predictor? Blue: the alpha-rescaling cannot move it; orange: it can (x its largest change); "
                  "bars: the value, lines: 95 % bootstrap intervals", fontsize=9)
     fig.tight_layout()

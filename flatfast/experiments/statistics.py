@@ -100,6 +100,8 @@ def correlations(rows, likelihood="probit", n_resamples=1000, seed=0):
                     continue
                 entry[metric] = ranking.value
                 entry[metric + "_ci"] = list(ranking.interval)
+                if metric == "granulated_kendall":  # which axes carry Psi
+                    entry["granulated_kendall_per_axis"] = ranking.info["per_axis"]
                 if metric == "robust_sign_error":
                     entry["mean_sign_error"] = ranking.info["mean"]
         result[name] = entry

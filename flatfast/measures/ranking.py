@@ -29,7 +29,9 @@ class RankingResult:
     value : float
         The metric on all the networks.
     interval : (float, float)
-        The 2.5 % and 97.5 % percentiles over bootstrap resamples of the networks.
+        A 95 % bootstrap interval: the 2.5 % and 97.5 % percentiles over resamples of the networks (the draws
+        resampled within each setting), shifted by the bootstrap's estimate of the metric's bias; for the robust
+        sign error, from the environments' own intervals.
     metric : str
         Which metric.
     info : dict
@@ -76,19 +78,28 @@ def _columns(measure, error, hyperparameters, direction):
     return measure, error, axes
 
 
-def _bootstrap(statistic, strata, n_resamples, seed):
-    """The 2.5 % and 97.5 % percentiles of ``statistic(rows)`` over resamples that draw, with replacement, as many
-    networks from each stratum (index array) as it holds: the settings stay, the draws within them vary."""
+def _bootstrap(statistic, value, strata, n_resamples, seed, bounds=(-1.0, 1.0)):
+    """The 95 % interval of ``statistic`` around its ``value`` on all the networks, from resamples that draw, with
+    replacement, as many networks from each stratum (index array) as it holds (the settings stay, the draws within
+    them vary): the 2.5 % and 97.5 % percentiles of the resampled values, shifted by the bootstrap's estimate of
+    the statistic's bias (their mean minus ``value``) and clipped to ``bounds``. The shift matters for the mutual
+    information: a plug-in estimate is biased upward, more so on a resample whose repeated networks leave fewer
+    distinct pairs, so the unshifted percentiles can lie wholly above the value (on the digits grid, the Hessian
+    trace's criterion is 0.059 and its resamples' mean 0.12). ``n_resamples=0`` gives (value, value)."""
+    if not n_resamples:
+        return (value, value)
     rng = np.random.default_rng(seed)
     values = []
     for _ in range(n_resamples):
         rows = np.concatenate([stratum[rng.integers(0, len(stratum), len(stratum))] for stratum in strata])
-        value = statistic(rows)
-        if np.isfinite(value):
-            values.append(value)
-    if not values:
+        resampled = statistic(rows)
+        if np.isfinite(resampled):
+            values.append(resampled)
+    if not values or not np.isfinite(value):
         return (float("nan"), float("nan"))
-    return (float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5)))
+    shifted = np.asarray(values) - (np.mean(values) - value)
+    low, high = np.percentile(shifted, [2.5, 97.5])
+    return (float(np.clip(low, *bounds)), float(np.clip(high, *bounds)))
 
 
 def _strata(axes, repeat_axis):
@@ -167,7 +178,7 @@ def granulated_kendall(measure: Sequence[float], error: Sequence[float], hyperpa
         return float(np.mean(values)) if values else float("nan")
 
     value = psi(everyone)
-    interval = _bootstrap(psi, _strata(axes, repeat_axis), n_resamples, seed) if n_resamples else (value, value)
+    interval = _bootstrap(psi, value, _strata(axes, repeat_axis), n_resamples, seed)
     return RankingResult(value, interval, "granulated Kendall", dict(per_axis=parts))
 
 
@@ -264,8 +275,7 @@ def conditional_mutual_information(measure: Sequence[float], error: Sequence[flo
         return float(min(values)) if values else float("nan")
 
     value = criterion(everyone)
-    interval = _bootstrap(criterion, _strata(axes, repeat_axis), n_resamples, seed) if n_resamples else \
-        (value, value)
+    interval = _bootstrap(criterion, value, _strata(axes, repeat_axis), n_resamples, seed, bounds=(0.0, 1.0))
     return RankingResult(value, interval, "conditional mutual information", dict(per_set=per_set))
 
 
@@ -370,8 +380,8 @@ def kendall_tau(measure: Sequence[float], error: Sequence[float], *, direction: 
     """
     measure, error, _ = _columns(measure, error, {"all": [0] * len(np.atleast_1d(measure))}, direction)
     value = _kendall(measure, error)
-    interval = _bootstrap(lambda rows: _kendall(measure[rows], error[rows]), [np.arange(len(measure))], n_resamples,
-                          seed) if n_resamples else (value, value)
+    interval = _bootstrap(lambda rows: _kendall(measure[rows], error[rows]), value, [np.arange(len(measure))],
+                          n_resamples, seed)
     return RankingResult(value, interval, "Kendall tau")
 
 
