@@ -4,13 +4,14 @@ Laplace evidence against laplace-torch on the same model in the same run.
 The model is the experiment's FCN (64-40-40-1, the authors' architecture, 4,281 parameters) on |S| = 500 of the
 digits, float64, trained for 200 full-batch steps so that its training accuracy is high (the PAC-Bayes search needs
 room to drop 0.1), the mean BCE loss -- what ``flatfast reproduce --measures all`` measures for each network, with
-its settings (flatfast.experiments.predictors). laplace-torch runs
-``Laplace(model, "classification", subset_of_weights="all", hessian_structure="full")``, whose full GGN it
-forms (P^2 numbers); flatfast's default route at this size is stochastic Lanczos quadrature on GGN products. Its
-value must lie within 4 of SLQ's standard errors of laplace-torch's. laplace-torch pulls a newer torch and a
-torchvision that stops transformers from importing beside a CPU torch: install it with
-``pip install --no-deps laplace-torch==0.3`` (curvlinops-for-pytorch and asdfghjkl beside it); the row is skipped,
-saying so, without it.
+its settings (flatfast.experiments.predictors). laplace-torch runs ``Laplace(model, "classification",
+subset_of_weights="all", hessian_structure="full")``, whose full GGN it forms (P^2 numbers), on the same network
+with the logits (0, z) for its one logit z: laplace-torch's classification is softmax cross-entropy, under which a
+single logit has zero loss and zero curvature, and softmax over (0, z) is the BCE of z, with the same parameters and
+the same GGN. flatfast's default route at this size is stochastic Lanczos quadrature on GGN products. Its value must
+lie within 4 of SLQ's standard errors of laplace-torch's. laplace-torch pulls a newer torch and a torchvision that
+stops transformers from importing beside a CPU torch: install it with ``pip install --no-deps laplace-torch==0.3``
+(curvlinops-for-pytorch and asdfghjkl beside it); the row is skipped, saying so, without it.
 """
 import numpy as np
 import pytest
@@ -67,11 +68,25 @@ def test_measure(benchmark, trained, name):
     RESULTS[name] = row
 
 
+class _TwoLogits(torch.nn.Module):
+    """The binary network as a two-class one for a softmax cross-entropy: logits (0, z)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        z = self.net(x)
+        return torch.cat([torch.zeros_like(z), z], dim=1)
+
+
 def test_laplace_torch(benchmark, trained):
     laplace = pytest.importorskip("laplace", reason="laplace-torch is not installed (pip install --no-deps "
                                                     "laplace-torch==0.3)")
-    model, _, data = trained
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*data[0]), batch_size=N_TRAIN)
+    net, _, data = trained
+    model = _TwoLogits(net)
+    x, y = data[0]
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y[:, 0].long()), batch_size=N_TRAIN)
     benchmark.group = "predictors"
     benchmark.name = "predictors-laplace-torch-full"
     benchmark.extra_info["baseline"] = ["predictors-forward-backward"]
@@ -89,7 +104,7 @@ def test_laplace_torch(benchmark, trained):
         benchmark.extra_info["flatfast's SLQ value - this one"] = \
             f"{ours['laplace_evidence'] - theirs:+.3g} (flatfast's stderr {ours['laplace_evidence_stderr']:.2g})"
         assert abs(ours["laplace_evidence"] - theirs) <= 4 * ours["laplace_evidence_stderr"]
-    exact = flatfast.laplace_evidence(model, data, loss_fn=torch.nn.BCEWithLogitsLoss(), method="exact",
+    exact = flatfast.laplace_evidence(net, data, loss_fn=torch.nn.BCEWithLogitsLoss(), method="exact",
                                       prior_precision=predictors.PRIOR_PRECISION)
     benchmark.extra_info["flatfast exact - this one"] = f"{exact.value - theirs:+.2e}"
     assert abs(exact.value - theirs) <= 1e-6 * abs(theirs)

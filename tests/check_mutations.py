@@ -51,6 +51,12 @@ MUTATIONS += [  # the measures
     ("q3", "flatfast/measures/ranking.py", "    shifted = np.asarray(values) - (np.mean(values) - value)\n",
      "    shifted = np.asarray(values)\n",
      "tests/test_predictors.py::test_bootstrap_interval_is_shifted_by_the_statistic_s_bias"),
+    ("q4", "flatfast/measures/invariant.py", "directional = inputs.size * (slope * along)",
+     "directional = (slope * along)",
+     "tests/test_predictors.py::test_fisher_rao_norm_is_the_mean_squared_directional_derivative"),
+    ("q5", "flatfast/measures/invariant.py", "    if abs(together - alone) <= tolerance",
+     "    if True or abs(together - alone) <= tolerance",
+     "tests/test_predictors.py::test_fisher_rao_norm_takes_one_pass_for_a_batch_mean_and_each_example_otherwise"),
 ]
 
 

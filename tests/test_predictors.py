@@ -65,7 +65,8 @@ def test_adaptive_sharpness_finds_the_exhaustive_maximum(p):
     else:  # the disk: its interior on a polar grid, its boundary finely
         r, t = np.meshgrid(np.linspace(0, rho, 41), np.linspace(0, 2 * np.pi, 1001))
         circle = np.linspace(0, 2 * np.pi, 40001)
-        dw, db = np.r_[(r * np.cos(t)).ravel(), rho * np.cos(circle)], np.r_[(r * np.sin(t)).ravel(), rho * np.sin(circle)]
+        dw = np.r_[(r * np.cos(t)).ravel(), rho * np.cos(circle)]
+        db = np.r_[(r * np.sin(t)).ravel(), rho * np.sin(circle)]
     best = float((_loss_at(data, w0 + abs(w0) * dw, b0 + abs(b0) * db) - base).max())
     result = flatfast.adaptive_sharpness(model, data, rho=rho, p=p, steps=60, loss_fn=nn.MSELoss())
     assert result.value <= best * (1 + 1e-6)  # a point inside the ball: never above the maximum
@@ -128,6 +129,25 @@ def test_fisher_rao_norm_of_a_bias_free_relu_network_is_the_homogeneity_formula(
     dl_df = torch.autograd.grad(F.cross_entropy(f, y, reduction="sum"), f)[0]
     expected = float(((3 * (dl_df * f.detach()).sum(1)) ** 2).mean())  # L + 1 = 3 weight layers
     assert abs(flatfast.fisher_rao_norm(model, data).value - expected) <= 1e-10 * expected
+
+
+def test_fisher_rao_norm_takes_one_pass_for_a_batch_mean_and_each_example_otherwise():
+    model, data = _relu_net(), _data()
+    mean = flatfast.fisher_rao_norm(model, data)
+    summed = flatfast.fisher_rao_norm(model, data, loss_fn=torch.nn.CrossEntropyLoss(reduction="sum"))
+    assert mean.method == "jvp" and summed.method == "jvp per example" and "not the mean" in summed.info["route"]
+    assert summed.value == pytest.approx(mean.value, rel=1e-12)  # each example's loss is the same either way
+
+    class Centred(torch.nn.Module):  # every example's output depends on the whole batch
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, x):
+            return self.net(x - x.mean(0))
+
+    with pytest.raises(ValueError, match="the Fisher-Rao norm needs each example's own loss"):
+        flatfast.fisher_rao_norm(Centred(), data)
 
 
 # --- the path norm against an explicit sum over paths ------------------------------------------------------------

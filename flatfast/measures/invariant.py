@@ -150,8 +150,16 @@ def fisher_rao_norm(model: Model, loader: Loader, *, loss_fn: Optional[LossFn] =
     theorem: the outputs are homogeneous of degree L + 1 in the weights). Invariant to the alpha-rescaling (and to
     any rescaling that leaves the function unchanged): each layer's weights shrink as its gradient grows.
 
-    Cost: one forward-mode pass over the data (torch.func.jvp of the per-example losses along theta), about two
-    forward passes.
+    Route: one forward-mode pass of the model per batch (``torch.func.jvp`` along theta gives each output's
+    derivative :math:`J_i \theta`) and one backward pass of the loss to the outputs, since for a batch-mean loss
+    :math:`L = \frac1B \sum_i \ell_i` each example's :math:`\partial \ell_i / \partial f_i = B\, \partial L /
+    \partial f_i`, so that :math:`\langle \theta, \nabla_\theta \ell_i \rangle = B \langle \partial L /
+    \partial f_i, J_i \theta \rangle` (``method="jvp"``; about 3 forward+backward passes' time). Whether the loss
+    is that mean is checked on the first batch, by the loss of its first examples against the mean of their losses
+    taken one at a time; where it is not (a summed loss, a token mean over padded sequences), every example's loss
+    is taken on its own inside the forward-mode pass (``method="jvp per example"``, a cost that grows with the
+    examples: about 500 passes' time for 500 examples), and ``info["route"]`` says why. Models whose examples are
+    not independent (a batch statistic, inputs not batch-first) are refused: no example has a loss of its own.
 
     Parameters
     ----------
@@ -182,24 +190,60 @@ def fisher_rao_norm(model: Model, loader: Loader, *, loss_fn: Optional[LossFn] =
 
     op = HessianOperator(model, loader, loss_fn, params=params, batch_fn=batch_fn, mode=mode,
                          progress=progress)
-    op.probe()
+    why = op.probe()
+    if why is not None:
+        raise ValueError(f"model: the Fisher-Rao norm needs each example's own loss, but {why}")
     theta = op.flat_params()
     fixed = op.fixed_tensors()
+    route = None
     total, count = 0.0, 0
     with op.session(), torch.no_grad():
         for inputs, y in op.batches():
-            def per_example_losses(flat):
-                out = inputs.functional_call(op.model, {**op.unflatten(flat), **fixed})
-                # each example's loss by the batch-mean loss on that example alone (any loss_fn; its checks of
-                # the targets need concrete values, which vmap would not give)
-                return torch.stack([op.loss_and_targets(out[i:i + 1], y[i:i + 1]).reshape(())
-                                    for i in range(inputs.size)])
+            def outputs_of(flat):
+                return inputs.functional_call(op.model, {**op.unflatten(flat), **fixed})
 
-            _, directional = jvp(per_example_losses, (theta,), (theta,))
+            if route is None:
+                route = _batch_mean_or_why(op, outputs_of(theta), y)
+            if route == "":
+                out, along = jvp(outputs_of, (theta,), (theta,))
+                with torch.enable_grad():
+                    out = out.detach().requires_grad_(True)
+                    (slope,) = torch.autograd.grad(op.loss_and_targets(out, y), out)
+                directional = inputs.size * (slope * along).reshape(inputs.size, -1).sum(1)
+            else:
+                def per_example_losses(flat):
+                    out = outputs_of(flat)
+                    # each example's loss by the loss on that example alone (any loss_fn; its checks of the
+                    # targets need concrete values, which vmap would not give)
+                    return torch.stack([op.loss_and_targets(out[i:i + 1], y[i:i + 1]).reshape(())
+                                        for i in range(inputs.size)])
+
+                _, directional = jvp(per_example_losses, (theta,), (theta,))
             total += float((directional * directional).sum())
             count += inputs.size
-    return MeasureResult(mean_over_ranks(total, count, op.device), 0.0, "Fisher-Rao norm", "jvp",
-                         dict(squared=True))
+    return MeasureResult(mean_over_ranks(total, count, op.device), 0.0, "Fisher-Rao norm",
+                         "jvp" if route == "" else "jvp per example",
+                         dict(squared=True, route=route or "the loss is the batch mean of per-example losses"))
+
+
+_MEAN_CHECK_EXAMPLES = 8
+
+
+def _batch_mean_or_why(op, outputs, targets):
+    """"" when the loss of the batch's first examples is the mean of their losses taken one at a time (to the
+    square root of the outputs' machine epsilon, relative: rounding passes, a sum or a token mean does not), else
+    why not: whether the one-pass route of :func:`fisher_rao_norm` holds."""
+    import torch
+
+    k = min(_MEAN_CHECK_EXAMPLES, len(outputs))
+    together = float(op.loss_and_targets(outputs[:k], targets[:k]))
+    alone = float(torch.stack([op.loss_and_targets(outputs[i:i + 1], targets[i:i + 1]).reshape(())
+                               for i in range(k)]).mean())
+    tolerance = math.sqrt(torch.finfo(outputs.dtype).eps) if outputs.is_floating_point() else 1e-8
+    if abs(together - alone) <= tolerance * max(abs(together), abs(alone), 1e-300):
+        return ""
+    return (f"the loss of the first {k} examples ({together:.6g}) is not the mean of their own losses "
+            f"({alone:.6g}): each example's loss was taken on its own")
 
 
 def path_norm(model: Model, loader: Loader, *, batch_fn: Optional[BatchFn] = None) -> MeasureResult:

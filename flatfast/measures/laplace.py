@@ -40,6 +40,8 @@ def laplace_evidence(model: Model, loader: Loader, *, prior_precision: float = 1
     H_{\mathrm{out},i} J_i`. This is laplace-torch's ``Laplace(model, "classification", subset_of_weights="all",
     hessian_structure="full").log_marginal_likelihood(prior_precision=delta)``: ``log_likelihood -
     (log_det_ratio + scatter) / 2``, the log-determinant ratio being :math:`\log\det(G + \delta I) - P\log\delta`.
+    For one logit z with BCE, compare with laplace-torch on the logits (0, z): its classification is a softmax
+    cross-entropy, under which a single logit has zero loss and zero curvature.
 
     ``method="exact"`` forms G (P^2 numbers) from the per-example Jacobians and takes the log-determinant from its
     eigenvalues; ``"slq"`` estimates :math:`\mathrm{tr}\log(I + G/\delta)` by stochastic Lanczos quadrature on G's
