@@ -58,6 +58,10 @@ MUTATIONS += [  # the measures
      "    if True or abs(together - alone) <= tolerance",
      "tests/test_predictors.py::test_fisher_rao_norm_takes_one_pass_for_a_batch_mean_and_each_example_otherwise"),
 ]
+MUTATIONS += [  # the docs
+    ("r1", "flatfast/kernel/empirical.py", ":class:`~flatfast.models.batches.ModelInputs`", ":class:`ModelInputs`",
+     "tests/test_docs.py::test_cross_references_lead_somewhere"),
+]
 
 
 def main(only):

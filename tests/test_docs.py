@@ -98,3 +98,41 @@ def test_the_readme_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for block in blocks:
         exec(compile(block, "README.md", "exec"), {})
+
+
+def test_cross_references_lead_somewhere():
+    """Every :func:, :class:, :meth:, :mod: or :attr: reference in flatfast's source names something that exists:
+    absolutely, under flatfast, in its own module, or (a method or attribute) on one of that module's classes."""
+    import inspect
+    import pkgutil
+    import re
+
+    role = re.compile(r":(?:func|class|meth|mod|attr|data|exc):`~?([^`<]+?)`")
+
+    def found(name, module):
+        for candidate in (name, f"flatfast.{name}", f"{module.__name__}.{name}"):
+            parts = candidate.split(".")
+            for cut in range(len(parts), 0, -1):
+                try:
+                    obj = importlib.import_module(".".join(parts[:cut]))
+                except ImportError:
+                    continue
+                try:
+                    for part in parts[cut:]:
+                        obj = getattr(obj, part)
+                    return True
+                except AttributeError:
+                    break
+        classes = [c for _, c in inspect.getmembers(module, inspect.isclass) if c.__module__ == module.__name__]
+        return "." not in name and any(hasattr(c, name) for c in classes)
+
+    missing = []
+    for info in pkgutil.walk_packages(flatfast.__path__, "flatfast."):
+        module = importlib.import_module(info.name)
+        try:
+            source = inspect.getsource(module)
+        except (OSError, TypeError):  # the compiled extension
+            continue
+        missing += [f"{info.name}: {name}" for name in role.findall(source) if not found(name.strip(), module)]
+    assert not missing, "references that lead nowhere: " + ", ".join(missing)
+

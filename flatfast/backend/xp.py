@@ -199,8 +199,9 @@ class ArrayLinalg:
     blocks of W's columns, each solved from a block of identity columns (n^3/3 flops in all, the cost of TRTRI, in
     n x (block) of extra memory). The stale other triangle is never read.
 
-    On cupy these are :class:`CusolverFactor` and :class:`CublasSolve`; the tests run this class on numpy with
-    LAPACK and scipy standing in.
+    On cupy these are :class:`~flatfast.backend.cusolver.CusolverFactor` and
+    :class:`~flatfast.backend.cusolver.CublasSolve`; the tests run this class on numpy with LAPACK and scipy standing
+    in.
     """
 
     def __init__(self, xp, factor, solve, special, block_bytes=None):

@@ -167,7 +167,7 @@ def net_device(net):
 
 def _copy_with_inputs(model, X):
     """A copy of the model in eval mode (the draws never touch the user's parameters), and X as
-    :class:`ModelInputs` on its device, floating-point inputs in its dtype."""
+    :class:`~flatfast.models.batches.ModelInputs` on its device, floating-point inputs in its dtype."""
     import torch
 
     net = copy.deepcopy(model).eval()
