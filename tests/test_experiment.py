@@ -55,6 +55,7 @@ def reference_table(tmp_path_factory):
     return run(_tiny_config(tmp_path_factory.mktemp("whole")), log=lambda s: None)
 
 
+@pytest.mark.slow  # run by .ci/run after the default suite (pytest -m slow)
 def test_killed_run_resumes_to_the_uninterrupted_table(tmp_path, reference_table):
     out = tmp_path / "killed"
     table = out / "results.csv"
@@ -247,6 +248,7 @@ def test_pac_bayes_bound_formula_and_arguments():
             flatfast.pac_bayes_bound(**kwargs)
 
 
+@pytest.mark.slow  # run by .ci/run after the default suite (pytest -m slow)
 def test_temporal_run_rescales_half_way_and_resumes(tmp_path):
     from flatfast.experiments.temporal import TemporalConfig, read_temporal, run_temporal
 
@@ -309,6 +311,7 @@ def test_nothing_in_the_repository_unpickles_code_on_load():
 
 # --- the CNN experiment and CIFAR-10 ------------------------------------------------------------------------------
 
+@pytest.mark.slow  # run by .ci/run after the default suite (pytest -m slow)
 def test_cnn_run_rescales_the_conv_pair_keeps_log_p_and_traces_exactly(tmp_path):
     lines = []
     config = _tiny_config(tmp_path / "cnn", arch="cnn", channels=4, optimizers=["sgd"], kernel_samples=16)
@@ -588,6 +591,7 @@ def test_entropy_sgd_defaults_are_the_settings_the_experiment_trains_with():
     assert default["lr"] == pytest.approx(1 / default["gamma"])
 
 
+@pytest.mark.slow  # run by .ci/run after the default suite (pytest -m slow)
 def test_every_predictor_is_recorded_and_ranked_and_the_invariant_ones_survive_the_rescaling(tmp_path):
     """--measures all: a column per measure in results.csv, every ranking metric in correlations.json, the
     leaderboard, and on the alpha-scaled SGD copies (measured from scratch, float64) the invariant measures
