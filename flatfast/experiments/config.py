@@ -158,7 +158,8 @@ class Config:
              f"must be i/N with 0 <= i < N, got {self.shard_index}/{self.shard_count}")
 
     def load_data(self):
-        """(X_pool, y_pool, X_test, y_test) of this run: |S| + max |A| pool images and the test set E."""
+        """(X_pool, y_pool, X_test, y_test) of this run: the pool (as many images as S and the largest attack set
+        together) and the test set E."""
         return load_data(self.data, self.data_dir, pool=self.n_train + max(self.attack_sizes), n_test=self.n_test)
 
     def groups(self):

@@ -73,7 +73,7 @@ def adaptive_sharpness(model: Model, loader: Loader, rho: float = 0.05, *, kind:
     p : float
         ``math.inf`` or 2: the norm of the worst case's ball.
     eta : float
-        Added to |theta| (ASAM's eta; 0 keeps the measure invariant).
+        Added to :math:`|\theta|` (ASAM's eta; 0 keeps the measure invariant).
     steps : int
         Ascent steps (worst).
     samples : int
