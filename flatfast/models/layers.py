@@ -12,11 +12,18 @@ def last_linear(model, inputs):
     def ran(module, args, output):  # returns None: a forward hook's return value would replace the output
         order.append(module)
 
-    handles = [m.register_forward_hook(ran) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    run_with_hooks(model, inputs, [m.register_forward_hook(ran) for m in model.modules()
+                                   if isinstance(m, torch.nn.Linear)])
+    return order[-1] if order else None
+
+
+def run_with_hooks(model, inputs, handles):
+    """One forward pass of ``inputs`` without gradients, then the hooks of ``handles`` removed, whatever happened."""
+    import torch
+
     try:
         with torch.no_grad():
             inputs.call(model)
     finally:
         for h in handles:
             h.remove()
-    return order[-1] if order else None

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+from flatfast.models.layers import run_with_hooks
+
 # Outputs of two passes agree when they differ by at most this many units of their dtype's rounding, relative to
 # the largest output: deterministic kernels give identical or last-bit-different results (a half batch may take
 # another blocking in a GEMM), while any layer that draws moves outputs by far more.
@@ -148,8 +150,6 @@ def _watched_pass(model, inputs):
 def _random_module(model, inputs) -> str:
     """Where two passes first part: the first module call (in order of completion) whose inputs were the same in
     both passes and whose outputs were not."""
-    import torch
-
     names = {m: n for n, m in model.named_modules()}
     passes = []
     for _ in range(2):
@@ -164,12 +164,7 @@ def _random_module(model, inputs) -> str:
 
         handles = [m.register_forward_pre_hook(before, with_kwargs=True) for m in model.modules()]
         handles += [m.register_forward_hook(after, with_kwargs=True) for m in model.modules()]
-        try:
-            with torch.no_grad():
-                inputs.call(model)
-        finally:
-            for h in handles:
-                h.remove()
+        run_with_hooks(model, inputs, handles)
         passes.append(calls)
     # calls are matched by module and occurrence: a layer that skips its children at random (stochastic depth)
     # makes the two passes' call sequences differ
