@@ -31,6 +31,12 @@ def test_every_stored_result_becomes_a_table(tmp_path):
             assert figure in written and (ROOT / "docs" / "results" / "figures" / figure).exists(), (page.name, figure)
 
 
+def test_every_stored_result_folder_says_how_it_was_measured():
+    """Each folder of stored data has the README the results index promises (figures/ is the generator's output)."""
+    folders = [d for d in (ROOT / "docs" / "results").iterdir() if d.is_dir() and d.name != "figures"]
+    assert folders and [d.name for d in folders if not (d / "README.md").is_file()] == []
+
+
 def test_the_pages_tables_are_what_the_stored_data_give_now():
     """The tables live in the pages (readable on GitHub without a docs build); they must match the data."""
     pytest.importorskip("matplotlib")
