@@ -12,6 +12,18 @@ def rng():
     return np.random.default_rng(12345)
 
 
+@pytest.fixture(scope="module")
+def float64_by_default():
+    """Every model and tensor a module builds in float64 (a module asks with ``pytestmark =
+    pytest.mark.usefixtures("float64_by_default")``), so products agree with dense float64 references to 1e-6."""
+    import torch
+
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(before)
+
+
 def devices_here():
     """The devices this machine has: always "cpu", and "cuda" when torch sees a GPU. Backend tests run once per
     device present, so on a GPU machine the same suite checks the CUDA paths against the same references."""

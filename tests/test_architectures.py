@@ -19,13 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import flatfast
 from flatfast.curvature.operator import HessianOperator
 
-@pytest.fixture(autouse=True, scope="module")
-def _float64():
-    """Every model and tensor of this module in float64, so products agree with the dense Hessian to 1e-6."""
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(before)
+pytestmark = pytest.mark.usefixtures("float64_by_default")
 
 
 # --- small instances of each architecture --------------------------------------------------------------------

@@ -17,12 +17,7 @@ import flatfast
 B = 6  # examples per batch; also the side of the shared attention mask below
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_by_default")
 
 
 # --- the models -------------------------------------------------------------------------------------------------

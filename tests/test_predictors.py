@@ -12,12 +12,7 @@ import torch.nn.functional as F
 import flatfast
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_by_default")
 
 
 def _relu_net(widths=(4, 8, 6, 3), seed=0, bias=True):
