@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
-from flatfast._progress import progress_counter
+from flatfast._progress import with_progress
 from flatfast._typing import BatchFn, Loader, LossFn
 from flatfast._validate import check_float, check_int
 from flatfast.curvature.operator import HessianOperator
@@ -126,9 +126,9 @@ def _average_sharpness(op, scale, rho, samples, seed, base, progress):
     import torch
 
     generator = torch.Generator(device=op.device).manual_seed(seed)
-    rises = []
-    update, bar = progress_counter(samples, "flatfast adaptive sharpness (average)", progress)
-    try:
+
+    def draws(update):
+        rises = []
         with torch.no_grad():
             for k in range(samples):
                 shifts = [c * rho * torch.randn(c.shape, generator=generator, device=c.device, dtype=c.dtype)
@@ -136,10 +136,9 @@ def _average_sharpness(op, scale, rho, samples, seed, base, progress):
                 rises.append(float(_dataset_loss(op, op.params, shifts)) - base)
                 if update is not None:
                     update(k + 1)
-    finally:
-        if bar is not None:
-            bar.close()
-    rises = np.asarray(rises)
+        return np.asarray(rises)
+
+    rises = with_progress(samples, "flatfast adaptive sharpness (average)", progress, draws)
     return MeasureResult(float(rises.mean()), float(rises.std(ddof=1) / math.sqrt(len(rises))),
                          "adaptive sharpness", "average", dict(base_loss=base, rho=rho, samples=len(rises)))
 
@@ -159,20 +158,18 @@ def _worst_sharpness(op, scale, rho, p, steps, base, progress):
     (checkpoints at 22 %, 41 %, ... of the budget, as auto-PGD places them)."""
     import torch
 
-    delta = [torch.zeros_like(c) for c in scale]
-    step = 2.0 * rho
-    best, best_at, last_checkpoint_best = 0.0, 0, 0.0
     checkpoints = {max(1, int(round(f * steps))) for f in (0.22, 0.41, 0.56, 0.68, 0.77, 0.85, 0.9, 0.95)}
-    update, bar = progress_counter(steps, "flatfast adaptive sharpness (worst)", progress)
-    try:
+
+    def ascend(update):
+        delta = [torch.zeros_like(c) for c in scale]
+        step = 2.0 * rho
+        best, last_checkpoint_best = 0.0, 0.0
         for k in range(1, steps + 1):
             leaves = [d.clone().requires_grad_(True) for d in delta]
             with torch.enable_grad():
                 loss = _dataset_loss(op, op.params, [c * d for c, d in zip(scale, leaves)])
                 grads = torch.autograd.grad(loss, leaves)
-            rise = float(loss.detach()) - base
-            if rise > best:
-                best, best_at = rise, k
+            best = max(best, float(loss.detach()) - base)
             with torch.no_grad():
                 if p == math.inf:
                     moved = [d + step * g.sign() for d, g in zip(delta, grads)]
@@ -187,9 +184,7 @@ def _worst_sharpness(op, scale, rho, p, steps, base, progress):
             if update is not None:
                 update(k)
         with torch.no_grad():  # the last point's loss too
-            rise = float(_dataset_loss(op, op.params, [c * d for c, d in zip(scale, delta)])) - base
-        best = max(best, rise)
-    finally:
-        if bar is not None:
-            bar.close()
+            return max(best, float(_dataset_loss(op, op.params, [c * d for c, d in zip(scale, delta)])) - base)
+
+    best = with_progress(steps, "flatfast adaptive sharpness (worst)", progress, ascend)
     return MeasureResult(best, 0.0, "adaptive sharpness", "worst", dict(base_loss=base, rho=rho, p=p, steps=steps))

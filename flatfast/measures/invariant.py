@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Optional, Union
 
 import numpy as np
 
-from flatfast._progress import progress_counter
+from flatfast._progress import with_progress
 from flatfast._typing import BatchFn, Loader, LossFn
 from flatfast._validate import check_int
 from flatfast.curvature.operator import HessianOperator
@@ -85,27 +85,24 @@ def relative_flatness(model: Model, loader: Loader, *, layer: Union[str, "torch.
     # unbiased term of tr H_{s,s'} (exact when z runs over the unit vectors)
     zs = torch.eye(d, dtype=op.dtype, device=op.device) if exact else \
         rademacher(probes, d, generator, op.dtype, op.device)
-    total = torch.zeros(C, C, dtype=op.dtype, device=op.device)
-    per_probe = []
-    update, bar = progress_counter(C * len(zs), "flatfast relative flatness", progress)
-    try:
+
+    def products(update):
+        """Each direction's term sum_{s,s'} G_{s,s'} z^T H_{s,s'} z."""
+        terms = []
         for k, z in enumerate(zs):
             V = torch.zeros(C, C, d, dtype=op.dtype, device=op.device)
             V[torch.arange(C), torch.arange(C)] = z
             HV = op.matmat(V.reshape(C, C * d)).reshape(C, C, d)  # [s', s, :]
             block = (HV * z).sum(-1).T  # [s, s']: z^T H_{s,s'} z
-            total += block
-            per_probe.append(float((gram * block).sum()))
+            terms.append(float((gram * block).sum()))
             if update is not None:
                 update((k + 1) * C)
-    finally:
-        if bar is not None:
-            bar.close()
-    if exact:
-        return MeasureResult(float((gram * total).sum()), 0.0, "relative flatness", "exact",
-                             dict(layer=name, products=C * d))
-    samples = np.asarray(per_probe)
-    return MeasureResult(float(samples.mean() ), float(samples.std(ddof=1) / math.sqrt(len(samples))),
+        return np.asarray(terms)
+
+    terms = with_progress(C * len(zs), "flatfast relative flatness", progress, products)
+    if exact:  # the unit vectors' terms add up to the whole sum
+        return MeasureResult(float(terms.sum()), 0.0, "relative flatness", "exact", dict(layer=name, products=C * d))
+    return MeasureResult(float(terms.mean()), float(terms.std(ddof=1) / math.sqrt(len(terms))),
                          "relative flatness", "hutchinson", dict(layer=name, products=C * len(zs)))
 
 

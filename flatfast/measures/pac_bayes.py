@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
-from flatfast._progress import progress_counter
+from flatfast._progress import with_progress
 from flatfast._typing import BatchFn, Loader
 from flatfast._validate import check_float, check_int
 from flatfast.curvature.operator import HessianOperator
@@ -90,8 +90,8 @@ def pac_bayes_flatness(model: Model, loader: Loader, *, accuracy_drop: float = 0
         return np.array([_accuracy(op, [torch.sqrt((sigma * m) ** 2 + eps ** 2) * xi for m, xi in zip(magnitude, d)])
                          for d in noise])
 
-    update, bar = progress_counter(search_steps + 1, "flatfast PAC-Bayes flatness", progress)
-    try:
+    def search(update):
+        """(base accuracy, the last bracket (lo, hi), every evaluated sigma's accuracies)."""
         with op.session(), torch.no_grad():
             base = _accuracy(op, None)
             lo, hi = 1e-6, 1.0
@@ -114,9 +114,9 @@ def pac_bayes_flatness(model: Model, loader: Loader, *, accuracy_drop: float = 0
                     hi = mid
                 if update is not None:
                     update(step + 2)
-    finally:
-        if bar is not None:
-            bar.close()
+        return base, lo, hi, curve
+
+    base, lo, hi, curve = with_progress(search_steps + 1, "flatfast PAC-Bayes flatness", progress, search)
     sigma = math.sqrt(lo * hi)
     sigma_stderr, value_stderr = _bootstrap_stderr(curve, base - accuracy_drop, seed)
     value = 1.0 / sigma ** 2
