@@ -307,8 +307,9 @@ def _distributed_worker(rank, world, port, out_path):
         V = torch.randn(3, 107, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
         HV = flatfast.hvp(model, shard, V)
         sharp = flatfast.sharpness(model, shard, eps=1e-3, method="sign-ascent")
+        adaptive = flatfast.adaptive_sharpness(model, shard, steps=5).value
         if rank == 0:
-            torch.save((HV, sharp), out_path)
+            torch.save((HV, sharp, adaptive), out_path)
         dist.barrier()  # no rank tears gloo down while another is still inside a collective (an abort, at random)
     finally:
         dist.destroy_process_group()
@@ -326,9 +327,11 @@ def test_data_parallel_with_gloo(tmp_path):
     mp.spawn(_distributed_worker, args=(2, port, out), nprocs=2, join=True)
     V = torch.randn(3, 107, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
     expected = flatfast.hvp(mlp(), data("mlp"), V)
-    HV, sharp = torch.load(out)
+    HV, sharp, adaptive = torch.load(out)
     assert torch.allclose(HV, expected, atol=1e-12)
     assert sharp == pytest.approx(flatfast.sharpness(mlp(), data("mlp"), eps=1e-3, method="sign-ascent"), rel=1e-10)
+    # the ascent steps along the whole data's gradient on every rank, as one process does
+    assert adaptive == pytest.approx(flatfast.adaptive_sharpness(mlp(), data("mlp"), steps=5).value, rel=1e-10)
 
 
 def _diagonal_operator(eigenvalues):

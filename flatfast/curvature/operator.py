@@ -244,6 +244,13 @@ class HessianOperator:
         return {**{n: p.detach() for n, p in self.model.named_parameters() if id(p) not in chosen},
                 **dict(self.model.named_buffers())}
 
+    def tensors_moved_by(self, shifts=None):
+        """What ``functional_call`` needs with the measured parameters moved by ``shifts`` (a list like
+        ``params``; None leaves them where they are) and the rest held fixed (:meth:`fixed_tensors`)."""
+        moved = {n: p.detach() for n, p in self.params} if shifts is None else \
+            {n: p.detach() + s for (n, p), s in zip(self.params, shifts)}
+        return {**moved, **self.fixed_tensors()}
+
     def cached_gradient_graph(self, inputs, y, build):
         """``build()`` -- (flat parameters, gradient with its graph) of this batch -- or the pair kept from the
         previous pass when the loader holds this one batch only and nothing it depends on has changed since:

@@ -12,29 +12,18 @@ from flatfast._progress import with_progress
 from flatfast._typing import BatchFn, Loader, LossFn
 from flatfast._validate import check_float, check_int
 from flatfast.curvature.operator import HessianOperator
-from flatfast.models.passes import mean_over_ranks
+from flatfast.models.passes import dataset_mean_loss, summed_over_ranks
 from flatfast.results import MeasureResult
 
 if TYPE_CHECKING:  # pragma: no cover
     from flatfast._typing import Model, ParamsLike
 
 
-def _dataset_loss(op, params, shifts=None):
-    """The dataset-mean loss with the measured parameters moved by ``shifts`` (a list like ``params``, or None),
-    as a tensor that carries the graph to the shifts when they require grad."""
-    import torch
-
-    fixed = op.fixed_tensors()
-    total, count = 0.0, 0
-    moved = {n: (p.detach() + s if shifts is not None else p.detach()) for (n, p), s in
-             zip(op.params, shifts if shifts is not None else [None] * len(op.params))}
-    for inputs, y in op.held_batches():
-        out = inputs.functional_call(op.model, {**moved, **fixed})
-        total = total + op.loss_and_targets(out, y) * inputs.size
-        count += inputs.size
-    if isinstance(total, torch.Tensor) and total.requires_grad:
-        return total / count
-    return torch.as_tensor(mean_over_ranks(float(total), count, op.device))
+def _dataset_loss(op, shifts=None):
+    """The dataset-mean loss (:func:`flatfast.models.passes.dataset_mean_loss`) with the measured parameters moved by
+    ``shifts`` (a list like ``op.params``, or None); it carries the graph to the shifts when they require grad."""
+    tensors = op.tensors_moved_by(shifts)
+    return dataset_mean_loss(op, lambda inputs: inputs.functional_call(op.model, tensors))
 
 
 ADAPTIVE_KINDS = ("worst", "average")
@@ -116,7 +105,7 @@ def adaptive_sharpness(model: Model, loader: Loader, rho: float = 0.05, *, kind:
     scale = [p_.detach().abs() + eta for _, p_ in op.params]
     with op.session():
         with torch.no_grad():
-            base = float(_dataset_loss(op, op.params))
+            base = float(_dataset_loss(op))
         if kind == "average":
             return _average_sharpness(op, scale, rho, samples, seed, base, progress)
         return _worst_sharpness(op, scale, rho, p, steps, base, progress)
@@ -133,7 +122,7 @@ def _average_sharpness(op, scale, rho, samples, seed, base, progress):
             for k in range(samples):
                 shifts = [c * rho * torch.randn(c.shape, generator=generator, device=c.device, dtype=c.dtype)
                           for c in scale]
-                rises.append(float(_dataset_loss(op, op.params, shifts)) - base)
+                rises.append(float(_dataset_loss(op, shifts)) - base)
                 if update is not None:
                     update(k + 1)
         return np.asarray(rises)
@@ -167,8 +156,8 @@ def _worst_sharpness(op, scale, rho, p, steps, base, progress):
         for k in range(1, steps + 1):
             leaves = [d.clone().requires_grad_(True) for d in delta]
             with torch.enable_grad():
-                loss = _dataset_loss(op, op.params, [c * d for c, d in zip(scale, leaves)])
-                grads = torch.autograd.grad(loss, leaves)
+                loss = _dataset_loss(op, [c * d for c, d in zip(scale, leaves)])
+                grads = summed_over_ranks(torch.autograd.grad(loss, leaves))
             best = max(best, float(loss.detach()) - base)
             with torch.no_grad():
                 if p == math.inf:
@@ -184,7 +173,7 @@ def _worst_sharpness(op, scale, rho, p, steps, base, progress):
             if update is not None:
                 update(k)
         with torch.no_grad():  # the last point's loss too
-            return max(best, float(_dataset_loss(op, op.params, [c * d for c, d in zip(scale, delta)])) - base)
+            return max(best, float(_dataset_loss(op, [c * d for c, d in zip(scale, delta)])) - base)
 
     best = with_progress(steps, "flatfast adaptive sharpness (worst)", progress, ascend)
     return MeasureResult(best, 0.0, "adaptive sharpness", "worst", dict(base_loss=base, rho=rho, p=p, steps=steps))

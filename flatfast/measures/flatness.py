@@ -13,7 +13,7 @@ from flatfast._typing import BatchFn, Loader, LossFn
 from flatfast._validate import check_float, check_int
 from flatfast.curvature.estimators import hutchinson
 from flatfast.results import FlatnessReport, TraceResult
-from flatfast.models.passes import distributed
+from flatfast.models.passes import dataset_mean_loss, distributed, summed_over_ranks
 from flatfast.models.probe import check_chunks
 from flatfast.models.modes import eval_mode
 from flatfast.curvature.operator import HessianOperator
@@ -22,35 +22,6 @@ from flatfast.curvature.trace import hessian_trace
 
 if TYPE_CHECKING:  # pragma: no cover
     from flatfast._typing import InputsLike, Model, ParamsLike
-
-
-def _dataset_loss(model, op):
-    """L(theta) = (1/N) sum_i l(f(x_i), y_i) over op's data -- all ranks' data under torch.distributed, where
-    the value is global but the gradient graph covers this rank's share only (see _global_grads)."""
-    import torch
-
-    total, count = 0.0, 0
-    for inputs, y in op.held_batches():
-        total = total + op.loss_and_targets(inputs.call(model), y) * inputs.size
-        count += inputs.size
-    if not distributed():
-        return total / count
-    import torch.distributed as dist
-
-    sums = torch.tensor([float(total), float(count)], dtype=torch.float64, device=op.device)
-    dist.all_reduce(sums)
-    # this rank's terms carry the gradient; the other ranks' are added as a constant
-    return (total + (float(sums[0]) - float(total))) / float(sums[1])
-
-
-def _global_grads(grads):
-    """Under torch.distributed, the sum over ranks of each rank's gradient (every rank then takes the same step)."""
-    if distributed():
-        import torch.distributed as dist
-
-        for g in grads:
-            dist.all_reduce(g)
-    return grads
 
 
 SHARPNESS_METHODS = ("sgd-ascent", "sign-ascent")
@@ -142,10 +113,10 @@ def sharpness(model: Model, loader: Loader, eps: float = 1e-4, *, loss_fn: Optio
 
     def full_loss():
         with torch.no_grad():
-            return float(_dataset_loss(model, op))
+            return float(dataset_mean_loss(op))
 
     def ascend(loss, z, step_of):
-        grads = _global_grads(torch.autograd.grad(loss, params))  # leaves .grad alone
+        grads = summed_over_ranks(torch.autograd.grad(loss, params))  # leaves .grad alone
         with torch.no_grad():
             return [torch.maximum(torch.minimum(dz + step_of(g, b), b), -b) for dz, g, b in zip(z, grads, box)]
 
@@ -182,7 +153,7 @@ def sharpness(model: Model, loader: Loader, eps: float = 1e-4, *, loss_fn: Optio
                         update(step + 1)
                     move_to(z)
                     with torch.enable_grad():
-                        loss = _dataset_loss(model, op)
+                        loss = dataset_mean_loss(op)
                     best = max(best, float(loss.detach()))
                     z = ascend(loss, z, lambda g, b: 2.0 * b / steps * torch.sign(g))
     finally:

@@ -131,14 +131,10 @@ _RESAMPLES = 400  # bootstrap resamples of the draws for the standard error
 
 def _accuracy(op, shifts):
     """Training accuracy over the data with the measured parameters moved by ``shifts``."""
-    import torch
-
-    fixed = op.fixed_tensors()
-    moved = {n: (p.detach() + s if shifts is not None else p.detach()) for (n, p), s in
-             zip(op.params, shifts if shifts is not None else [None] * len(op.params))}
+    tensors = op.tensors_moved_by(shifts)
     correct, count = 0.0, 0
     for inputs, y in op.held_batches():
-        out = inputs.functional_call(op.model, {**moved, **fixed})
+        out = inputs.functional_call(op.model, tensors)
         if out.dim() == 1 or out.shape[-1] == 1:
             predicted = (out.reshape(-1) >= 0).to(y.dtype)
             correct += float((predicted == y.reshape(-1)).sum())
