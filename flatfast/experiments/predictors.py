@@ -47,7 +47,7 @@ def chosen(option):
 # The settings every run uses (the sources' defaults where they give one): adaptive sharpness with rho = 0.05 (a
 # small multiple of each weight) for p = inf, 20 ascent steps and 20 draws; relative flatness of the last layer;
 # PAC-Bayes with Jiang et al.'s accuracy drop 0.1 but no absolute noise floor (their eps = 1e-3 does not scale with
-# the weights, so the alpha-rescaling moved it by up to 5 % on a small grid; with eps = 0 it cannot move it); the
+# the weights, so the alpha-rescaling moves it; with eps = 0 it cannot); the
 # Laplace evidence's prior precision 1 (laplace-torch's default).
 ADAPTIVE_RHO = 0.05
 PRIOR_PRECISION = 1.0

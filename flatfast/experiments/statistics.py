@@ -108,14 +108,20 @@ def correlations(rows, likelihood="probit", n_resamples=1000, seed=0):
     return result
 
 
-def rescaling_effect(rows, likelihood):
-    """{measure: the largest relative change between an SGD network and its alpha-scaled copy} over the networks
-    that fitted S (0 for a measure the rescaling cannot move, to rounding)."""
+def rescaled_pairs(rows):
+    """[(SGD network, its alpha-scaled copy)] of the networks that fitted S (the others are out of every statistic,
+    this one too)."""
     pairs = {}
     for r in rows:
         if r["optimizer"] == "sgd":
             pairs.setdefault((r["attack_size"], r["seed"]), {})[r["rescaled"]] = r
-    checks = [(p[False], p[True]) for p in pairs.values() if True in p and False in p and p[False]["reached_100_on_S"]]
+    return [(p[False], p[True]) for p in pairs.values() if True in p and False in p and p[False]["reached_100_on_S"]]
+
+
+def rescaling_effect(rows, likelihood):
+    """{measure: the largest relative change between an SGD network and its alpha-scaled copy} over the networks
+    that fitted S (0 for a measure the rescaling cannot move, to rounding)."""
+    checks = rescaled_pairs(rows)
     effect = {}
     for name, _, _, _ in recorded_measures(rows):
         key = f"log_p_{likelihood}" if name == "log_p" else name
@@ -200,12 +206,7 @@ def summarise(table, config, log=print):
                 f"{c['pearson_r_ci'][1]:+.2f}]")
         else:
             log(f"  {label:<24} not enough networks with distinct values (n = {c['n']})")
-    pairs = {}
-    for r in rows:
-        if r["optimizer"] == "sgd":
-            pairs.setdefault((r["attack_size"], r["seed"]), {})[r["rescaled"]] = r
-    # only networks that fitted S: the others are out of every statistic, this one too
-    checks = [(p[False], p[True]) for p in pairs.values() if True in p and False in p and p[False]["reached_100_on_S"]]
+    checks = rescaled_pairs(rows)
     if checks:
         lp = f"log_p_{config.likelihood}"
         dlogp = max(abs(a[lp] - b[lp]) for a, b in checks)
