@@ -3,12 +3,20 @@ measured error."""
 from flatfast.experiments.measurement import MEASURES
 
 
-def plot(rows, out, likelihood):
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend: the experiment writes its figures, it never shows them."""
     import matplotlib
-    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot(rows, out, likelihood):
+    import matplotlib.ticker
+
+    plt = pyplot()
 
     colours = {"sgd": "tab:blue", "adam": "tab:orange", "entropy-sgd": "tab:green"}
     shown = [r for r in rows if r["reached_100_on_S"]]
@@ -85,11 +93,7 @@ def plot_leaderboard(board, out):
     """leaderboard.png: each measure's oriented Kendall tau, granulated Kendall Psi, conditional mutual information
     and robust sign error, with their intervals; blue if the alpha-rescaling cannot move the measure, orange if it
     can; beside each name, how much the rescaling moved it and its cost per network."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     panels = [("kendall_tau", "Kendall tau (oriented)\n1: orders every pair right", (-1, 1)),
               ("granulated_kendall", "granulated Kendall Psi\n1: right along every axis", (-1, 1)),
               ("conditional_mutual_information", "conditional mutual information\n1: as informative as the error",

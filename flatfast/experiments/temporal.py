@@ -252,11 +252,9 @@ def summarise_temporal(table, config, log=print):
 
 
 def plot_temporal(rows, path, config):
-    import matplotlib
+    from flatfast.experiments.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     epochs = np.array([r["epoch"] for r in rows])
     fig, axes = plt.subplots(5, 1, figsize=(8, 13), sharex=True)
     panels = [("error", [("train_error", "train"), ("test_error", "test")], False),
