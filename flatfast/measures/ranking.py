@@ -88,18 +88,20 @@ def _bootstrap(statistic, value, strata, n_resamples, seed, bounds=(-1.0, 1.0)):
     trace's criterion is 0.059 and its resamples' mean 0.12). ``n_resamples=0`` gives (value, value)."""
     if not n_resamples:
         return (value, value)
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(n_resamples):
-        rows = np.concatenate([stratum[rng.integers(0, len(stratum), len(stratum))] for stratum in strata])
-        resampled = statistic(rows)
-        if np.isfinite(resampled):
-            values.append(resampled)
+    values = [v for v in map(statistic, _resampled_rows(strata, n_resamples, seed)) if np.isfinite(v)]
     if not values or not np.isfinite(value):
         return (float("nan"), float("nan"))
     shifted = np.asarray(values) - (np.mean(values) - value)
     low, high = np.percentile(shifted, [2.5, 97.5])
     return (float(np.clip(low, *bounds)), float(np.clip(high, *bounds)))
+
+
+def _resampled_rows(strata, n_resamples, seed):
+    """Each bootstrap resample's networks: as many drawn, with replacement, from each stratum (index array) as it
+    holds."""
+    rng = np.random.default_rng(seed)
+    for _ in range(n_resamples):
+        yield np.concatenate([stratum[rng.integers(0, len(stratum), len(stratum))] for stratum in strata])
 
 
 def _strata(axes, repeat_axis):
@@ -170,15 +172,13 @@ def granulated_kendall(measure: Sequence[float], error: Sequence[float], hyperpa
             result[axis] = float(np.mean(taus)) if taus else float("nan")
         return result
 
-    everyone = np.arange(len(measure))
-    parts = per_axis(everyone)
-
-    def psi(rows):
-        values = [v for v in per_axis(rows).values() if np.isfinite(v)]
+    def psi_of(parts):
+        values = [v for v in parts.values() if np.isfinite(v)]
         return float(np.mean(values)) if values else float("nan")
 
-    value = psi(everyone)
-    interval = _bootstrap(psi, value, _strata(axes, repeat_axis), n_resamples, seed)
+    parts = per_axis(np.arange(len(measure)))
+    value = psi_of(parts)
+    interval = _bootstrap(lambda rows: psi_of(per_axis(rows)), value, _strata(axes, repeat_axis), n_resamples, seed)
     return RankingResult(value, interval, "granulated Kendall", dict(per_axis=parts))
 
 
@@ -267,15 +267,14 @@ def conditional_mutual_information(measure: Sequence[float], error: Sequence[flo
             result[" & ".join(U) or "(none)"] = information / entropy if entropy > 0 else float("nan")
         return result
 
-    everyone = np.arange(len(measure))
-    per_set = scores(everyone)
-
-    def criterion(rows):
-        values = [v for v in scores(rows).values() if np.isfinite(v)]
+    def minimum(per_set):
+        values = [v for v in per_set.values() if np.isfinite(v)]
         return float(min(values)) if values else float("nan")
 
-    value = criterion(everyone)
-    interval = _bootstrap(criterion, value, _strata(axes, repeat_axis), n_resamples, seed, bounds=(0.0, 1.0))
+    per_set = scores(np.arange(len(measure)))
+    value = minimum(per_set)
+    interval = _bootstrap(lambda rows: minimum(scores(rows)), value, _strata(axes, repeat_axis), n_resamples, seed,
+                          bounds=(0.0, 1.0))
     return RankingResult(value, interval, "conditional mutual information", dict(per_set=per_set))
 
 
@@ -353,11 +352,8 @@ def robust_sign_error(measure: Sequence[float], error: Sequence[float], hyperpar
     if n_resamples:
         # each environment's error bootstrapped by resampling the draws within its two settings; the interval of
         # the largest is the largest lower end to the largest upper end (the max of a resampled max is biased up)
-        rng = np.random.default_rng(seed)
-        strata = _strata(axes, repeat_axis)
         samples = defaultdict(list)
-        for _ in range(n_resamples):
-            rows = np.concatenate([g[rng.integers(0, len(g), len(g))] for g in strata])
+        for rows in _resampled_rows(_strata(axes, repeat_axis), n_resamples, seed):
             for name, v in environments(rows).items():
                 samples[name].append(v)
         low = max(float(np.percentile(samples[name], 2.5)) for name in per_environment)
