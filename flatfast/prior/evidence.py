@@ -84,7 +84,8 @@ def log_prior(X: InputsLike, y: ArrayLike, *, depth: int = 2, sigma_w2: float = 
         the returned log P(f) is the log of that estimate, so it is biased low by about stderr^2 / 2. When
         ``pareto_k > 0.7`` neither value nor stderr can be trusted and an :class:`UnreliableEstimateWarning` says
         so. On NNGP kernels of MNIST-like inputs it is backed (k below 0.5) up to n = 500 and at the edge at n = 700
-        (k 0.62-0.76); beyond, its weights are heavy-tailed (the same page). Runs in float64 on the CPU (a cupy K is copied to the host).
+        (k 0.62-0.76); beyond, its weights are heavy-tailed (the same page). Runs in float64 on the CPU (a cupy K is
+        copied to the host).
         ``"smc"``: sequential Monte Carlo after EP: particles drawn from EP's Gaussian travel to the prior
         restricted to the orthant through Gaussians restricted to boxes — walls moved in from outside the
         particles to the orthant's faces, then EP's sites removed in stages chosen by the particles' effective
